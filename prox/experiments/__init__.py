@@ -1,0 +1,1 @@
+"""absl-flag experiments with ml_collections configs."""

@@ -1,0 +1,1 @@
+"""Optimizers as pure optax transformations and batch-size controllers."""

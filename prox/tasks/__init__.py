@@ -1,0 +1,1 @@
+"""Data, task streams, teachers and other pure state machines."""

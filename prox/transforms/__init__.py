@@ -1,0 +1,1 @@
+"""Gradient transformations: sparsity masks, unfreezing, continual-learning penalties."""
