@@ -1,0 +1,248 @@
+"""Tests for prox.checkpoint.Checkpointer (orbax round trips, retention, intervals, sharding, crashes)."""
+import inspect
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prox.checkpoint import Checkpointer
+from prox.step import TrainState
+
+
+def make_state(seed: int, opt: str = "chain") -> TrainState:
+  """A TrainState with non-trivial values: random params, two optimizer updates applied."""
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  params = {"w": jax.random.normal(k1, (4, 3)),
+            "b": jax.random.normal(k2, (3,)).astype(jnp.bfloat16)}
+  if opt == "chain":
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+  else:
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=3e-3, b1=0.8)
+  opt_state = tx.init(params)
+  for i in range(2):
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5 * (i + 1 + seed)), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  model_state = {"bn": {"mean": jax.random.uniform(k3, (3,))}}
+  return TrainState(step=jnp.int32(2 + seed), params=params, opt_state=opt_state,
+                    model_state=model_state, extra=(jnp.float32(seed),),
+                    rng=jax.random.key_data(jax.random.key(seed + 100)))
+
+
+def assert_identical(got, want):
+  """Same pytree structure (NamedTuple types included), dtypes, shapes and bits."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def namedtuple_types(tree) -> list[type]:
+  """The NamedTuple node types of a pytree, depth first."""
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return [type(tree)] + [t for child in tree for t in namedtuple_types(child)]
+  if isinstance(tree, (tuple, list)):
+    return [t for child in tree for t in namedtuple_types(child)]
+  if isinstance(tree, dict):
+    return [t for key in sorted(tree) for t in namedtuple_types(tree[key])]
+  return []
+
+
+# The subprocesses below run make_state / assert_identical from this file's source.
+_PRELUDE = ("import os, sys, time\nimport numpy as np, jax, jax.numpy as jnp, optax\n"
+            "from prox.step import TrainState\n")
+
+
+def script(body: str) -> str:
+  return (_PRELUDE + inspect.getsource(make_state) + inspect.getsource(assert_identical)
+          + textwrap.dedent(body))
+
+
+def run_script(body: str, env_extra: dict | None = None, timeout: float = 60) -> str:
+  src = script(body)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+  proc = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.parametrize("opt", ["chain", "inject"])
+@pytest.mark.parametrize("async_save", [True, False])
+def test_round_trip_bit_identical(tmp_path, opt, async_save):
+  state = make_state(1, opt)
+  meta = {"examples_seen": 12345, "batch_size": 64, "config": {"lr": 0.1, "name": "x"}}
+  with Checkpointer(tmp_path, async_save=async_save) as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.save(3, state, meta)
+  target = make_state(0, opt)   # same structure, different values
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 3
+    restored, got_meta = ckpt.restore(target)
+  assert_identical(restored, state)
+  assert got_meta == meta
+  # NamedTuple optax states come back as the same types, not dicts or tuples.
+  assert type(restored) is TrainState
+  want_types = namedtuple_types(state.opt_state)
+  assert namedtuple_types(restored.opt_state) == want_types and len(want_types) >= 2
+  if opt == "inject":
+    assert isinstance(restored.opt_state, optax.InjectStatefulHyperparamsState)
+    assert float(restored.opt_state.hyperparams["b1"]) == pytest.approx(0.8)
+
+
+def test_restore_from_abstract_target(tmp_path):
+  state = make_state(2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(5, state, {})
+    restored, meta = ckpt.restore(abstract)
+  assert_identical(restored, state)
+  assert meta == {}
+
+
+def test_max_to_keep_and_latest_step(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+    for step in range(1, 6):
+      assert ckpt.save(step, make_state(step), {"step": step})
+      assert ckpt.latest_step() == step
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [4, 5]
+    # A step that is not newer than the latest one is refused.
+    assert not ckpt.save(5, make_state(5), {}, force=True)
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["4", "5"]
+  with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() == 5 and ckpt.all_steps() == [4, 5]
+
+
+def test_save_interval_and_force(tmp_path):
+  with Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=10) as ckpt:
+    saved = [step for step in range(1, 8) if ckpt.save(step, make_state(0), {"step": step})]
+    assert saved == [3, 6]
+    assert ckpt.save(7, make_state(0), {"step": 7}, force=True)
+    assert ckpt.all_steps() == [3, 6, 7] and ckpt.latest_step() == 7
+
+
+def test_restore_older_step(tmp_path):
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    for step in (10, 20, 30):
+      ckpt.save(step, make_state(step), {"step": step})
+    old, meta = ckpt.restore(make_state(0), step=20)
+    latest, latest_meta = ckpt.restore(make_state(0))
+  assert_identical(old, make_state(20))
+  assert meta == {"step": 20} and latest_meta == {"step": 30}
+  assert_identical(latest, make_state(30))
+
+
+def test_restore_keeps_target_sharding_one_device(tmp_path):
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  replicated = NamedSharding(mesh, P())
+  state = make_state(3)
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state, {})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          make_state(0))
+    restored, _ = ckpt.restore(target)
+  assert_identical(restored, state)
+  for leaf in jax.tree.leaves(restored):
+    assert leaf.sharding == replicated
+
+
+def test_restore_onto_two_fake_devices(tmp_path):
+  """Saved on one device; restored (and re-saved) on two fake CPU devices with the target's shardings."""
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(4, make_state(4), {"examples_seen": 4})
+  out = run_script(f"""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from prox.checkpoint import Checkpointer
+    assert len(jax.devices()) == 2, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    want = make_state(4)
+    shardings = jax.tree.map(lambda x: rep, want)
+    shardings = shardings._replace(params={{"w": split, "b": rep}})
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          want, shardings)
+    with Checkpointer({str(tmp_path)!r}) as ckpt:
+      got, meta = ckpt.restore(target)
+      assert meta == {{"examples_seen": 4}}, meta
+      assert_identical(got, want)
+      for leaf, s in zip(jax.tree.leaves(got), jax.tree.leaves(shardings)):
+        assert leaf.sharding == s, (leaf.sharding, s)
+      assert len(got.params["w"].addressable_shards) == 2
+      assert got.params["w"].addressable_shards[0].data.shape == (2, 3)
+      ckpt.save(5, got, meta)                      # save the sharded state on 2 devices
+      again, _ = ckpt.restore(target, step=5)
+      assert_identical(again, want)
+      for leaf, s in zip(jax.tree.leaves(again), jax.tree.leaves(shardings)):
+        assert leaf.sharding == s
+    print("OK")
+  """, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.strip().endswith("OK")
+
+
+def test_save_killed_half_way_is_never_latest(tmp_path):
+  """SIGKILL while step 2 sits complete-but-uncommitted in its tmp dir: step 1 stays the latest."""
+  body = f"""
+    from prox.checkpoint import Checkpointer
+    from orbax.checkpoint._src.path import atomicity
+    ckpt = Checkpointer({str(tmp_path)!r})
+    ckpt.save(1, make_state(1), {{"step": 1}})
+    ckpt.wait_until_finished()
+    async def hang(self):        # stop right before the commit (the atomic rename)
+      print("FINALIZING", flush=True)
+      time.sleep(600)
+    atomicity.AtomicRenameTemporaryPath.finalize = hang
+    ckpt.save(2, make_state(2), {{"step": 2}})
+    ckpt.wait_until_finished()
+  """
+  proc = subprocess.Popen([sys.executable, "-c", script(body)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    deadline = time.monotonic() + 60
+    line = ""
+    while "FINALIZING" not in line:
+      ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+      assert ready and proc.poll() is None, f"child did not reach the commit: {proc.stderr.read()}"
+      line = proc.stdout.readline()
+    tmp_dirs = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.")]
+    assert tmp_dirs and all("tmp" in name for name in tmp_dirs), tmp_dirs
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+    restored, meta = ckpt.restore(make_state(0))
+    assert_identical(restored, make_state(1))
+    assert meta == {"step": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("2")]   # tmp dir cleaned up
+    assert ckpt.save(2, make_state(2), {"step": 2})                       # and step 2 can be redone
+
+
+@pytest.mark.parametrize("kwargs", [{"max_to_keep": 0}, {"save_interval_steps": 0},
+                                    {"max_to_keep": 1.5}, {"save_interval_steps": True}])
+def test_bad_arguments_raise(tmp_path, kwargs):
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    Checkpointer(tmp_path, **kwargs)
+
+
+def test_bad_meta_and_empty_directory(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(TypeError, match="meta"):
+      ckpt.save(1, make_state(0), [1, 2])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+      ckpt.restore(make_state(0))
