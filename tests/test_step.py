@@ -1,0 +1,264 @@
+"""Tests of prox.step: the jit(shard_map) data-parallel step."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from prox import step as S
+
+WORKER = Path(__file__).with_name("multidevice_worker.py")
+
+
+def _loss(params, batch, rng):
+  pred = batch["x"] @ params["w"] + params["b"]
+  value = jnp.mean((pred - batch["y"]) ** 2)
+  return value, {"mae": jnp.mean(jnp.abs(pred - batch["y"]))}
+
+
+def _data(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 3)).astype(np.float32)
+  y = (x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.1 * rng.normal(size=n)).astype(np.float32)
+  return {"x": x, "y": y}
+
+
+def _state(tx, params=None, extra=()):
+  params = {"w": jnp.full((3,), 0.1), "b": jnp.zeros(())} if params is None else params
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state={},
+                       extra=extra, rng=jax.random.key_data(jax.random.key(0)))
+  return S.replicate(state, S.data_mesh())
+
+
+def _grad(params, batch):
+  return jax.grad(lambda p: _loss(p, batch, None)[0])(params)
+
+
+def test_matches_hand_written_optax_step():
+  tx = optax.adam(0.05)
+  data = _data()
+  step = S.make_train_step(S.stateless(_loss), tx, donate=False)
+  state = _state(tx)
+  params, opt_state = state.params, state.opt_state
+
+  @jax.jit
+  def reference(params, opt_state, batch):
+    value, g = jax.value_and_grad(lambda p: _loss(p, batch, None)[0])(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  batch = S.shard_batch(data, S.data_mesh())
+  for _ in range(4):
+    state, out = step(state, batch)
+    params, opt_state, value = reference(params, opt_state, data)
+    np.testing.assert_allclose(out.metrics["loss"], value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.params, params)
+  assert int(state.step) == 4
+  assert set(out.metrics) == {"loss", "mae"}
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient():
+  data = _data(32)
+  tx = optax.sgd(0.1)
+  full = S.make_train_step(S.stateless(_loss), tx, donate=False)
+  micro = S.make_train_step(S.stateless(_loss), tx, micro_batch_size=8, donate=False)
+  batch = S.shard_batch(data, S.data_mesh())
+  a, out_a = full(_state(tx), batch)
+  b, out_b = micro(_state(tx), batch)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a.params, b.params)
+  np.testing.assert_allclose(out_a.metrics["loss"], out_b.metrics["loss"], rtol=1e-6)
+
+
+def test_dynamic_micro_batch_count_uses_the_first_n_and_never_recompiles():
+  data = _data(32)
+  tx = optax.sgd(0.1)
+  step = S.make_train_step(S.stateless(_loss), tx, micro_batch_size=8, grad_stats=True, donate=False)
+  batch = S.shard_batch(data, S.data_mesh())
+  for n in (1, 2, 3, 4, 2):
+    _, out = step(_state(tx), batch, jnp.int32(n))
+    rows = {k: v[: 8 * n] for k, v in data.items()}
+    expected = _grad({"w": jnp.full((3,), 0.1), "b": jnp.zeros(())}, rows)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 out.grad_stats.mean, expected)
+    assert int(out.grad_stats.num_groups) == n
+  assert step._cache_size() == 1
+
+
+def test_no_recompilation_after_warm_up():
+  tx = optax.adam(1e-2)
+  step = S.make_train_step(S.stateless(_loss), tx)
+  state = _state(tx)
+  for seed in range(5):
+    state, _ = step(state, S.shard_batch(_data(32, seed), S.data_mesh()))
+  assert step._cache_size() == 1
+
+
+def test_grad_stats_and_group_stats_match_micro_batch_gradients():
+  data = _data(32)
+  tx = optax.sgd(0.1)
+
+  def group_fn(groups, valid, mean):
+    w = valid.astype(jnp.float32)
+    inner = sum(jnp.tensordot(g, m, axes=g.ndim - 1)
+                for g, m in zip(jax.tree.leaves(groups), jax.tree.leaves(mean)))
+    return {"inner": jnp.sum(w * inner), "inner_sq": jnp.sum(w * inner ** 2)}
+
+  step = S.make_train_step(S.stateless(_loss), tx, micro_batch_size=8, grad_stats=True,
+                           group_stats_fn=group_fn, donate=False)
+  _, out = step(_state(tx), S.shard_batch(data, S.data_mesh()))
+  params = {"w": jnp.full((3,), 0.1), "b": jnp.zeros(())}
+  groups = [_grad(params, {k: v[8 * i: 8 * i + 8] for k, v in data.items()}) for i in range(4)]
+  mean = jax.tree.map(lambda *g: sum(g) / 4, *groups)
+  second = jax.tree.map(lambda *g: sum(x * x for x in g) / 4, *groups)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), out.grad_stats.mean, mean)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5),
+               out.grad_stats.second_moment, second)
+  assert out.grad_stats.group_size == 8 and int(out.grad_stats.num_groups) == 4
+  inner = [sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(mean))) for g in groups]
+  np.testing.assert_allclose(out.group_stats["inner"], sum(inner), rtol=1e-5)
+  np.testing.assert_allclose(out.group_stats["inner_sq"], sum(i ** 2 for i in inner), rtol=1e-5)
+
+
+def test_transform_receives_value_and_params():
+  seen = {}
+
+  def init(params):
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, value=None, **extra):
+    seen["value"], seen["params"] = value, params
+    return jax.tree.map(lambda g, p: -0.1 * g + 0 * p, updates, params), state
+
+  tx = optax.GradientTransformationExtraArgs(init, update)
+  step = S.make_train_step(S.stateless(_loss), tx, donate=False)
+  state = _state(tx)
+  new_state, out = step(state, S.shard_batch(_data(), S.data_mesh()))
+  assert "value" in seen and seen["value"] is not None and seen["params"] is not None
+  np.testing.assert_allclose(new_state.params["b"], state.params["b"] - 0.1 * _grad(
+      jax.device_get(state.params), _data())["b"], rtol=1e-5)
+
+
+def test_extra_update_hook_and_forward_fn():
+  tx = optax.sgd(1.0)
+  mask = {"w": jnp.array([1.0, 0.0, 1.0]), "b": jnp.ones(())}
+
+  def extra_update(extra, info):
+    return {"count": extra["count"] + 1, "last_loss": info.loss, "mask": extra["mask"]}
+
+  def forward_fn(params, state):
+    return jax.tree.map(jnp.multiply, params, state.extra["mask"])
+
+  step = S.make_train_step(S.stateless(_loss), tx, extra_update=extra_update, forward_fn=forward_fn,
+                           donate=False)
+  state = _state(tx, extra={"count": jnp.int32(0), "last_loss": jnp.float32(0), "mask": mask})
+  data = _data()
+  new_state, out = step(state, S.shard_batch(data, S.data_mesh()))
+  assert int(new_state.extra["count"]) == 1
+  np.testing.assert_allclose(new_state.extra["last_loss"], out.metrics["loss"])
+  # Gradient through the masked forward: d/dw (w*m) = m, so the masked coordinate gets no gradient.
+  masked = jax.tree.map(jnp.multiply, jax.device_get(state.params), mask)
+  g = jax.tree.map(jnp.multiply, _grad(masked, data), mask)
+  jax.tree.map(lambda new, old, gg: np.testing.assert_allclose(new, old - gg, rtol=1e-5, atol=1e-7),
+               new_state.params, jax.device_get(state.params), g)
+
+
+def test_model_state_is_threaded_through_micro_batches():
+  def loss_fn(params, model_state, batch, rng):
+    value, metrics = _loss(params, batch, rng)
+    seen = model_state["seen"] + batch["x"].shape[0]
+    return value, (metrics, {"seen": seen, "mean": 0.5 * model_state["mean"] + 0.5 * batch["y"].mean()})
+
+  tx = optax.sgd(0.1)
+  step = S.make_train_step(loss_fn, tx, micro_batch_size=8, donate=False)
+  state = _state(tx)._replace(model_state=S.replicate({"seen": jnp.int32(0), "mean": jnp.float32(0)},
+                                                      S.data_mesh()))
+  data = _data(32)
+  new_state, _ = step(state, S.shard_batch(data, S.data_mesh()), jnp.int32(3))
+  assert int(new_state.model_state["seen"]) == 24
+  expected = 0.0
+  for i in range(3):
+    expected = 0.5 * expected + 0.5 * data["y"][8 * i: 8 * i + 8].mean()
+  np.testing.assert_allclose(new_state.model_state["mean"], expected, rtol=1e-6)
+
+
+def test_state_buffers_are_donated_and_rng_advances():
+  tx = optax.adam(1e-2)
+  step = S.make_train_step(S.stateless(_loss), tx)
+  state = _state(tx)
+  old_w, old_rng = state.params["w"], np.asarray(state.rng)
+  new_state, _ = step(state, S.shard_batch(_data(), S.data_mesh()))
+  assert old_w.is_deleted()
+  assert not np.array_equal(np.asarray(new_state.rng), old_rng)
+
+
+def test_pack_micro_batches_layout_and_errors():
+  x = np.arange(12)
+  packed = S.pack_micro_batches({"x": x}, num_devices=2, micro_batch_size=2, max_micro_batches=4)["x"]
+  np.testing.assert_array_equal(packed, [0, 1, 2, 3, 4, 5, 0, 0, 6, 7, 8, 9, 10, 11, 0, 0])
+  with pytest.raises(ValueError, match="multiple of devices x micro-batch = 4"):
+    S.pack_micro_batches({"x": np.arange(10)}, num_devices=2, micro_batch_size=2, max_micro_batches=4)
+  with pytest.raises(ValueError, match="max_micro_batches=1"):
+    S.pack_micro_batches({"x": x}, num_devices=2, micro_batch_size=2, max_micro_batches=1)
+  with pytest.raises(ValueError, match="micro_batch_size must be positive, got 0"):
+    S.make_train_step(S.stateless(_loss), optax.sgd(0.1), micro_batch_size=0)
+
+
+def test_eval_step_sums_over_devices():
+  def eval_fn(params, model_state, batch):
+    return {"n": jnp.sum(batch["mask"]), "y": jnp.sum(batch["y"] * batch["mask"])}
+
+  tx = optax.sgd(0.1)
+  data = _data(32)
+  data["mask"] = (np.arange(32) < 30).astype(np.float32)
+  out = S.make_eval_step(eval_fn)(_state(tx), S.shard_batch(data, S.data_mesh()))
+  assert float(out["n"]) == 30
+  np.testing.assert_allclose(out["y"], data["y"][:30].sum(), rtol=1e-5)
+
+
+# --- several devices and several processes, each in fresh subprocesses -------------------------------
+
+def _run_worker(out, *args, env=None):
+  cmd = [sys.executable, str(WORKER), "--out", str(out), *map(str, args)]
+  return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=300):
+  output, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, output
+  return output
+
+
+def _params(path):
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_one_device_equals_four_devices_and_two_processes(tmp_path):
+  one = _run_worker(tmp_path / "one.npz", "--devices", 1)
+  micro = _run_worker(tmp_path / "micro.npz", "--devices", 1, "--micro-batch", 8)
+  four = _run_worker(tmp_path / "four.npz", "--devices", 4)
+  for p in (one, micro, four):
+    _finish(p)
+  port = _free_port()
+  hosts = [_run_worker(tmp_path / "hosts.npz", "--devices", 2, "--num-processes", 2,
+                       "--process-id", i, "--port", port) for i in range(2)]
+  outputs = [_finish(p) for p in hosts]
+  assert "ok 4 2" in outputs[0], outputs[0]
+  ref = _params(tmp_path / "four.npz")
+  for name in ("one", "micro", "hosts"):
+    got = _params(tmp_path / f"{name}.npz")
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
