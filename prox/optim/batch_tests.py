@@ -1,0 +1,375 @@
+r"""Adaptive batch-size tests of AdAdaGrad (Lau, Liu, Kolar 2024), as pure functions.
+
+Each test returns the batch size ``b'`` it asks for (a float scalar; the controller in
+``prox.optim.batch_size`` rounds, caps and never decreases it). Notation: ``G_i`` per-sample
+gradients (``i = 1..b``), ``gbar`` their mean, ``S = ||gbar||^2``, ``Var_i`` the unbiased
+(``b - 1``) sample variance over the batch, ``j`` the coordinates of all leaves together.
+
+* norm test:              ``b' = sum_j Var_i(G_ij) / (eta^2 S)``
+* inner-product test:     ``b' = Var_i(<G_i, gbar>) / (theta^2 S^2)``
+* orthogonality test:     ``b' = sum_j Var_i(G_i - <G_i, gbar> gbar / S)_j / (nu^2 S)``
+* augmented inner-product test: ``max(inner-product, orthogonality)``
+* coordinate-wise test (AdaGrad): ``b' = sum_j s_j Var_i(G_ij) / (eta^2 sum_j s_j gbar_j^2)``
+  with ``s_j`` AdaGrad's per-coordinate step ``1 / sqrt(a_j + eps)``
+  (``prox.optim.adagrad_step_size``). This is the norm test in the geometry AdaGrad descends in
+  (its descent lemma pairs the gradient with ``diag(s)``): coordinates with small accumulated
+  gradients take large steps and weigh more, so their noise asks for larger batches. With
+  uniform ``s`` it is the norm test. The reference code has no coordinate-wise test; this is
+  prox's definition of METHODS.md's "norm test per coordinate, weighted by AdaGrad's step".
+
+The inner-product and orthogonality tests use the whole parameter vector by default.
+``per_tensor=True`` gives the reference code's variant, which sums ``Var_i(<G_i^l, gbar^l>)`` and
+the per-tensor orthogonal variances over tensors ``l`` (it drops the cross-tensor covariances;
+the denominators keep the whole ``S``).
+
+Two estimators of each test:
+
+* exact: from per-sample gradients, a pytree whose leaves carry a leading sample axis ``[b, ...]``
+  (as ``jax.vmap(jax.grad(loss), in_dims=(None, 0))`` returns), as the reference code does;
+* cheap (``*_from_stats``): from the step's gradient statistics over ``G`` groups (micro-batches x
+  devices) of ``n = group_size`` examples each, with group mean gradients ``g_k`` and
+  ``m = mean_k g_k = gbar``. Since ``Var(g_k) = Var_i(G_i) / n``,
+
+      Var_i(G_ij)          ~= n * G/(G-1) * (mean_k g_kj^2 - m_j^2)        (GradStats)
+      Var_i(<G_i, m>)      ~= n * Var_k(<g_k, m>)                          (GroupInnerStats)
+      sum_j Var_i(orth)_j  ~= n * (sum_j Var_k(g_kj) - Var_k(<g_k, m>) / S)
+
+  The first needs only the first and second moments the step accumulates (``GradStats``:
+  ``mean``, ``second_moment``, ``num_groups``, ``group_size``; any object with those attributes
+  works). The inner-product and orthogonality tests also need per-group inner products with
+  the final mean, which moments cannot give: :class:`GroupInnerStats` holds the three sums
+  ``sum_k <g_k, m>``, ``sum_k <g_k, m>^2``, ``sum_k ||g_k||^2``, computed by
+  :func:`group_inner_stats` from the ``[G, ...]``-stacked group gradients once ``m`` is known.
+  They are sums over groups, so per-device partial statistics add up with ``psum``.
+
+  With fewer than 2 groups the cheap estimators return ``nan`` (no estimate; the controller
+  keeps its batch size). With ``group_size = 1`` they equal the exact estimators.
+
+If ``S = 0`` a test returns ``inf`` (or ``nan`` when the variance is 0 too). All functions jit
+and take the constants ``eta``/``theta``/``nu`` as floats or traced scalars; a concrete constant
+``<= 0`` raises ``ValueError``. Computation is in float32 (float64 for float64 inputs).
+
+This file imports only jax and numpy.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class GradStatsLike(Protocol):
+  """What the cheap estimators read from the step's ``GradStats`` (see prox/step.py)."""
+  mean: PyTree
+  second_moment: PyTree
+  num_groups: Any
+  group_size: Any
+
+
+class GroupInnerStats(NamedTuple):
+  """Per-group inner-product sums the cheap inner-product / orthogonality tests need.
+
+  With group mean gradients ``g_k`` (``k = 1..G``) and the step's mean gradient ``m``; each field
+  is a scalar (whole-vector), or, from ``group_inner_stats(..., per_tensor=True)``, a pytree
+  like the parameters with one scalar per leaf.
+
+  Attributes:
+    sum_inner: ``sum_k <g_k, m>``.
+    sum_inner_sq: ``sum_k <g_k, m>^2``.
+    sum_sq_norm: ``sum_k ||g_k||^2``.
+  """
+  sum_inner: PyTree
+  sum_inner_sq: PyTree
+  sum_sq_norm: PyTree
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_constant(name: str, value: Any) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a number, got {value!r}") from None
+  if not (np.isfinite(v) and v > 0):
+    raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def _dtype(tree: PyTree) -> jnp.dtype:
+  return jnp.result_type(jnp.float32, *[jnp.asarray(x).dtype for x in jax.tree.leaves(tree)])
+
+
+def _total(values) -> jax.Array:
+  values = list(values)
+  return sum(values[1:], values[0])
+
+
+def _sq_norm(tree: PyTree, dtype) -> jax.Array:
+  return _total(jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(tree))
+
+
+def _check_leading_axis(tree: PyTree, what: str, minimum: int) -> int:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    raise ValueError(f"{what}: the pytree has no leaves")
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for _, x in leaves}
+  if len(sizes) != 1 or None in sizes:
+    shapes = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in leaves}
+    raise ValueError(f"{what} need one common leading axis on every leaf, got shapes {shapes}")
+  size = sizes.pop()
+  if size < minimum:
+    raise ValueError(f"{what}: need a leading axis of at least {minimum}, got {size}")
+  return size
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den``, 0 where ``den == 0`` (a tensor whose mean gradient is 0 has no direction)."""
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0)
+
+
+def _per_leaf_inner(per_sample: PyTree, mean: PyTree) -> list[jax.Array]:
+  """``<G_i^l, gbar^l>`` for each leaf ``l``: a list of ``[b]`` arrays."""
+  return [jnp.sum(g * m[None], axis=tuple(range(1, g.ndim)))
+          for g, m in zip(jax.tree.leaves(per_sample), jax.tree.leaves(mean))]
+
+
+def _moments(per_sample_grads: PyTree):
+  _check_leading_axis(per_sample_grads, "per-sample gradients [b, ...]", 2)
+  dtype = _dtype(per_sample_grads)
+  grads = jax.tree.map(lambda g: jnp.asarray(g).astype(dtype), per_sample_grads)
+  mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+  return grads, mean, _sq_norm(mean, dtype)
+
+
+def _var(x: jax.Array) -> jax.Array:
+  return jnp.var(x, axis=0, ddof=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact estimators, from per-sample gradients
+
+
+def norm_test(per_sample_grads: PyTree, eta: float = 0.1) -> jax.Array:
+  """Norm test from per-sample gradients: ``b' = sum_j Var_i(G_ij) / (eta^2 ||gbar||^2)``.
+
+  Byrd et al. 2012; AdAdaGrad (Lau, Liu, Kolar 2024) eq. of the norm test, reference
+  ``tests.norm_test``.
+
+  Args:
+    per_sample_grads: pytree of ``[b, ...]`` leaves, ``b >= 2``.
+    eta: ``> 0`` (default 0.1).
+  """
+  _check_constant("eta", eta)
+  grads, _, s = _moments(per_sample_grads)
+  var_l1 = _total(jnp.sum(_var(g)) for g in jax.tree.leaves(grads))
+  return var_l1 / (jnp.square(eta) * s)
+
+
+def inner_product_test(per_sample_grads: PyTree, theta: float = 0.1, *, per_tensor: bool = False) -> jax.Array:
+  """Inner-product test: ``b' = Var_i(<G_i, gbar>) / (theta^2 ||gbar||^4)`` (Bollapragada et al. 2018).
+
+  Args:
+    per_sample_grads: pytree of ``[b, ...]`` leaves.
+    theta: ``> 0`` (default 0.1).
+    per_tensor: sum ``Var_i(<G_i^l, gbar^l>)`` over tensors ``l`` (the reference code's variant).
+  """
+  _check_constant("theta", theta)
+  grads, mean, s = _moments(per_sample_grads)
+  inner = _per_leaf_inner(grads, mean)
+  var_ip = _total(_var(x) for x in inner) if per_tensor else _var(_total(inner))
+  return var_ip / (jnp.square(theta) * jnp.square(s))
+
+
+def _orth_variance(grads: PyTree, mean: PyTree, s: jax.Array, per_tensor: bool) -> jax.Array:
+  inner = _per_leaf_inner(grads, mean)
+  g_leaves, m_leaves = jax.tree.leaves(grads), jax.tree.leaves(mean)
+  if per_tensor:
+    coefs = [_safe_div(ip, jnp.sum(jnp.square(m))) for ip, m in zip(inner, m_leaves)]
+  else:
+    coefs = [_safe_div(_total(inner), s)] * len(g_leaves)
+  return _total(
+      jnp.sum(_var(g - c.reshape((-1,) + (1,) * m.ndim) * m[None]))
+      for g, m, c in zip(g_leaves, m_leaves, coefs))
+
+
+def orthogonality_test(per_sample_grads: PyTree, nu: float = 0.1, *, per_tensor: bool = False) -> jax.Array:
+  """Orthogonality test: ``b' = sum_j Var_i(G_i - <G_i,gbar> gbar / S)_j / (nu^2 S)``.
+
+  Bollapragada et al. 2018; AdAdaGrad (Lau, Liu, Kolar 2024).
+
+  Args:
+    per_sample_grads: pytree of ``[b, ...]`` leaves.
+    nu: ``> 0`` (default 0.1).
+    per_tensor: project each tensor on its own mean gradient (the reference code's variant).
+  """
+  _check_constant("nu", nu)
+  grads, mean, s = _moments(per_sample_grads)
+  return _orth_variance(grads, mean, s, per_tensor) / (jnp.square(nu) * s)
+
+
+def augmented_inner_product_test(
+    per_sample_grads: PyTree, theta: float = 0.1, nu: float = 0.1, *, per_tensor: bool = False,
+) -> jax.Array:
+  """Augmented inner-product test: ``max(inner-product test, orthogonality test)``."""
+  return jnp.maximum(inner_product_test(per_sample_grads, theta, per_tensor=per_tensor),
+                     orthogonality_test(per_sample_grads, nu, per_tensor=per_tensor))
+
+
+def coordinate_wise_test(per_sample_grads: PyTree, step_size: PyTree, eta: float = 0.1) -> jax.Array:
+  """Coordinate-wise test for AdaGrad: ``b' = sum_j s_j Var_i(G_ij) / (eta^2 sum_j s_j gbar_j^2)``.
+
+  ``s_j`` is AdaGrad's per-coordinate step (``prox.optim.adagrad_step_size(opt_state)``); see the
+  module docstring for why this weighting. Uniform ``s`` gives the norm test.
+
+  Args:
+    per_sample_grads: pytree of ``[b, ...]`` leaves.
+    step_size: pytree like one gradient (``s_j >= 0``).
+    eta: ``> 0`` (default 0.1).
+  """
+  _check_constant("eta", eta)
+  grads, mean, _ = _moments(per_sample_grads)
+  dtype = _dtype(grads)
+  steps = [jnp.asarray(w).astype(dtype) for w in jax.tree.leaves(step_size)]
+  num = _total(jnp.sum(w * _var(g)) for w, g in zip(steps, jax.tree.leaves(grads)))
+  den = _total(jnp.sum(w * jnp.square(m)) for w, m in zip(steps, jax.tree.leaves(mean)))
+  return num / (jnp.square(eta) * den)
+
+
+# ----------------------------------------------------------------------------------------------
+# cheap estimators, from group (micro-batch x device) statistics
+
+
+def group_inner_stats(group_grads: PyTree, mean: PyTree, *, per_tensor: bool = False) -> GroupInnerStats:
+  """Sums over groups of ``<g_k, m>``, ``<g_k, m>^2`` and ``||g_k||^2`` (see :class:`GroupInnerStats`).
+
+  Args:
+    group_grads: pytree of ``[G, ...]`` leaves, the mean gradient of each group.
+    mean: the step's mean gradient ``m`` (a pytree like one gradient).
+    per_tensor: one scalar per leaf instead of whole-vector scalars (for ``per_tensor`` tests).
+  """
+  _check_leading_axis(group_grads, "group gradients [G, ...]", 1)
+  dtype = _dtype(group_grads)
+  grads = [jnp.asarray(g).astype(dtype) for g in jax.tree.leaves(group_grads)]
+  means = [jnp.asarray(m).astype(dtype) for m in jax.tree.leaves(mean)]
+  inner = [jnp.sum(g * m[None], axis=tuple(range(1, g.ndim))) for g, m in zip(grads, means)]
+  sq = [jnp.sum(jnp.square(g)) for g in grads]
+  if per_tensor:
+    treedef = jax.tree.structure(mean)
+    unflat = lambda xs: jax.tree.unflatten(treedef, xs)
+    return GroupInnerStats(sum_inner=unflat([jnp.sum(x) for x in inner]),
+                           sum_inner_sq=unflat([jnp.sum(jnp.square(x)) for x in inner]),
+                           sum_sq_norm=unflat(sq))
+  total_inner = _total(inner)
+  return GroupInnerStats(sum_inner=jnp.sum(total_inner), sum_inner_sq=jnp.sum(jnp.square(total_inner)),
+                         sum_sq_norm=_total(sq))
+
+
+def _group_factor(stats: GradStatsLike, dtype) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(G, n / (G - 1))`` with ``nan`` for ``G < 2``."""
+  g = jnp.asarray(stats.num_groups).astype(dtype)
+  n = jnp.asarray(stats.group_size).astype(dtype)
+  return g, jnp.where(g > 1, n / jnp.maximum(g - 1, 1), jnp.nan)
+
+
+def per_sample_variance(stats: GradStatsLike) -> PyTree:
+  """``Var_i(G_ij) ~= n * G/(G-1) * (second_moment_j - mean_j^2)`` per coordinate (clipped at 0).
+
+  Var of a mean of ``n`` i.i.d. samples is ``Var_i / n``, estimated without bias from the ``G``
+  group means. ``nan`` for ``G < 2``.
+  """
+  dtype = _dtype((stats.mean, stats.second_moment))
+  g, factor = _group_factor(stats, dtype)
+  return jax.tree.map(
+      lambda m, q: factor * g * jnp.maximum(q.astype(dtype) - jnp.square(m.astype(dtype)), 0),
+      stats.mean, stats.second_moment)
+
+
+def norm_test_from_stats(stats: GradStatsLike, eta: float = 0.1) -> jax.Array:
+  """Cheap norm test: ``b' = sum_j n G/(G-1) (q_j - m_j^2) / (eta^2 ||m||^2)`` from ``GradStats``."""
+  _check_constant("eta", eta)
+  dtype = _dtype((stats.mean, stats.second_moment))
+  var_l1 = _total(jnp.sum(v) for v in jax.tree.leaves(per_sample_variance(stats)))
+  return var_l1 / (jnp.square(eta) * _sq_norm(stats.mean, dtype))
+
+
+def _inner_and_trace(stats: GradStatsLike, inner: GroupInnerStats, per_tensor: bool, dtype):
+  """Per-sample ``Var_i(<G_i, m>)`` and ``sum_j Var_i(G_ij)`` estimates, as lists (one per tensor)."""
+  g, factor = _group_factor(stats, dtype)
+  fields = [jax.tree.leaves(x) for x in inner]
+  mean_leaves = jax.tree.leaves(stats.mean)
+  if per_tensor:
+    if not all(len(f) == len(mean_leaves) for f in fields):
+      raise ValueError("per_tensor=True needs GroupInnerStats from group_inner_stats(..., per_tensor=True) "
+                       f"(one scalar per leaf: {len(mean_leaves)} leaves, got {[len(f) for f in fields]})")
+    s_list = [jnp.sum(jnp.square(m.astype(dtype))) for m in mean_leaves]
+  else:
+    if not all(len(f) == 1 and np.ndim(f[0]) == 0 for f in fields):
+      raise ValueError("per_tensor=False needs whole-vector GroupInnerStats (scalar fields) from "
+                       "group_inner_stats(..., per_tensor=False)")
+    s_list = [_sq_norm(stats.mean, dtype)]
+  var_ip, trace = [], []
+  for a, a2, q, s in zip(*fields, s_list):
+    a, a2, q = (jnp.asarray(x).astype(dtype) for x in (a, a2, q))
+    var_ip.append(factor * jnp.maximum(a2 - jnp.square(a) / g, 0))
+    trace.append(factor * jnp.maximum(q - 2 * a + g * s, 0))
+  return var_ip, trace, s_list
+
+
+def inner_product_test_from_stats(
+    stats: GradStatsLike, inner: GroupInnerStats, theta: float = 0.1, *, per_tensor: bool = False,
+) -> jax.Array:
+  """Cheap inner-product test: ``b' = n Var_k(<g_k, m>) / (theta^2 ||m||^4)``.
+
+  Args:
+    stats: the step's ``GradStats`` (``mean``, ``num_groups``, ``group_size`` are used).
+    inner: ``group_inner_stats(group_grads, stats.mean, per_tensor=per_tensor)``.
+    theta: ``> 0``.
+    per_tensor: the reference code's per-tensor variant.
+  """
+  _check_constant("theta", theta)
+  dtype = _dtype(stats.mean)
+  var_ip, _, _ = _inner_and_trace(stats, inner, per_tensor, dtype)
+  return _total(var_ip) / (jnp.square(theta) * jnp.square(_sq_norm(stats.mean, dtype)))
+
+
+def orthogonality_test_from_stats(
+    stats: GradStatsLike, inner: GroupInnerStats, nu: float = 0.1, *, per_tensor: bool = False,
+) -> jax.Array:
+  """Cheap orthogonality test: ``b' = n (sum_j Var_k(g_kj) - Var_k(<g_k, m>) / S) / (nu^2 S)``.
+
+  Uses ``tr(P Sigma P) = tr(Sigma) - m^T Sigma m / S`` for the projection ``P`` orthogonal to
+  ``m`` (per tensor with ``per_tensor=True``); ``sum_j Var_k(g_kj)`` comes from
+  ``GroupInnerStats.sum_sq_norm``.
+  """
+  _check_constant("nu", nu)
+  dtype = _dtype(stats.mean)
+  var_ip, trace, s_list = _inner_and_trace(stats, inner, per_tensor, dtype)
+  orth = _total(jnp.maximum(t - _safe_div(v, s), 0) for v, t, s in zip(var_ip, trace, s_list))
+  return orth / (jnp.square(nu) * _sq_norm(stats.mean, dtype))
+
+
+def augmented_inner_product_test_from_stats(
+    stats: GradStatsLike, inner: GroupInnerStats, theta: float = 0.1, nu: float = 0.1, *,
+    per_tensor: bool = False,
+) -> jax.Array:
+  """Cheap augmented inner-product test: the max of the two cheap tests."""
+  return jnp.maximum(inner_product_test_from_stats(stats, inner, theta, per_tensor=per_tensor),
+                     orthogonality_test_from_stats(stats, inner, nu, per_tensor=per_tensor))
+
+
+def coordinate_wise_test_from_stats(stats: GradStatsLike, step_size: PyTree, eta: float = 0.1) -> jax.Array:
+  """Cheap coordinate-wise test: :func:`coordinate_wise_test` with ``Var_i`` from ``GradStats``."""
+  _check_constant("eta", eta)
+  dtype = _dtype((stats.mean, stats.second_moment))
+  steps = [jnp.asarray(w).astype(dtype) for w in jax.tree.leaves(step_size)]
+  var = jax.tree.leaves(per_sample_variance(stats))
+  num = _total(jnp.sum(w * v) for w, v in zip(steps, var))
+  den = _total(jnp.sum(w * jnp.square(m.astype(dtype))) for w, m in zip(steps, jax.tree.leaves(stats.mean)))
+  return num / (jnp.square(eta) * den)
