@@ -246,29 +246,37 @@ def coordinate_wise_test(per_sample_grads: PyTree, step_size: PyTree, eta: float
 # cheap estimators, from group (micro-batch x device) statistics
 
 
-def group_inner_stats(group_grads: PyTree, mean: PyTree, *, per_tensor: bool = False) -> GroupInnerStats:
+def group_inner_stats(
+    group_grads: PyTree, mean: PyTree, *, valid: jax.Array | None = None, per_tensor: bool = False,
+) -> GroupInnerStats:
   """Sums over groups of ``<g_k, m>``, ``<g_k, m>^2`` and ``||g_k||^2`` (see :class:`GroupInnerStats`).
+
+  Fits the step's ``group_stats_fn(group_grads, valid, mean)`` hook as
+  ``lambda g, v, m: group_inner_stats(g, m, valid=v)``; the sums add up across devices.
 
   Args:
     group_grads: pytree of ``[G, ...]`` leaves, the mean gradient of each group.
     mean: the step's mean gradient ``m`` (a pytree like one gradient).
+    valid: optional bool ``[G]``; groups marked ``False`` (padding) are left out of the sums.
     per_tensor: one scalar per leaf instead of whole-vector scalars (for ``per_tensor`` tests).
   """
-  _check_leading_axis(group_grads, "group gradients [G, ...]", 1)
+  num = _check_leading_axis(group_grads, "group gradients [G, ...]", 1)
   dtype = _dtype(group_grads)
+  keep = jnp.ones([num], bool) if valid is None else jnp.asarray(valid).astype(bool).reshape(num)
   grads = [jnp.asarray(g).astype(dtype) for g in jax.tree.leaves(group_grads)]
   means = [jnp.asarray(m).astype(dtype) for m in jax.tree.leaves(mean)]
   inner = [jnp.sum(g * m[None], axis=tuple(range(1, g.ndim))) for g, m in zip(grads, means)]
-  sq = [jnp.sum(jnp.square(g)) for g in grads]
+  sq = [jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) for g in grads]
+  wsum = lambda x: jnp.sum(jnp.where(keep, x, 0))
   if per_tensor:
     treedef = jax.tree.structure(mean)
     unflat = lambda xs: jax.tree.unflatten(treedef, xs)
-    return GroupInnerStats(sum_inner=unflat([jnp.sum(x) for x in inner]),
-                           sum_inner_sq=unflat([jnp.sum(jnp.square(x)) for x in inner]),
-                           sum_sq_norm=unflat(sq))
+    return GroupInnerStats(sum_inner=unflat([wsum(x) for x in inner]),
+                           sum_inner_sq=unflat([wsum(jnp.square(x)) for x in inner]),
+                           sum_sq_norm=unflat([wsum(x) for x in sq]))
   total_inner = _total(inner)
-  return GroupInnerStats(sum_inner=jnp.sum(total_inner), sum_inner_sq=jnp.sum(jnp.square(total_inner)),
-                         sum_sq_norm=_total(sq))
+  return GroupInnerStats(sum_inner=wsum(total_inner), sum_inner_sq=wsum(jnp.square(total_inner)),
+                         sum_sq_norm=wsum(_total(sq)))
 
 
 def _group_factor(stats: GradStatsLike, dtype) -> tuple[jax.Array, jax.Array]:
