@@ -1,6 +1,7 @@
 """Tests for prox.checkpoint.Checkpointer (orbax round trips, retention, intervals, sharding, crashes)."""
 import inspect
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -159,20 +160,27 @@ def test_restore_keeps_target_sharding_one_device(tmp_path):
 
 def test_restore_onto_two_fake_devices(tmp_path):
   """Saved on one device; restored (and re-saved) on two fake CPU devices with the target's shardings."""
-  with Checkpointer(tmp_path) as ckpt:
-    ckpt.save(4, make_state(4), {"examples_seen": 4})
+  saved = make_state(4)
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(4, saved, {"examples_seen": 4})
+  # The values to expect travel as a pickle: the child recomputing them on CPU could differ in the
+  # last bit from this process's backend (a GPU, say).
+  with open(tmp_path / "want.pkl", "wb") as f:
+    pickle.dump([np.asarray(leaf) for leaf in jax.tree.leaves(saved)], f)
   out = run_script(f"""
+    import pickle
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from prox.checkpoint import Checkpointer
     assert len(jax.devices()) == 2, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    want = make_state(4)
+    with open({str(tmp_path / "want.pkl")!r}, "rb") as f:
+      want = jax.tree.unflatten(jax.tree.structure(make_state(0)), pickle.load(f))
     shardings = jax.tree.map(lambda x: rep, want)
     shardings = shardings._replace(params={{"w": split, "b": rep}})
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           want, shardings)
-    with Checkpointer({str(tmp_path)!r}) as ckpt:
+    with Checkpointer({str(tmp_path / "ckpt")!r}) as ckpt:
       got, meta = ckpt.restore(target)
       assert meta == {{"examples_seen": 4}}, meta
       assert_identical(got, want)
@@ -193,11 +201,14 @@ def test_restore_onto_two_fake_devices(tmp_path):
 def test_save_killed_half_way_is_never_latest(tmp_path):
   """SIGKILL while step 2 sits complete-but-uncommitted in its tmp dir: step 1 stays the latest."""
   body = f"""
-    from prox.checkpoint import Checkpointer
+    import pickle
     from orbax.checkpoint._src.path import atomicity
-    ckpt = Checkpointer({str(tmp_path)!r})
+    from prox.checkpoint import Checkpointer
+    ckpt = Checkpointer({str(tmp_path / "ckpt")!r})
     ckpt.save(1, make_state(1), {{"step": 1}})
     ckpt.wait_until_finished()
+    with open({str(tmp_path / "want.pkl")!r}, "wb") as f:   # what step 1 holds, as computed here
+      pickle.dump([np.asarray(leaf) for leaf in jax.tree.leaves(make_state(1))], f)
     async def hang(self):        # stop right before the commit (the atomic rename)
       print("FINALIZING", flush=True)
       time.sleep(600)
@@ -215,7 +226,7 @@ def test_save_killed_half_way_is_never_latest(tmp_path):
       ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
       assert ready and proc.poll() is None, f"child did not reach the commit: {proc.stderr.read()}"
       line = proc.stdout.readline()
-    tmp_dirs = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.")]
+    tmp_dirs = [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("2.")]
     assert tmp_dirs and all("tmp" in name for name in tmp_dirs), tmp_dirs
     proc.send_signal(signal.SIGKILL)
   finally:
@@ -224,13 +235,15 @@ def test_save_killed_half_way_is_never_latest(tmp_path):
     proc.stdout.close()
     proc.stderr.close()
   assert proc.returncode == -signal.SIGKILL
-  with Checkpointer(tmp_path) as ckpt:
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
     restored, meta = ckpt.restore(make_state(0))
-    assert_identical(restored, make_state(1))
+    with open(tmp_path / "want.pkl", "rb") as f:
+      want = jax.tree.unflatten(jax.tree.structure(make_state(0)), pickle.load(f))
+    assert_identical(restored, want)
     assert meta == {"step": 1}
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("2")]   # tmp dir cleaned up
-    assert ckpt.save(2, make_state(2), {"step": 2})                       # and step 2 can be redone
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("2")]  # tmp removed
+    assert ckpt.save(2, make_state(2), {"step": 2})                                  # step 2 redone
 
 
 @pytest.mark.parametrize("kwargs", [{"max_to_keep": 0}, {"save_interval_steps": 0},
