@@ -33,10 +33,9 @@ from prox.step import TrainState
 _ITEMS = ("state", "meta")
 
 
-def _check_positive_int(name: str, value: Any) -> int:
+def _check_positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return value
 
 
 def _abstract(leaf: Any) -> Any:

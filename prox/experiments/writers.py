@@ -41,7 +41,7 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 def _scalar(name: str, value: Any) -> int | float:
   """A metric value as a JSON number: ints stay ints, everything else (0-d arrays too) is a float."""
-  if isinstance(value, bool) or isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+  if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
     raise ValueError(f"metric {name!r} must be a real scalar, got {value!r}")
   value = np.asarray(value)
   if jnp.issubdtype(value.dtype, jnp.integer):
