@@ -7,6 +7,11 @@
 timlautk/AdAdaGrad). The accumulator is one scalar in ``float32`` (``float64`` when the gradients
 are ``float64``), whatever the dtype of the gradients; the updates keep the dtype of the gradients.
 
+Departure from the reference code: its ``Adagradnorm`` class keeps one accumulator per output row
+of each 2-D / 4-D tensor (a row-wise AdaGrad). prox follows METHODS.md section 1 and Ward et al.:
+one scalar for the whole parameter vector. Row-wise variants can be built from
+``optax.scale_by_rss`` on reshaped leaves if needed.
+
 This file imports only jax, numpy and optax, so it can be copied into any optax code.
 """
 from __future__ import annotations
