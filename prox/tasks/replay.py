@@ -1,0 +1,109 @@
+"""Experience replay with a fixed-size reservoir memory, as a pure state machine (Vitter 1985; Chaudhry et al.
+2019, "On tiny episodic memories in continual learning").
+
+Algorithm R: the ``n``-th example of the stream (0-based) is stored in slot ``n`` while the memory is not
+full; afterwards it replaces slot ``j ~ U{0, ..., n}`` if ``j < capacity`` and is dropped otherwise, so at any
+time the memory is a uniform sample (without replacement) of everything seen. ``reservoir_add`` processes a
+whole batch at once and gives exactly the result of adding its examples one by one (draws are independent
+of the memory's content; when two examples of a batch pick the same slot the later one wins).
+
+Usage in a training step (shapes never change, nothing recompiles)::
+
+  memory = reservoir_init({"image": x[0], "label": y[0]}, capacity=500)
+  ...
+  mem_batch, mem_valid = reservoir_sample(memory, k1, n=32)
+  mixed, weights = mix_batches({"image": x, "label": y}, mem_batch, mem_valid)
+  loss = sum(weights * per_example_loss(mixed)) / sum(weights)
+  memory = reservoir_add(memory, {"image": x, "label": y}, k2)
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class ReservoirState(NamedTuple):
+  """Reservoir memory.
+
+  Attributes:
+    data: a pytree like one example, each leaf with a leading ``capacity`` axis.
+    seen: int32 scalar, number of examples offered so far (stored or not).
+  """
+  data: PyTree
+  seen: jax.Array
+
+
+def reservoir_init(example: PyTree, capacity: int) -> ReservoirState:
+  """Empty memory for examples shaped like ``example`` (one example, no batch axis; arrays or
+  ``jax.ShapeDtypeStruct``)."""
+  if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 1:
+    raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+  data = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(jnp.shape(x)), x.dtype), example)
+  return ReservoirState(data=data, seen=jnp.zeros((), jnp.int32))
+
+
+def _capacity(state: ReservoirState) -> int:
+  return int(jax.tree.leaves(state.data)[0].shape[0])
+
+
+def reservoir_size(state: ReservoirState) -> jax.Array:
+  """int32: number of filled slots, ``min(seen, capacity)``."""
+  return jnp.minimum(state.seen, _capacity(state))
+
+
+def reservoir_add(
+    state: ReservoirState, batch: PyTree, key: jax.Array, valid: jax.Array | None = None
+) -> ReservoirState:
+  """Offer a batch (leaves ``[B, ...]``) to the memory (Algorithm R, vectorised).
+
+  ``valid`` (bool ``[B]``, optional) marks padding examples that must not be offered.
+  """
+  cap = _capacity(state)
+  b_leaves = jax.tree.leaves(batch)
+  b = int(b_leaves[0].shape[0])
+  structure_ok = jax.tree.structure(batch) == jax.tree.structure(state.data)
+  if not structure_ok or any(x.shape[1:] != m.shape[1:] for x, m in zip(b_leaves, jax.tree.leaves(state.data))):
+    raise ValueError("reservoir_add: batch does not match the memory's example structure/shapes")
+  valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+  # stream index of each offered example (invalid ones are not counted)
+  n = state.seen + jnp.cumsum(valid.astype(jnp.int32)) - 1
+  j = jax.random.randint(key, (b,), 0, n + 1)  # U{0..n}
+  slot = jnp.where(n < cap, n, j)
+  keep = valid & (slot < cap)
+  # last writer wins: drop an example if a later kept example of the batch targets the same slot
+  later = jnp.triu(jnp.ones((b, b), bool), k=1)
+  overwritten = jnp.any(later & (slot[:, None] == slot[None, :]) & keep[None, :], axis=1)
+  slot = jnp.where(keep & ~overwritten, slot, cap)  # index ``cap`` is out of bounds -> dropped
+  data = jax.tree.map(lambda m, x: m.at[slot].set(x.astype(m.dtype), mode="drop"), state.data, batch)
+  return ReservoirState(data=data, seen=state.seen + jnp.sum(valid.astype(jnp.int32)))
+
+
+def reservoir_sample(state: ReservoirState, key: jax.Array, n: int) -> tuple[PyTree, jax.Array]:
+  """``n`` distinct stored examples drawn uniformly (without replacement) and a bool ``[n]`` validity mask.
+
+  While fewer than ``n`` examples are stored, the extra rows are arbitrary memory slots marked invalid
+  (``valid[i] = False``); with an empty memory every row is invalid.
+  """
+  cap = _capacity(state)
+  if not isinstance(n, (int, np.integer)) or not 1 <= n <= cap:
+    raise ValueError(f"n must be an int in [1, capacity={cap}], got {n!r}")
+  size = reservoir_size(state)
+  scores = jax.random.uniform(key, (cap,))
+  scores = jnp.where(jnp.arange(cap) < size, scores, 2.0)  # empty slots sort last
+  _, idx = jax.lax.top_k(-scores, n)
+  valid = jnp.arange(n) < size
+  return jax.tree.map(lambda m: m[idx], state.data), valid
+
+
+def mix_batches(batch: PyTree, memory_batch: PyTree, memory_valid: jax.Array) -> tuple[PyTree, jax.Array]:
+  """Concatenate the current batch and a memory batch; float32 weights ``[B + n]`` (1 for the current
+  examples, ``memory_valid`` for the memory ones) for a weighted mean loss ``sum(w l) / sum(w)``."""
+  b = int(jax.tree.leaves(batch)[0].shape[0])
+  mixed = jax.tree.map(lambda x, m: jnp.concatenate([x, m.astype(x.dtype)]), batch, memory_batch)
+  weights = jnp.concatenate([jnp.ones((b,), jnp.float32), jnp.asarray(memory_valid, jnp.float32)])
+  return mixed, weights
