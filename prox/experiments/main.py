@@ -11,6 +11,7 @@ environment (SLURM, TPU pods) or from --coordinator_address/--num_processes/--pr
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
 from absl import app
@@ -18,7 +19,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-EXPERIMENTS = ("classify",)
+_NOT_EXPERIMENTS = ("main", "train", "writers")
+
+
+def experiments() -> list[str]:
+  """Every module of ``prox.experiments`` that is an experiment (has ``validate`` and ``run``)."""
+  from prox import experiments as package  # pylint: disable=g-import-not-at-top
+  return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                if not m.ispkg and m.name not in _NOT_EXPERIMENTS and not m.name.startswith("_"))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -45,8 +53,9 @@ def main(argv: list[str]) -> None:
   if not workdir:
     _fail("--workdir is required (the run's output and checkpoint directory)")
   name = config.get("experiment", "classify")
-  if name not in EXPERIMENTS:
-    _fail(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+  known = experiments()
+  if name not in known:
+    _fail(f"unknown experiment {name!r}; known: {', '.join(known)}")
 
   from prox import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

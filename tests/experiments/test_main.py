@@ -102,3 +102,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   for a, b in zip(_final_params(whole, 150), _final_params(killed, 150), strict=True):
     assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_unknown_experiment_lists_the_known_ones(tmp_path):
+  result = prox(f"--workdir={tmp_path}", "--config.experiment=classfy")
+  assert result.returncode == 2
+  assert "unknown experiment 'classfy'; known: " in result.stderr and "classify" in result.stderr
