@@ -46,23 +46,39 @@ def _check_num_iters(num_iters: Any) -> None:
 def sinkhorn_normalize(g: jax.Array, num_iters: int | jax.Array = 5) -> jax.Array:
   """Alternating row / column normalisation of one ``(m, n)`` matrix (SinkGD's update direction).
 
-  ``L`` times: ``G <- sqrt(n) G / ||row||``, then ``G <- sqrt(m) G / ||col||``. Computed in float32
+  ``L`` times: ``G <- sqrt(n) G / ||row||``, then ``G <- sqrt(m) G / ||col||``.
+
+  Every iterate is ``diag(sqrt(p)) G diag(sqrt(q))``, so the loop runs on the scaling vectors:
+  with ``A = G * G`` (elementwise), ``p = n / (A q)`` and ``q = m / (A^T p)`` (starting from
+  ``q = 1``) give exactly the row / column passes above, but each pass only reads ``A`` and writes
+  two vectors; the matrix is scaled once at the end. ``G`` is first divided by ``max |G|`` (the
+  map is scale invariant) so that ``A`` neither overflows nor underflows. Computed in float32
   (float64 for float64 input) and returned in the input dtype. A zero row or column stays zero.
   """
   m, n = g.shape
   dtype = jnp.result_type(jnp.float32, g.dtype)
   x = g.astype(dtype)
-  tiny = jnp.finfo(dtype).tiny
+  peak = jnp.max(jnp.abs(x))
+  x = x / jnp.where(peak > 0, peak, 1)
+  a = jnp.square(x)
 
-  def normalise(x, axis, target):
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x * (target / jnp.maximum(norm, tiny))
+  def inverse(target, s):
+    return jnp.where(s > 0, target / jnp.where(s > 0, s, 1), 0).astype(dtype)
 
-  def body(_, x):
-    x = normalise(x, 1, np.sqrt(n).astype(dtype))
-    return normalise(x, 0, np.sqrt(m).astype(dtype))
+  def body(_, pq):
+    _, q = pq
+    p = inverse(n, jnp.sum(a * q[None, :], axis=1))   # squared row scales: rows get norm sqrt(n)
+    q = inverse(m, jnp.sum(a * p[:, None], axis=0))   # squared column scales: columns get sqrt(m)
+    return p, q
 
-  return jax.lax.fori_loop(0, num_iters, body, x).astype(g.dtype)
+  pq = (jnp.ones((m,), dtype), jnp.ones((n,), dtype))
+  if isinstance(num_iters, int):  # static count: unrolled, so XLA fuses the passes
+    for i in range(num_iters):
+      pq = body(i, pq)
+  else:
+    pq = jax.lax.fori_loop(0, num_iters, body, pq)
+  p, q = pq
+  return (x * jnp.sqrt(p)[:, None] * jnp.sqrt(q)[None, :]).astype(g.dtype)
 
 
 def scale_by_sinkhorn(num_iters: int = 5) -> optax.GradientTransformation:

@@ -29,7 +29,7 @@ def test_slow_learner_scales_only_the_group(mask):
     g = _tree(t + 1)
     updates, state = tx.update(g, state, params)
     ref, ref_state = inner.update(g, ref_state, params)
-    np.testing.assert_allclose(np.asarray(updates["head"]["w"]), np.asarray(ref["head"]["w"]), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(updates["head"]["w"]), np.asarray(ref["head"]["w"]), rtol=1e-6)
     for k in ("w", "b"):
       np.testing.assert_allclose(np.asarray(updates["backbone"][k]), 0.01 * np.asarray(ref["backbone"][k]),
                                  rtol=1e-6)
@@ -48,7 +48,7 @@ def test_frozen_group_exactly_zero_and_stateless(mask):
   updates, _ = jax.jit(tx.update)(g, state, params)
   assert np.all(np.asarray(updates["backbone"]["w"]) == 0) and np.all(np.asarray(updates["backbone"]["b"]) == 0)
   ref, _ = inner.update({"head": g["head"]}, inner.init({"head": params["head"]}))
-  np.testing.assert_allclose(np.asarray(updates["head"]["w"]), np.asarray(ref["head"]["w"]), rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(updates["head"]["w"]), np.asarray(ref["head"]["w"]), rtol=1e-6)
 
 
 def test_scale_group_injected_zero_freezes_too():
