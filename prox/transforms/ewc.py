@@ -35,6 +35,7 @@ so ``consolidate(state, params, fisher)`` and ``ewc_penalty(state, params)`` nee
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -161,6 +162,7 @@ def _first_mismatch(expected: PyTree, got: PyTree) -> str | None:
   return None
 
 
+@jax.jit
 def ewc_stability(state: EWCState, learning_rate: float | jax.Array) -> jax.Array:
   """``lambda * max_i F_i * learning_rate``: plain SGD on the penalty diverges when this exceeds 2."""
   leaves = jax.tree.leaves(state.fisher)
@@ -184,6 +186,29 @@ def check_stability(
         f"learning rate, or wrap the optimizer in optax.apply_if_finite.",
         RuntimeWarning, stacklevel=3)
   return value
+
+
+@jax.jit
+def _consolidate(state: EWCState, params: PyTree, fisher: PyTree) -> EWCState:
+  """The numerical part of ``consolidate`` (jitted: at a task boundary it runs once, outside the step)."""
+  def fold(s, m, f_new, p):
+    f_new = f_new.astype(s.dtype)
+    w = p.astype(s.dtype)
+    s_sep = s + f_new
+    ratio = jnp.where(s_sep > 0, f_new / jnp.where(s_sep > 0, s_sep, 1), 0)
+    m_sep = jnp.where(s > 0, m + ratio * (w - m), jnp.where(f_new > 0, w, m))
+    off = jnp.sum(jnp.where(s > 0, s * ratio * jnp.square(w - m), 0)).astype(state.offset.dtype)
+    s_onl = state.gamma.astype(s.dtype) * s + f_new
+    return (jnp.where(state.online, s_onl, s_sep), jnp.where(state.online, w, m_sep), off)
+
+  folded = jax.tree.map(fold, state.fisher, state.anchor, fisher, params)
+  treedef = jax.tree.structure(state.fisher)
+  parts = treedef.flatten_up_to(folded)
+  new_fisher = treedef.unflatten([x[0] for x in parts])
+  new_anchor = treedef.unflatten([x[1] for x in parts])
+  added = sum((x[2] for x in parts), jnp.zeros((), state.offset.dtype))
+  offset = jnp.where(state.online, jnp.zeros((), state.offset.dtype), state.offset + added)
+  return state._replace(fisher=new_fisher, anchor=new_anchor, offset=offset, num_tasks=state.num_tasks + 1)
 
 
 def consolidate(
@@ -210,30 +235,13 @@ def consolidate(
     if bad is not None:
       raise ValueError(f"consolidate: {name} does not match the EWC state's parameter tree: {bad}")
 
-  def fold(s, m, f_new, p):
-    f_new = f_new.astype(s.dtype)
-    w = p.astype(s.dtype)
-    s_sep = s + f_new
-    ratio = jnp.where(s_sep > 0, f_new / jnp.where(s_sep > 0, s_sep, 1), 0)
-    m_sep = jnp.where(s > 0, m + ratio * (w - m), jnp.where(f_new > 0, w, m))
-    off = jnp.sum(jnp.where(s > 0, s * ratio * jnp.square(w - m), 0)).astype(state.offset.dtype)
-    s_onl = state.gamma.astype(s.dtype) * s + f_new
-    return (jnp.where(state.online, s_onl, s_sep), jnp.where(state.online, w, m_sep), off)
-
-  folded = jax.tree.map(fold, state.fisher, state.anchor, fisher, params)
-  treedef = jax.tree.structure(state.fisher)
-  parts = treedef.flatten_up_to(folded)
-  new_fisher = treedef.unflatten([x[0] for x in parts])
-  new_anchor = treedef.unflatten([x[1] for x in parts])
-  added = sum((x[2] for x in parts), jnp.zeros((), state.offset.dtype))
-  offset = jnp.where(state.online, jnp.zeros((), state.offset.dtype), state.offset + added)
-  new_state = state._replace(fisher=new_fisher, anchor=new_anchor, offset=offset,
-                             num_tasks=state.num_tasks + 1)
+  new_state = _consolidate(state, params, fisher)
   if learning_rate is not None:
     check_stability(new_state, learning_rate, stability_limit)
   return new_state
 
 
+@jax.jit
 def ewc_penalty(state: EWCState, params: PyTree) -> jax.Array:
   """Penalty value ``lambda/2 * (sum_i S_i (w_i - m_i)**2 + offset)``, i.e. ``lambda/2 sum_j F_j (w - w*_j)**2``
   (separate) or ``lambda/2 F (w - w*)**2`` (online); its gradient is what ``ewc`` adds to the updates."""
@@ -289,6 +297,9 @@ def diagonal_fisher(
   ``mu ~ 0``, so ``F / F_B`` lies between 1 and ``B`` (close to ``B`` at a minimum): a lambda tuned for
   Avalanche's mini-batch Fisher corresponds to a lambda ``F_B / F`` times smaller with the per-example Fisher
   (``benchmarks/ewc_fisher.py`` measures the ratio; the issue reports 3-17x on digits).
+
+  The computation is jitted with ``logprob_fn`` as a static argument: pass the same function object at every
+  task boundary (not a new lambda) so it compiles once.
   """
   leaves = jax.tree.leaves(batch)
   if not leaves:
@@ -302,6 +313,12 @@ def diagonal_fisher(
     raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
   group = minibatch_size if minibatch_size is not None else (chunk_size or n)
   group = min(group, n)
+  return _fisher(logprob_fn, params, batch, group=group, minibatch=minibatch_size is not None)
+
+
+@functools.partial(jax.jit, static_argnames=("logprob_fn", "group", "minibatch"))
+def _fisher(logprob_fn, params, batch, *, group: int, minibatch: bool):
+  n = int(jnp.shape(jax.tree.leaves(batch)[0])[0])
   num_groups = -(-n // group)
   pad = num_groups * group - n
   weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
@@ -315,7 +332,7 @@ def diagonal_fisher(
   groups = jax.tree.map(grouped, batch)
   acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _state_dtype(p)), params)
 
-  if minibatch_size is None:
+  if not minibatch:
     per_example = jax.vmap(jax.grad(logprob_fn), in_axes=(None, 0))
 
     def body(acc, xs):
@@ -339,4 +356,3 @@ def diagonal_fisher(
 
   total, _ = jax.lax.scan(body_mb, acc0, (groups, weights))
   return jax.tree.map(lambda a: a / num_groups, total)
-

@@ -17,7 +17,9 @@ ever changes shape or recompiles.
 Basis update after task ``t`` (the paper's Eq. 8-10), from ``R = X^T`` (``[d_in, n]``, columns = inputs):
 ``R_hat = R - M M^T R``; ``U, sigma = svd(R_hat)``; add the smallest number ``k`` of leading columns of ``U``
 with ``||M M^T R||_F^2 + sum_{i<k} sigma_i^2 >= eps * ||R||_F^2``. For the first task (``M`` empty) this is the
-plain rank-k energy criterion. The reference code takes one column fewer on the first task (``sum(cumsum <
+plain rank-k energy criterion. Directions with ``sigma_i <= ||R||_F * max(d_in, n) * eps_float32`` (rounding
+noise, the ``numpy.linalg.matrix_rank`` tolerance) are never added, so ``eps = 1`` keeps the numerical rank.
+The reference code takes one column fewer on the first task (``sum(cumsum <
 eps)``); here both cases use the paper's ">= eps" rule. ``eps`` schedule of the reference code:
 ``gpm_threshold(t) = 0.97 + 0.003 t``.
 
@@ -124,6 +126,7 @@ def gpm(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@jax.jit
 def _update_basis(m: jax.Array, rank: jax.Array, activations: jax.Array, threshold: jax.Array):
   """One layer's basis update: ``activations`` ``[n, d_in]``; returns the new ``(M, rank)``."""
   max_rank = m.shape[1]
@@ -133,7 +136,9 @@ def _update_basis(m: jax.Array, rank: jax.Array, activations: jax.Array, thresho
   u, sigma, _ = jnp.linalg.svd(r_hat, full_matrices=False)  # u [d_in, min(d_in, n)]
   captured = total - jnp.sum(jnp.square(r_hat))
   energy_before = captured + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(jnp.square(sigma))[:-1]])
-  k_add = jnp.sum(energy_before < threshold * total).astype(jnp.int32)
+  # numerical-rank floor (as numpy.linalg.matrix_rank): never add directions that are rounding noise
+  tol = jnp.sqrt(total) * max(r.shape) * jnp.finfo(jnp.float32).eps
+  k_add = jnp.sum((energy_before < threshold * total) & (sigma > tol)).astype(jnp.int32)
   k_add = jnp.minimum(k_add, max_rank - rank)
   cols = jnp.arange(max_rank)
   src = jnp.clip(cols - rank, 0, u.shape[1] - 1)

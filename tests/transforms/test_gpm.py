@@ -75,6 +75,7 @@ def test_old_task_outputs_unchanged_by_projected_sgd():
   tx = optax.chain(optax.sgd(0.1), G.gpm())
   state = tx.init(params)
   state = G.gpm_update_opt_state(state, _acts(params, jnp.asarray(a_old)), 1.0)
+  assert int(G.find_gpm_state(state).ranks["l1"]["kernel"]) == 3  # eps = 1 keeps the numerical rank
   x_new = jnp.asarray(np.random.default_rng(3).normal(size=(16, 8)), jnp.float32)
   y_new = jnp.ones((16, 6))
 
