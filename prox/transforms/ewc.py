@@ -296,7 +296,10 @@ def diagonal_fisher(
   coordinate, ``E[F] = mu**2 + sigma**2`` while ``E[F_B] = mu**2 + sigma**2 / B``. After training
   ``mu ~ 0``, so ``F / F_B`` lies between 1 and ``B`` (close to ``B`` at a minimum): a lambda tuned for
   Avalanche's mini-batch Fisher corresponds to a lambda ``F_B / F`` times smaller with the per-example Fisher
-  (``benchmarks/ewc_fisher.py`` measures the ratio; the issue reports 3-17x on digits).
+  (the issue reports 3-17x on digits). Measured by ``benchmarks/ewc_fisher.py`` (MLP 64-64-10 trained with SGD
+  on digits), ``sum(F) / sum(F_B)``: split-digits task 0 (269 examples) 10.1 / 7.4 / 4.4 / 2.7 for
+  ``B = 10 / 32 / 64 / 128`` (a short last mini-batch pulls the ratio below ``B``); all 1347 training examples
+  9.8 / 30.5 / 60.1 / 108.8.
 
   The computation is jitted with ``logprob_fn`` as a static argument: pass the same function object at every
   task boundary (not a new lambda) so it compiles once.
