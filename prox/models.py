@@ -1,0 +1,225 @@
+"""Image classifiers in Flax NNX, and their pure functional form for the training step.
+
+``make_model(name, input_shape=..., num_classes=...)`` builds one of ``MODELS``:
+
+* ``mlp``: flatten, then ``hidden`` ReLU dense layers, then a linear head.
+* ``cnn``: two 3x3 conv + ReLU + 2x2 max-pool blocks (``width``, ``2 * width`` channels), a ReLU dense
+  layer of ``hidden`` units and a linear head; works on 8x8, 28x28 and 32x32 inputs.
+* ``resnet20``: the CIFAR ResNet of He et al. 2016 ("Deep Residual Learning for Image Recognition",
+  Sec. 4.2): a 3x3 conv, 3 stages x 3 basic blocks with 16/32/64 channels (stride 2 at the start of
+  stages 2 and 3), BatchNorm, identity shortcuts with zero-padded channels (option A), global average
+  pooling and a linear head: 0.27M parameters for CIFAR-10.
+
+``functional(model)`` splits a model into ``apply(params, model_state, images, *, train)`` and two plain
+pytrees (nested dicts of jax arrays with string keys), which jit, grad, shard_map, optax and orbax all take
+as they are.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PyTree = Any
+
+MODELS = ("mlp", "cnn", "resnet20")
+
+# BatchNorm as in the reference CIFAR ResNets (PyTorch defaults): running <- 0.9 running + 0.1 batch.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+class MLP(nnx.Module):
+  """``logits = W_out relu(... relu(W_1 flatten(x) + b_1) ...) + b_out``."""
+
+  def __init__(self, input_shape: tuple[int, ...], num_classes: int, *,
+               hidden: Sequence[int] = (1024, 1024), dtype: Any = None, rngs: nnx.Rngs):
+    sizes = (int(np.prod(input_shape)), *hidden)
+    self.num_hidden = len(hidden)
+    self.hidden = nnx.Dict({
+        f"dense{i}": nnx.Linear(n_in, n_out, dtype=dtype, rngs=rngs)
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))})
+    self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    del train  # no train/eval difference
+    x = images.reshape(images.shape[0], -1)
+    for i in range(self.num_hidden):
+      x = jax.nn.relu(self.hidden[f"dense{i}"](x))
+    return self.head(x).astype(jnp.float32)
+
+
+class CNN(nnx.Module):
+  """Two conv(3x3) + ReLU + max-pool(2x2) blocks, a ReLU dense layer and a linear head."""
+
+  def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
+               hidden: int = 128, dtype: Any = None, rngs: nnx.Rngs):
+    height, width_px, channels = input_shape
+    self.conv1 = nnx.Conv(channels, width, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), dtype=dtype, rngs=rngs)
+    half = lambda n: (n + 1) // 2  # output size of a stride-2 SAME pooling
+    pooled = half(half(height)) * half(half(width_px))
+    self.dense = nnx.Linear(pooled * 2 * width, hidden, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    del train  # no train/eval difference
+    x = images
+    for conv in (self.conv1, self.conv2):
+      x = nnx.max_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2), padding="SAME")
+    x = jax.nn.relu(self.dense(x.reshape(x.shape[0], -1)))
+    return self.head(x).astype(jnp.float32)
+
+
+class BasicBlock(nnx.Module):
+  """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``; the shortcut subsamples and zero-pads."""
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int, *, dtype: Any = None,
+               rngs: nnx.Rngs):
+    conv = dict(kernel_size=(3, 3), use_bias=False, kernel_init=nnx.initializers.he_normal(),
+                dtype=dtype, rngs=rngs)
+    norm = dict(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(in_channels, out_channels, strides=stride, **conv)
+    self.bn1 = nnx.BatchNorm(out_channels, **norm)
+    self.conv2 = nnx.Conv(out_channels, out_channels, **conv)
+    self.bn2 = nnx.BatchNorm(out_channels, **norm)
+    self.stride = stride
+    self.extra_channels = out_channels - in_channels
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    y = self.bn2(self.conv2(y), use_running_average=not train)
+    shortcut = x[:, ::self.stride, ::self.stride, :]
+    if self.extra_channels:
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, self.extra_channels)))
+    return jax.nn.relu(y + shortcut.astype(y.dtype))
+
+
+class ResNet20(nnx.Module):
+  """He et al. 2016's CIFAR ResNet-20 (6n + 2 layers with n = 3), option-A shortcuts."""
+
+  def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 16,
+               dtype: Any = None, rngs: nnx.Rngs):
+    channels = input_shape[-1]
+    self.conv = nnx.Conv(channels, width, (3, 3), use_bias=False,
+                         kernel_init=nnx.initializers.he_normal(), dtype=dtype, rngs=rngs)
+    self.bn = nnx.BatchNorm(width, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype, rngs=rngs)
+    blocks = {}
+    in_channels = width
+    for stage in range(3):
+      out_channels = width * 2**stage
+      for block in range(3):
+        stride = 2 if stage > 0 and block == 0 else 1
+        blocks[f"stage{stage + 1}_block{block + 1}"] = BasicBlock(
+            in_channels, out_channels, stride, dtype=dtype, rngs=rngs)
+        in_channels = out_channels
+    self.block_names = tuple(blocks)
+    self.blocks = nnx.Dict(blocks)
+    self.head = nnx.Linear(in_channels, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    x = jax.nn.relu(self.bn(self.conv(images), use_running_average=not train))
+    for name in self.block_names:
+      x = self.blocks[name](x, train=train)
+    return self.head(x.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+_OPTIONS = {"mlp": ("hidden", "dtype"), "cnn": ("width", "hidden", "dtype"),
+            "resnet20": ("width", "dtype")}
+_CLASSES = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}
+
+
+def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
+               **kwargs: Any) -> nnx.Module:
+  """Builds one of ``MODELS`` for images of ``input_shape = (H, W, C)``.
+
+  Args:
+    name: ``"mlp"``, ``"cnn"`` or ``"resnet20"``.
+    input_shape: ``(H, W, C)`` of one image.
+    num_classes: number of output logits.
+    seed: seed of the parameter initialisation.
+    **kwargs: model options: mlp ``hidden=(1024, 1024)``; cnn ``width=32, hidden=128``; resnet20
+      ``width=16`` (channels of stage 1). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
+      parameters stay float32, logits are float32).
+
+  Returns:
+    The NNX module; ``module(images, train=...)`` returns float32 logits [B, num_classes].
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+  shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+  if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
+    raise ValueError(f"input_shape must be (H, W, C) of positive ints, got {input_shape!r}")
+  if not _is_int(num_classes) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  if not _is_int(seed):
+    raise ValueError(f"seed must be an int, got {seed!r}")
+  unknown = sorted(set(kwargs) - set(_OPTIONS[name]))
+  if unknown:
+    raise TypeError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; accepted: "
+                    f"{', '.join(_OPTIONS[name])}")
+  if "hidden" in kwargs:
+    hidden = kwargs["hidden"]
+    if name == "mlp":
+      if not isinstance(hidden, (tuple, list)) or not all(_is_int(h) and h > 0 for h in hidden):
+        raise ValueError(f"hidden must be a tuple of positive ints, got {hidden!r}")
+      kwargs["hidden"] = tuple(int(h) for h in hidden)
+    elif not _is_int(hidden) or hidden < 1:
+      raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+  if "width" in kwargs and (not _is_int(kwargs["width"]) or kwargs["width"] < 1):
+    raise ValueError(f"width must be a positive int, got {kwargs['width']!r}")
+  shape = tuple(int(d) for d in shape)
+  return _CLASSES[name](shape, int(num_classes), rngs=nnx.Rngs(int(seed)), **kwargs)
+
+
+class Functional(NamedTuple):
+  """A model as a pure function and its state.
+
+  Attributes:
+    apply: ``apply(params, model_state, images, *, train) -> (logits, new_model_state)``.
+    params: the ``nnx.Param`` values as nested dicts of jax arrays.
+    model_state: the ``nnx.BatchStat`` values (running batch-norm statistics) as nested dicts; ``{}``
+      for models without them.
+  """
+  apply: Callable[..., tuple[jax.Array, PyTree]]
+  params: PyTree
+  model_state: PyTree
+
+
+def functional(model: nnx.Module) -> Functional:
+  """Splits an NNX model into a pure ``apply`` function, its parameters and its model state.
+
+  ``apply(params, model_state, images, *, train)`` rebuilds the module with ``nnx.merge`` and runs it.
+  ``train=True`` normalises with batch statistics and returns the updated running statistics
+  (``r <- momentum * r + (1 - momentum) * batch_stat``); ``train=False`` uses the running statistics and
+  returns ``model_state`` unchanged. It has no side effects, so it can be used inside ``jax.jit``,
+  ``jax.grad`` and ``shard_map``; ``train`` must be a Python bool (static).
+
+  Variables that are neither ``nnx.Param`` nor ``nnx.BatchStat`` (none in ``MODELS``) are held fixed at
+  their current values.
+  """
+  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+  def apply(params: PyTree, model_state: PyTree, images: jax.Array, *,
+            train: bool) -> tuple[jax.Array, PyTree]:
+    module = nnx.merge(graphdef, params, model_state, rest)
+    logits = module(images, train=train)
+    if not train:
+      return logits, model_state
+    return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+
+  return Functional(apply=apply, params=nnx.to_pure_dict(params),
+                    model_state=nnx.to_pure_dict(batch_stats))
+
+
+def param_count(params: PyTree) -> int:
+  """Number of scalars in a parameter pytree."""
+  return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
