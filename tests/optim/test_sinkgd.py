@@ -40,7 +40,7 @@ def test_sinkhorn_output_columns_exact_and_fixed_point():
     # after each pass the columns have norm sqrt(m) exactly
     np.testing.assert_allclose(np.linalg.norm(x, axis=0), np.sqrt(6), rtol=1e-12)
     # iterating converges to a matrix whose rows have norm sqrt(n) and columns norm sqrt(m) ...
-    y = np.asarray(optim.sinkhorn_normalize(jnp.asarray(g), 200))
+    y = np.asarray(optim.sinkhorn_normalize(jnp.asarray(g), jnp.int32(200)))  # traced count: fori_loop
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.sqrt(10), rtol=1e-9)
     np.testing.assert_allclose(np.linalg.norm(y, axis=0), np.sqrt(6), rtol=1e-9)
     # ... which is a fixed point of the map, and the map is scale invariant
