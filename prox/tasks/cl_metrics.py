@@ -4,7 +4,7 @@ The accuracy matrix ``R`` has shape ``[T, T]``: ``R[i, j]`` is the accuracy on t
 after training on tasks ``0..i``. The metrics below are the definitions Avalanche reports (and GEM introduced);
 where Avalanche and METHODS.md section 4 differ (forgetting), the METHODS.md rule is the default and the
 Avalanche variant is an option. All functions are pure ``jax.numpy`` functions: they accept numpy or jax
-arrays, jit, and return jax scalars / vectors (``float(...)`` them for a table).
+arrays, are jitted, and return jax scalars / vectors (``float(...)`` them for a table).
 
 Usage::
 
@@ -17,8 +17,10 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +34,7 @@ def _check_square(r: ArrayLike) -> jnp.ndarray:
   return r
 
 
+@functools.partial(jax.jit, static_argnames="after_task")
 def average_accuracy(r: ArrayLike, after_task: int | None = None) -> jnp.ndarray:
   """Average accuracy over the tasks seen so far.
 
@@ -46,6 +49,7 @@ def average_accuracy(r: ArrayLike, after_task: int | None = None) -> jnp.ndarray
   return jnp.mean(r[i, : i + 1])
 
 
+@jax.jit
 def average_accuracy_curve(r: ArrayLike) -> jnp.ndarray:
   """``[ACC_0, ..., ACC_{T-1}]`` with ``ACC_i = mean_{j<=i} R[i, j]`` (accuracy over seen tasks over time)."""
   r = _check_square(r)
@@ -54,6 +58,7 @@ def average_accuracy_curve(r: ArrayLike) -> jnp.ndarray:
   return jnp.sum(r * seen, axis=1) / jnp.arange(1, t + 1, dtype=r.dtype)
 
 
+@functools.partial(jax.jit, static_argnames="reference")
 def forgetting_per_task(
     r: ArrayLike, reference: Literal["max", "initial"] = "max"
 ) -> jnp.ndarray:
@@ -80,12 +85,14 @@ def forgetting_per_task(
   return best - last
 
 
+@functools.partial(jax.jit, static_argnames="reference")
 def forgetting(r: ArrayLike, reference: Literal["max", "initial"] = "max") -> jnp.ndarray:
   """Average forgetting ``F = 1/(T-1) * sum_{j<T-1} f_j`` (see ``forgetting_per_task``); 0 for ``T = 1``."""
   f = forgetting_per_task(r, reference)
   return jnp.mean(f) if f.shape[0] else jnp.zeros((), f.dtype)
 
 
+@jax.jit
 def backward_transfer(r: ArrayLike) -> jnp.ndarray:
   """Backward transfer (GEM; Avalanche's ``StreamBWT``): ``BWT = 1/(T-1) sum_{j<T-1} (R[T-1, j] - R[j, j])``.
 
@@ -98,6 +105,7 @@ def backward_transfer(r: ArrayLike) -> jnp.ndarray:
   return jnp.mean(r[t - 1, : t - 1] - jnp.diagonal(r)[: t - 1])
 
 
+@jax.jit
 def forward_transfer(r: ArrayLike, initial_accuracy: ArrayLike) -> jnp.ndarray:
   """Forward transfer (GEM; Avalanche's ``StreamForwardTransfer``).
 

@@ -18,6 +18,7 @@ Usage in a training step (shapes never change, nothing recompiles)::
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -56,6 +57,7 @@ def reservoir_size(state: ReservoirState) -> jax.Array:
   return jnp.minimum(state.seen, _capacity(state))
 
 
+@jax.jit
 def reservoir_add(
     state: ReservoirState, batch: PyTree, key: jax.Array, valid: jax.Array | None = None
 ) -> ReservoirState:
@@ -83,6 +85,7 @@ def reservoir_add(
   return ReservoirState(data=data, seen=state.seen + jnp.sum(valid.astype(jnp.int32)))
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def reservoir_sample(state: ReservoirState, key: jax.Array, n: int) -> tuple[PyTree, jax.Array]:
   """``n`` distinct stored examples drawn uniformly (without replacement) and a bool ``[n]`` validity mask.
 
@@ -100,6 +103,7 @@ def reservoir_sample(state: ReservoirState, key: jax.Array, n: int) -> tuple[PyT
   return jax.tree.map(lambda m: m[idx], state.data), valid
 
 
+@jax.jit
 def mix_batches(batch: PyTree, memory_batch: PyTree, memory_valid: jax.Array) -> tuple[PyTree, jax.Array]:
   """Concatenate the current batch and a memory batch; float32 weights ``[B + n]`` (1 for the current
   examples, ``memory_valid`` for the memory ones) for a weighted mean loss ``sum(w l) / sum(w)``."""

@@ -98,4 +98,4 @@ def shift_detector(
                              num_switches=state.num_switches + switched.astype(jnp.int32))
     return new, switched
 
-  return ShiftDetector(init, update)
+  return ShiftDetector(init, jax.jit(update))

@@ -16,14 +16,12 @@ which classes to (re)compute, so classes that reoccur (SCoLe) get fresh statisti
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-PyTree = Any
 
 
 class ClassStats(NamedTuple):

@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,6 +103,7 @@ def permute_pixels(images: np.ndarray, permutation: np.ndarray) -> np.ndarray:
   return images.reshape(n, h * w, c)[:, permutation].reshape(n, h, w, c)
 
 
+@jax.jit
 def mask_logits(logits: jnp.ndarray, logit_mask: jnp.ndarray | np.ndarray) -> jnp.ndarray:
   """Absent-class masking: ``logits`` where ``logit_mask`` else the most negative finite value of the dtype.
 
