@@ -24,8 +24,8 @@ Penalty (for logging; its gradient is the update above): ``lambda/2 * (sum_i S_i
 Stability: the penalty is a quadratic of curvature ``lambda * F_i`` per coordinate; plain SGD with learning
 rate ``lr`` diverges along coordinate ``i`` once ``lr * lambda * F_i > 2`` (heavy-ball momentum ``beta``:
 ``2 (1 + beta)``; Nesterov: ``2 (1 + beta) / (1 + 2 beta)``). ``consolidate(..., learning_rate=lr)`` warns
-when ``lambda * max(F) * lr`` exceeds ``stability_limit`` (default 2, plain SGD) -- this is how Avalanche's
-EWC with ``lambda = 1000`` turns the weights to NaN. Adam-type optimizers normalise the step, so the bound
+when ``lambda * max(F) * lr`` exceeds ``stability_limit`` (default 2, plain SGD) -- the blow-up behind the
+issue's measurement that Avalanche's EWC with ``lambda = 1000`` on split digits turns the weights to NaN. Adam-type optimizers normalise the step, so the bound
 does not apply to them (pass ``learning_rate=None``). ``optax.apply_if_finite`` around the chain skips
 non-finite steps.
 
