@@ -205,6 +205,9 @@ def test_epoch_batches_cover_the_dataset_once_with_mask(process_count):
   assert np.all(batches[-1]["image"][~batches[-1]["mask"]] == 0)
   unpadded = list(data.epoch_batches(ds, 4, pad=False))
   assert [len(b["label"]) for b in unpadded] == [4, 4, 3] and unpadded[-1]["mask"].all()
+  if process_count == 2:
+    with pytest.raises(ValueError, match="last batch of 3 examples cannot be split evenly"):
+      list(data.epoch_batches(ds, 4, process_count=2, pad=False))
 
 
 # --------------------------------------------------------------------------------- augmented stream
