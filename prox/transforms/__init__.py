@@ -1,1 +1,7 @@
 """Gradient transformations: sparsity masks, unfreezing, continual-learning penalties."""
+from prox.transforms.filters import all_of, any_of, by_name, by_ndim, by_regex, conv_kernels, dense_kernels
+from prox.transforms.filters import kernels, negate, path_str, select, sparsity_summary
+from prox.transforms.masking import find_mask_states, forward_params, hard_masked_params
+from prox.transforms.masking import straight_through_scale
+from prox.transforms.nm import NMSchedule, NMSparsityState, nm_mask, nm_masks, nm_schedule, nm_sparsity
+from prox.transforms.nm import structure_stages

@@ -1,0 +1,524 @@
+"""N:M structured sparsity with progressive gradient flow (SR-STE, MdGf, SdGf) as an optax wrapper.
+
+Bambhaniya et al. 2024, "Progressive Gradient Flow for Robust N:M Sparsity Training in Transformers"
+(reference: abhibambhaniya/progressive_gradient_flow_nm_sparsity); SR-STE from Zhou et al. 2021,
+"Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch".
+
+In every group of ``M`` consecutive weights along one axis (default: the input dimension, ``-2`` for
+flax's ``[in, out]`` and ``[h, w, in, out]`` kernels) the ``N`` of largest ``|w|`` are kept. The mask is
+recomputed every step from the dense weights. The forward pass uses
+
+    w_fwd = w * (m + (1 - m) * beta_t)
+
+and the dense weights receive the straight-through gradient ``dL/dw = dL/dw_fwd`` (plus
+``lambda * (1 - m) * w`` for SR-STE). The wrapper :func:`nm_sparsity` keeps ``count``, ``beta`` and the
+masks of the *current* parameters in its state, so that ``forward_params(params, state)`` is a pure
+function of the parameters and the optimizer state::
+
+    tx = nm_sparsity(optax.adam(1e-3), 1, 8, method="mdgf", decay="linear", total_steps=T)
+    state = tx.init(params)
+    grads = jax.grad(lambda p: loss(forward_params(p, state), batch))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+Only jax/optax/numpy and the sibling helper files are imported, so these files can be copied into other
+optax code.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from prox.transforms import filters as filters_lib
+
+PyTree = Any
+Stages = tuple[tuple[int, int], ...]
+
+__all__ = [
+    "METHODS",
+    "DECAYS",
+    "STATIC_ARGS",
+    "NMSchedule",
+    "NMSparsityState",
+    "nm_mask",
+    "nm_masks",
+    "nm_schedule",
+    "nm_sparsity",
+    "structure_stages",
+]
+
+METHODS = ("dense", "srste", "mdgf", "sdgf")
+# Arguments that fix shapes or the schedule and must stay Python values under optax.inject_hyperparams:
+# ``optax.inject_hyperparams(nm_sparsity, static_args=STATIC_ARGS)(...)``; srste_lambda and decay_coef
+# may be injected.
+STATIC_ARGS = ("n", "m", "total_steps", "warmup_steps", "finetune_steps", "axis", "decay_end", "floor")
+DECAYS = ("linear", "exp", "step")
+_IMPLS = ("auto", "count", "select", "sort")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _grouped(a: jax.Array, m: int, axis: int) -> jax.Array:
+  """Reshapes ``a`` so that axis ``axis + 1`` indexes the position inside each group of ``m`` (no transpose)."""
+  shape = a.shape
+  return a.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
+
+
+def _iota(m: int, ndim: int, dim: int) -> jax.Array:
+  return jnp.arange(m, dtype=jnp.int32).reshape([m if d == dim else 1 for d in range(ndim)])
+
+
+def _mask_count(g: jax.Array, n: int, m: int, k: int) -> jax.Array:
+  """Keep i iff rank_i < n, rank_i = #{j: a_j > a_i} + #{j < i: a_j == a_i} (O(m^2) compares, no sort)."""
+  ai = jnp.expand_dims(g, k + 1)
+  aj = jnp.expand_dims(g, k)
+  ii = _iota(m, ai.ndim, k)
+  jj = _iota(m, ai.ndim, k + 1)
+  before = (aj > ai) | ((aj == ai) & (jj < ii))
+  return jnp.sum(before, axis=k + 1, dtype=jnp.int32) < n
+
+
+def _mask_select(g: jax.Array, n: int, m: int, k: int) -> jax.Array:
+  """n rounds of argmax over the not-yet-kept entries (argmax returns the lowest index among equals)."""
+  pos = _iota(m, g.ndim, k)
+  keep = jnp.zeros(g.shape, jnp.bool_)
+  lowest = jnp.array(-jnp.inf, g.dtype)
+  for _ in range(n):
+    idx = jnp.argmax(jnp.where(keep, lowest, g), axis=k, keepdims=True)
+    keep = keep | (idx == pos)
+  return keep
+
+
+def _mask_sort(g: jax.Array, n: int, m: int, k: int) -> jax.Array:
+  order = jnp.argsort(g, axis=k, descending=True, stable=True)
+  ranks = jnp.argsort(order, axis=k)
+  return ranks < n
+
+
+def _auto_impl(n: int, m: int) -> str:
+  # Measured on CPU (benchmarks/nm_step_overhead.py, --masks): the rank count wins for m <= 16, n rounds
+  # of argmax win for n == 1 and for n <= 4 with larger m; sorting small groups is 10-100x slower.
+  if n == 1:
+    return "select"
+  if m <= 16:
+    return "count"
+  if n <= 4:
+    return "select"
+  return "count"
+
+
+def _static_int(where: str, name: str, v: Any, minimum: int = 0) -> int:
+  if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    raise TypeError(f"{where}: {name} must be a static Python int (with optax.inject_hyperparams pass "
+                    f"static_args=prox.transforms.nm.STATIC_ARGS); got {v!r}")
+  if v < minimum:
+    raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {v!r}")
+  return int(v)
+
+
+def _check_nm(n: Any, m: Any, what: str = "nm") -> tuple[int, int]:
+  n, m = _static_int(what, "n", n), _static_int(what, "m", m)
+  if not 1 <= n < m:
+    raise ValueError(f"{what}: need 1 <= N < M, got N={n}, M={m}")
+  return n, m
+
+
+def _norm_axis(axis: int, ndim: int, where: str) -> int:
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{where}: axis {axis} is out of range for a {ndim}-D leaf")
+  return axis % ndim
+
+
+def nm_mask(w: jax.Array, n: int, m: int, *, axis: int = -2, impl: str = "auto",
+            name: str | None = None) -> jax.Array:
+  """The N:M mask of ``w``: in each group of ``m`` consecutive entries along ``axis`` keep the ``n`` largest ``|w|``.
+
+  ``mask[g, i] = rank_g(|w_i|) < n`` where ties are broken by position (the lower index is kept), so the
+  mask is deterministic and every group keeps exactly ``n``. Returns a bool array shaped like ``w``.
+  ``impl`` chooses the algorithm ("count": pairwise rank count, "select": ``n`` rounds of argmax,
+  "sort": stable argsort; "auto" picks the fastest measured one). Raises ``ValueError`` if
+  ``w.shape[axis]`` is not divisible by ``m``.
+  """
+  n, m = _check_nm(n, m, "nm_mask")
+  if impl not in _IMPLS:
+    raise ValueError(f"nm_mask: unknown impl {impl!r}; expected one of {_IMPLS}")
+  where = f"leaf {name!r}" if name else "nm_mask"
+  ax = _norm_axis(axis, w.ndim, where)
+  if w.shape[ax] % m:
+    raise ValueError(f"{where}: shape {tuple(w.shape)} has {w.shape[ax]} entries along axis {ax}, not divisible "
+                     f"by M={m}")
+  impl = _auto_impl(n, m) if impl == "auto" else impl
+  g = _grouped(jnp.abs(w), m, ax)
+  fn = {"count": _mask_count, "select": _mask_select, "sort": _mask_sort}[impl]
+  return fn(g, n, m, ax + 1).reshape(w.shape)
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, filter: filters_lib.FilterLike = None,
+             impl: str = "auto") -> PyTree:
+  """:func:`nm_mask` of every selected leaf; ``None`` at the leaves ``filter`` does not select."""
+  f = filters_lib.as_filter(filter)
+
+  def one(path, w):
+    if not f(path, w):
+      return None
+    return nm_mask(w, n, m, axis=axis, impl=impl, name=filters_lib.path_str(path))
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------
+
+
+def structure_stages(n: int, m: int, kind: Union[str, Sequence[tuple[int, int]]] = "stepwise") -> Stages:
+  """The N:M stages of structure decay (SdGf), ending at ``n:m``.
+
+  - ``"stepwise"``: ``(m-1):m``, then ``m/2:m``, ``m/4:m``, ... while larger than ``n``, then ``n:m``
+    (1:8 -> 7:8, 4:8, 2:8, 1:8; 1:16 -> 15:16, 8:16, 4:16, 2:16, 1:16 as in the reference).
+  - ``"geometric"``: ``(n 2^k):(m 2^k)`` for ``k = K..0`` with ``K + 1`` the number of stepwise stages
+    (1:8 -> 8:64, 4:32, 2:16, 1:8): the density is fixed and the groups shrink.
+  - a sequence of ``(n, m)`` pairs, used as given.
+  """
+  n, m = _check_nm(n, m, "structure_stages")
+  if isinstance(kind, str):
+    ns = [m - 1]
+    k = 1
+    while m >> k > n:
+      ns.append(m >> k)
+      k += 1
+    ns.append(n)
+    stepwise = tuple(dict.fromkeys(ns))  # keeps order, drops repeats (e.g. 1:2 -> (1,))
+    if kind == "stepwise":
+      return tuple((ni, m) for ni in stepwise)
+    if kind == "geometric":
+      big_k = len(stepwise) - 1
+      return tuple((n << j, m << j) for j in range(big_k, -1, -1))
+    raise ValueError(f"structure_stages: unknown structure {kind!r}; expected 'stepwise', 'geometric' or a list "
+                     "of (n, m) pairs")
+  stages = tuple((int(a), int(b)) for a, b in kind)
+  if not stages:
+    raise ValueError("structure_stages: the list of (n, m) stages is empty")
+  for a, b in stages:
+    _check_nm(a, b, "structure_stages")
+  return stages
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+class NMSchedule(NamedTuple):
+  """The schedule of :func:`nm_sparsity`: phases, N:M stages and the decay of beta (a pure function of the step).
+
+  Steps ``count < warmup_steps`` are dense (masks all ones, beta = 1). The sparse phase lasts
+  ``sparse_steps`` steps (``None``: unbounded) and is split evenly into ``len(stages)`` stages. Then a
+  hard-mask fine-tune phase (final stage, beta = 0). With ``t = count - warmup_steps``:
+
+  - ``linear``: ``beta_t = max(0, 1 - coef * t)``
+  - ``exp``: ``beta_t = exp(-coef * t)``, set to 0 once below ``floor`` (if ``floor`` is not None)
+  - ``step``: ``beta_t = 0``
+  """
+  warmup_steps: int
+  sparse_steps: int | None
+  stages: Stages
+  decay: str
+  coef: Any
+  floor: float | None
+
+  def stage(self, count: jax.Array) -> jax.Array:
+    """Index into ``stages`` at step ``count`` (int32; ``-1`` during the dense warm-up)."""
+    count = jnp.asarray(count, jnp.int32)
+    t = count - self.warmup_steps
+    if len(self.stages) == 1:
+      idx = jnp.zeros([], jnp.int32)
+    else:
+      idx = jnp.clip((t * len(self.stages)) // self.sparse_steps, 0, len(self.stages) - 1).astype(jnp.int32)
+    return jnp.where(t < 0, -1, idx)
+
+  def beta(self, count: jax.Array) -> jax.Array:
+    """beta at step ``count`` (float32 scalar): 1 in the warm-up, the decay in the sparse phase, 0 after it."""
+    count = jnp.asarray(count, jnp.int32)
+    t = (count - self.warmup_steps).astype(jnp.float32)
+    if self.decay == "linear":
+      b = jnp.maximum(0.0, 1.0 - self.coef * t)
+    elif self.decay == "exp":
+      b = jnp.exp(-self.coef * t)
+      if self.floor is not None:
+        b = jnp.where(b < self.floor, 0.0, b)
+    else:
+      b = jnp.zeros([])
+    b = jnp.where(t < 0, 1.0, b)
+    if self.sparse_steps is not None:
+      b = jnp.where(count >= self.warmup_steps + self.sparse_steps, 0.0, b)
+    return b.astype(jnp.float32)
+
+  def in_finetune(self, count: jax.Array) -> jax.Array:
+    """Whether step ``count`` lies after the sparse phase (bool scalar)."""
+    if self.sparse_steps is None:
+      return jnp.zeros([], jnp.bool_)
+    return jnp.asarray(count, jnp.int32) >= self.warmup_steps + self.sparse_steps
+
+
+def nm_schedule(
+    n: int,
+    m: int,
+    *,
+    method: str = "mdgf",
+    decay: str | None = None,
+    decay_coef: Any = None,
+    decay_end: float | None = None,
+    floor: float | None = None,
+    structure: Union[None, str, Sequence[tuple[int, int]]] = None,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    finetune_steps: int = 0,
+) -> NMSchedule:
+  """Builds and validates the :class:`NMSchedule` of :func:`nm_sparsity` (see there for the arguments)."""
+  if method not in METHODS:
+    raise ValueError(f"nm_sparsity: unknown method {method!r}; expected one of {METHODS}")
+  n, m = _check_nm(n, m, "nm_sparsity")
+  warmup_steps = _static_int("nm_sparsity", "warmup_steps", warmup_steps)
+  finetune_steps = _static_int("nm_sparsity", "finetune_steps", finetune_steps)
+  for name, v in (("decay_end", decay_end), ("floor", floor)):
+    if v is not None and not _is_number(v):
+      raise TypeError(f"nm_sparsity: {name} must be a static Python float (with optax.inject_hyperparams pass "
+                      f"static_args=prox.transforms.nm.STATIC_ARGS); got {v!r}")
+  if total_steps is not None:
+    total_steps = _static_int("nm_sparsity", "total_steps", total_steps, 1)
+    sparse_steps = int(total_steps) - int(warmup_steps) - int(finetune_steps)
+    if sparse_steps <= 0:
+      raise ValueError(f"nm_sparsity: total_steps={total_steps} leaves no sparse phase after warmup_steps="
+                       f"{warmup_steps} and finetune_steps={finetune_steps}")
+  else:
+    sparse_steps = None
+    if finetune_steps:
+      raise ValueError("nm_sparsity: finetune_steps needs total_steps")
+
+  if method == "sdgf":
+    stages = structure_stages(n, m, "stepwise" if structure is None else structure)
+    if stages[-1] != (n, m):
+      raise ValueError(f"nm_sparsity: the structure stages {stages} must end at {n}:{m}")
+    if len(stages) > 1 and sparse_steps is None:
+      raise ValueError("nm_sparsity: method='sdgf' spreads its stages over the sparse phase and needs total_steps")
+  else:
+    if structure is not None:
+      raise ValueError(f"nm_sparsity: structure applies to method='sdgf' only, got method={method!r}")
+    stages = ((n, m),)
+
+  if decay is None:
+    decay = "linear" if method == "mdgf" else "step"
+  if decay not in DECAYS:
+    raise ValueError(f"nm_sparsity: unknown decay type {decay!r}; expected one of {DECAYS}")
+  if method in ("srste", "dense") and decay != "step":
+    raise ValueError(f"nm_sparsity: method={method!r} has no decay of beta; got decay={decay!r}")
+
+  coef: Any = 0.0
+  if decay in ("linear", "exp"):
+    if decay_coef is not None and decay_end is not None:
+      raise ValueError("nm_sparsity: give decay_coef or decay_end, not both")
+    if decay_coef is None and decay_end is None:
+      if sparse_steps is None:
+        raise ValueError(f"nm_sparsity: decay={decay!r} needs decay_coef (reference default 2e-4) or total_steps "
+                         "(then beta reaches 0 at the end of the sparse phase)")
+      decay_end = 1.0
+    if decay_end is not None:
+      if not _is_number(decay_end) or not 0.0 < decay_end <= 1.0:
+        raise ValueError(f"nm_sparsity: decay_end must be a fraction in (0, 1] of the sparse phase, got {decay_end!r}")
+      if sparse_steps is None:
+        raise ValueError("nm_sparsity: decay_end is a fraction of the sparse phase and needs total_steps")
+      t_end = decay_end * sparse_steps
+      if decay == "linear":
+        coef = 1.0 / t_end
+      else:
+        floor = 1e-3 if floor is None else floor
+        coef = -math.log(floor) / t_end
+    else:
+      if _is_number(decay_coef) and decay_coef < 0:
+        raise ValueError(f"nm_sparsity: decay_coef must be >= 0, got {decay_coef!r}")
+      coef = decay_coef
+  if floor is not None:
+    if decay != "exp":
+      raise ValueError(f"nm_sparsity: floor applies to decay='exp' only, got decay={decay!r}")
+    if not _is_number(floor) or not 0.0 < floor < 1.0:
+      raise ValueError(f"nm_sparsity: floor must lie in (0, 1), got {floor!r}")
+  return NMSchedule(int(warmup_steps), sparse_steps, stages, decay, coef, floor)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The transform
+# ----------------------------------------------------------------------------------------------------
+
+
+class NMSparsityState(NamedTuple):
+  """State of :func:`nm_sparsity`.
+
+  Attributes:
+    count: int32, number of updates so far.
+    beta: float32, the decay factor of the forward pass for the current parameters.
+    masks: like the parameters: bool N:M masks of the *current* parameters at the selected leaves (all
+      ones in the warm-up and for ``method="dense"``), ``None`` elsewhere.
+    inner_state: the state of the wrapped transform.
+  """
+  count: jax.Array
+  beta: jax.Array
+  masks: PyTree
+  inner_state: optax.OptState
+
+
+def nm_sparsity(
+    inner: optax.GradientTransformation,
+    n: int,
+    m: int,
+    *,
+    method: str = "mdgf",
+    decay: str | None = None,
+    decay_coef: Any = None,
+    decay_end: float | None = None,
+    floor: float | None = None,
+    structure: Union[None, str, Sequence[tuple[int, int]]] = None,
+    srste_lambda: Any = 2e-4,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    finetune_steps: int = 0,
+    finetune_fixed_mask: bool = False,
+    axis: int = -2,
+    filter: filters_lib.FilterLike = None,
+    impl: str = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` with N:M sparsity and progressive gradient flow (Bambhaniya et al. 2024).
+
+  Forward weights (:func:`prox.transforms.forward_params`): ``w * (m_t + (1 - m_t) * beta_t)`` with
+  ``m_t`` the N:M mask of the current dense ``w``; gradient to the dense ``w``: straight through,
+  ``g = dL/dw_fwd``; methods:
+
+  - ``"dense"``: ``m = 1`` (baseline with the same API).
+  - ``"srste"``: ``beta = 0`` and ``g <- g + srste_lambda * (1 - m) * w`` (Zhou et al. 2021; 2e-4).
+  - ``"mdgf"``: mask decay, ``beta_t`` linear ``max(0, 1 - c t)``, ``exp(-c t)`` or ``step`` (0).
+  - ``"sdgf"``: structure decay, binary masks whose N:M follows :func:`structure_stages` (``structure``,
+    default ``"stepwise"``) evenly over the sparse phase (``decay`` defaults to ``"step"``; a linear/exp decay may be combined with it).
+
+  The decay is given either as ``decay_coef`` (the reference's ``c``; its default 2e-4 leaves beta near
+  0.75 after 1,250 steps) or as ``decay_end``, the fraction of the sparse phase at which beta reaches 0
+  (linear) or ``floor`` (exp, default 1e-3, below which beta is set to 0). Without either, and with
+  ``total_steps``, ``decay_end = 1``. ``t`` counts steps since the end of the dense warm-up.
+
+  Phases: ``warmup_steps`` dense steps; the sparse phase; ``finetune_steps`` hard-mask steps (beta = 0;
+  the mask is still recomputed each step as in the reference, unless ``finetune_fixed_mask``, which
+  freezes it at the start of the phase and trains only the kept weights).
+
+  Departures from the reference code: ``t`` restarts at the end of the warm-up (the reference uses the
+  global step); SdGf stages are spread over the whole sparse phase so that the final ``n:m`` is reached
+  before fine-tuning (the reference reaches it only when fine-tuning starts).
+
+  ``update`` needs ``params`` and assumes its updates are applied unchanged
+  (``optax.apply_updates``): it stores the masks of the *new* parameters. Put it outermost (it wraps the
+  optimizer; ``apply_if_finite`` / ``MultiSteps`` / ``inject_hyperparams`` around it are fine). Numeric
+  hyperparameters that may be injected: ``srste_lambda``, ``decay_coef``; pass
+  ``static_args=STATIC_ARGS`` to ``optax.inject_hyperparams`` for the others.
+
+  Args:
+    inner: the optimizer to wrap (it receives the straight-through / SR-STE gradient).
+    n, m: keep ``n`` of every ``m`` (``1 <= n < m``).
+    method, decay, decay_coef, decay_end, floor, structure, srste_lambda: see above.
+    total_steps, warmup_steps, finetune_steps, finetune_fixed_mask: the phases (see above).
+    axis: the grouping axis of each selected leaf (default ``-2``: the input dimension of flax kernels).
+    filter: which leaves are sparse (default: every leaf with ``ndim >= 2``); see :mod:`filters`.
+    impl: the mask algorithm of :func:`nm_mask`.
+  """
+  schedule = nm_schedule(n, m, method=method, decay=decay, decay_coef=decay_coef, decay_end=decay_end,
+                         floor=floor, structure=structure, total_steps=total_steps, warmup_steps=warmup_steps,
+                         finetune_steps=finetune_steps)
+  if impl not in _IMPLS:
+    raise ValueError(f"nm_sparsity: unknown impl {impl!r}; expected one of {_IMPLS}")
+  if _is_number(srste_lambda) and srste_lambda < 0:
+    raise ValueError(f"nm_sparsity: srste_lambda must be >= 0, got {srste_lambda!r}")
+  if finetune_fixed_mask and not finetune_steps:
+    raise ValueError("nm_sparsity: finetune_fixed_mask needs finetune_steps > 0")
+  axis = _static_int("nm_sparsity", "axis", axis, -(2**31))
+  filt = filters_lib.as_filter(filter)
+  inner = optax.with_extra_args_support(inner)
+  fixed_start = None if not finetune_fixed_mask else schedule.warmup_steps + schedule.sparse_steps
+
+  def check(params: PyTree) -> None:
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+      if not filt(path, w):
+        continue
+      where = f"nm_sparsity: leaf {filters_lib.path_str(path)!r}"
+      ax = _norm_axis(axis, w.ndim, where)
+      for _, mi in schedule.stages:
+        if w.shape[ax] % mi:
+          raise ValueError(f"{where} with shape {tuple(w.shape)} has {w.shape[ax]} entries along axis {ax}, "
+                           f"not divisible by M={mi}")
+
+  def ones(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, w: jnp.ones(w.shape, jnp.bool_) if filt(p, w) else None, params)
+
+  def stage_masks(params: PyTree, stage: int) -> PyTree:
+    ni, mi = schedule.stages[stage]
+    return nm_masks(params, ni, mi, axis=axis, filter=filt, impl=impl)
+
+  def masks_at(params: PyTree, count: jax.Array, previous: PyTree | None) -> PyTree:
+    """Masks for the forward pass at step ``count`` with weights ``params``."""
+    if method == "dense":
+      return ones(params)
+    branches = [ones] + [lambda p, i=i: stage_masks(p, i) for i in range(len(schedule.stages))]
+    index = schedule.stage(count) + 1
+    if previous is not None and fixed_start is not None:
+      branches = [lambda p: previous] + branches
+      index = jnp.where(count > fixed_start, 0, index + 1)
+    if schedule.warmup_steps == 0 and len(branches) == 2:
+      return branches[1](params)
+    return lax.switch(index, branches, params)
+
+  def init_fn(params: PyTree) -> NMSparsityState:
+    check(params)
+    count = jnp.zeros([], jnp.int32)
+    return NMSparsityState(
+        count=count,
+        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(count),
+        masks=masks_at(params, count, None),
+        inner_state=inner.init(params),
+    )
+
+  def update_fn(updates: PyTree, state: NMSparsityState, params: PyTree | None = None,
+                **extra_args: Any) -> tuple[PyTree, NMSparsityState]:
+    if params is None:
+      raise ValueError("nm_sparsity: update needs params (call tx.update(grads, state, params))")
+    if method == "srste":
+      lam = srste_lambda
+
+      def reg(g, w, mk):
+        if not filters_lib.is_selected(mk):
+          return g
+        return g + (lam * jnp.logical_not(mk) * w).astype(g.dtype)
+
+      updates = jax.tree.map(reg, updates, params, state.masks)
+    new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    if fixed_start is not None:
+      frozen = state.count >= fixed_start
+      new_updates = jax.tree.map(
+          lambda u, mk: jnp.where(frozen & jnp.logical_not(mk), jnp.zeros_like(u), u)
+          if filters_lib.is_selected(mk) else u, new_updates, state.masks)
+    count = optax.safe_increment(state.count)
+    new_params = optax.apply_updates(params, new_updates)
+    return new_updates, NMSparsityState(
+        count=count,
+        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(count),
+        masks=masks_at(new_params, count, state.masks),
+        inner_state=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
