@@ -29,20 +29,22 @@ from prox.tasks import data
 SIZES = (64, 512, 4096)
 
 
-def _params(rng: np.random.Generator, size: int):
+def _draw(ds: data.ArrayDataset, seed: int, position: int, size: int):
+  """Source images, rotation angles, scales, shifts, the centre and the rng (for the noise) of a batch."""
+  rng = np.random.default_rng([seed, position])
+  sources = rng.integers(0, len(ds.labels), size)
   angle = np.deg2rad(rng.uniform(-10.0, 10.0, size))
   scale = rng.uniform(0.9, 1.1, size)
   shift = rng.uniform(-1.0, 1.0, (size, 2))
-  return angle, scale, shift
+  height, width = ds.images.shape[1:3]
+  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
+  return sources, angle, scale, shift, centre, rng
 
 
 def scipy_batched(ds: data.ArrayDataset, seed: int, position: int, size: int) -> np.ndarray:
   """Same augmentation with numpy randomness and one batched map_coordinates call."""
-  rng = np.random.default_rng([seed, position])
-  sources = rng.integers(0, len(ds.labels), size)
-  angle, scale, shift = _params(rng, size)
+  sources, angle, scale, shift, centre, rng = _draw(ds, seed, position, size)
   height, width = ds.images.shape[1:3]
-  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
   grid = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), -1) - centre
   out = grid[None] - shift[:, None, None, :]                     # [B, H, W, 2]
   cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
@@ -57,11 +59,8 @@ def scipy_batched(ds: data.ArrayDataset, seed: int, position: int, size: int) ->
 
 def scipy_loop(ds: data.ArrayDataset, seed: int, position: int, size: int) -> np.ndarray:
   """Same augmentation with scipy.ndimage.affine_transform per image."""
-  rng = np.random.default_rng([seed, position])
-  sources = rng.integers(0, len(ds.labels), size)
-  angle, scale, shift = _params(rng, size)
+  sources, angle, scale, shift, centre, rng = _draw(ds, seed, position, size)
   height, width = ds.images.shape[1:3]
-  centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
   background = float(ds.images.min())
   out = np.empty((size, height, width), np.float32)
   for i in range(size):
