@@ -119,8 +119,10 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
   raw = np.stack([np.asarray(r["image"]) for r in records])
   labels = np.asarray([r["label"] for r in records], dtype=np.int32)
   mean, std, num_classes = _TFDS_STATS[name]
-  images = ((raw.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
-            / np.asarray(std, np.float32)).astype(np.float32)
+  images = raw.astype(np.float32)  # normalised in place: one float32 copy even for CIFAR-100
+  images /= 255.0
+  images -= np.asarray(mean, np.float32)
+  images /= np.asarray(std, np.float32)
   return ArrayDataset(images=images, labels=labels, num_classes=num_classes, name=name)
 
 
