@@ -5,3 +5,7 @@ from prox.transforms.masking import find_mask_states, forward_params, hard_maske
 from prox.transforms.masking import straight_through_scale
 from prox.transforms.nm import NMSchedule, NMSparsityState, nm_mask, nm_masks, nm_schedule, nm_sparsity
 from prox.transforms.nm import structure_stages
+from prox.transforms.pruning import PruningState, erk_sparsities, gradual_pruning, layer_sparsities
+from prox.transforms.pruning import polynomial_sparsity, rigl, sparse_evolutionary_training
+from prox.transforms.sara import SaRAState, sara
+from prox.transforms.unfreeze import progressive_unfreezing
