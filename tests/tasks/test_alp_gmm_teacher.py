@@ -1,0 +1,224 @@
+"""Tests for prox.tasks.alp_gmm: the ALP-GMM teacher as pure state transitions, and the random teacher."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import scipy.stats
+from jax import lax
+
+from prox.tasks import alp_gmm, gmm
+
+BOUNDS = ([0.0, 0.0], [1.0, 1.0])
+HP = dict(fit_rate=20, ks=(2, 3, 4), history_size=64)   # small, shared by the compiled programs below
+EPISODES = 45
+
+
+def _state(seed=0, **kw):
+  return alp_gmm.init(BOUNDS, key=jax.random.key(seed), **{**HP, **kw})
+
+
+def _ref_alps(tasks, rewards, history=None, warmup=5):
+  """The reference rule by hand: alp = |r - r_nn| over the last `history` previous tasks, 0 while
+  at most `warmup` previous tasks exist."""
+  alps = []
+  for i in range(len(tasks)):
+    prev = list(range(max(0, i - history) if history else 0, i))
+    if len(prev) > warmup:
+      d2 = [float(np.sum((tasks[j] - tasks[i]) ** 2)) for j in prev]
+      alps.append(abs(rewards[i] - rewards[prev[int(np.argmin(d2))]]))
+    else:
+      alps.append(0.0)
+  return np.array(alps)
+
+
+def _reward(task):
+  # a fixed landscape with structure: high on the right half, graded along x
+  return jnp.clip(task[0], 0.0, 1.0) * (task[1] > 0.5)
+
+
+def _play_fn(state, key):
+  def episode(s, i):
+    task, s = alp_gmm.sample(s, jax.random.fold_in(key, i))
+    return alp_gmm.update(s, task, _reward(task)), task
+  return lax.scan(episode, state, jnp.arange(EPISODES))
+
+
+_play = jax.jit(_play_fn)
+_observe = jax.jit(alp_gmm.observe)
+_update = jax.jit(alp_gmm.update)
+_sample = jax.jit(alp_gmm.sample, static_argnums=2)
+
+
+def _with_gmm(state, weights, means, covs, *, ratio=0.0, fitted=True):
+  weights, means, covs = (np.asarray(a, np.float32) for a in (weights, means, covs))
+  kmax, k, d = state.gmm.means.shape[0], means.shape[0], means.shape[1]
+  pad = kmax - k
+  p = gmm.GMMParams(
+      jnp.asarray(np.concatenate([weights, np.zeros(pad, np.float32)])),
+      jnp.asarray(np.concatenate([means, np.zeros((pad, d), np.float32)])),
+      jnp.asarray(np.concatenate([covs, np.broadcast_to(np.eye(d, dtype=np.float32), (pad, d, d))])),
+      jnp.asarray(np.linalg.cholesky(np.concatenate([covs, np.broadcast_to(np.eye(d), (pad, d, d))]))
+                  .astype(np.float32)),
+      jnp.arange(kmax) < k)
+  return state._replace(gmm=p, fitted=jnp.asarray(fitted),
+                        hyper=state.hyper._replace(random_task_ratio=jnp.asarray(ratio, jnp.float32)))
+
+
+def test_nearest_neighbour_alp_and_warmup():
+  rng = np.random.default_rng(0)
+  tasks = rng.random((30, 2)).astype(np.float32)
+  rewards = rng.random(30).astype(np.float32)
+  state = _observe(_state(fit_rate=50), tasks, rewards)        # one batched call
+  alps = np.asarray(state.recent[:30, -1])
+  expected = _ref_alps(tasks, rewards)
+  assert np.all(alps[:6] == 0.0)                                # history <= 5: alp = 0
+  assert np.all(expected[6:] > 0)
+  np.testing.assert_allclose(alps, expected, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(state.recent[:30, :2]), tasks)
+  # the batch is processed exactly like consecutive single updates
+  seq = _state(fit_rate=50)
+  for t, r in zip(tasks, rewards):
+    seq = alp_gmm.observe(seq, t, r)
+  jax.tree.map(np.testing.assert_array_equal, seq, state)
+  assert float(alp_gmm.nearest_neighbour_alp(state, tasks[3] + 1e-3, 0.25)) == pytest.approx(
+      abs(0.25 - rewards[3]), rel=1e-6)
+
+
+def test_nearest_neighbour_over_a_ring_buffer_history():
+  rng = np.random.default_rng(1)
+  tasks = rng.random((40, 2)).astype(np.float32)
+  rewards = rng.random(40).astype(np.float32)
+  state = _observe(_state(history_size=8, fit_rate=50), tasks, rewards)
+  np.testing.assert_allclose(np.asarray(state.recent[:40, -1]), _ref_alps(tasks, rewards, history=8),
+                             rtol=1e-6)
+
+
+def test_sampling_is_proportional_to_mean_alp():
+  covs = [np.diag([1e-4, 1e-4, 1e-6])] * 3
+  means = [[0.2, 0.2, 0.1], [0.8, 0.8, 0.3], [0.2, 0.8, 0.0]]
+  state = _with_gmm(_state(), [0.6, 0.2, 0.2], means, covs)
+  np.testing.assert_allclose(np.asarray(alp_gmm.component_probabilities(state))[:3], [0.25, 0.75, 0.0],
+                             rtol=1e-6)
+  tasks, _ = _sample(state, jax.random.key(0), 4000)
+  near = lambda c: np.mean(np.linalg.norm(np.asarray(tasks) - c, axis=1) < 0.05)
+  assert abs(near([0.8, 0.8]) - 0.75) < 0.025                   # weights are ignored, only mean alp
+  assert abs(near([0.2, 0.2]) - 0.25) < 0.025
+  assert near([0.2, 0.8]) == 0.0
+  # all mean alps 0: uniform over the active Gaussians
+  flat = _with_gmm(_state(), [0.9, 0.1], [[0.2, 0.2, 0.0], [0.8, 0.8, 0.0]], covs[:2])
+  tasks, _ = _sample(flat, jax.random.key(1), 4000)
+  assert abs(np.mean(np.asarray(tasks)[:, 0] > 0.5) - 0.5) < 0.03
+
+
+def test_uniform_before_first_fit_and_random_task_ratio():
+  covs = [np.diag([1e-4, 1e-4, 1e-6])]
+  unfitted = _with_gmm(_state(), [1.0], [[0.8, 0.8, 0.3]], covs, ratio=0.0, fitted=False)
+  tasks = np.asarray(_sample(unfitted, jax.random.key(0), 4000)[0])
+  for d in range(2):
+    assert scipy.stats.kstest(tasks[:, d], "uniform").pvalue > 1e-3
+  fitted = _with_gmm(_state(), [1.0], [[0.8, 0.8, 0.3]], covs, ratio=0.2)
+  tasks = np.asarray(_sample(fitted, jax.random.key(1), 8000)[0])
+  far = np.mean(np.linalg.norm(tasks - 0.8, axis=1) > 0.05)
+  assert abs(far - 0.2 * (1 - np.pi * 0.05 ** 2)) < 0.015
+
+
+def test_bounds_are_respected():
+  bounds = ([-1.0, 2.0], [0.0, 5.0])
+  state = alp_gmm.init(bounds, key=jax.random.key(0), **HP)
+  wide = np.diag([4.0, 9.0, 1e-6])
+  state = _with_gmm(state, [0.5, 0.5], [[-1.5, 6.0, 0.1], [0.0, 3.0, 0.1]], [wide, wide], ratio=0.2)
+  tasks = np.asarray(_sample(state, jax.random.key(0), 2000)[0])
+  assert np.all(tasks >= np.array(bounds[0])) and np.all(tasks <= np.array(bounds[1]))
+  assert np.any(tasks[:, 0] == -1.0) and np.any(tasks[:, 1] == 5.0)   # clipping happened
+  single, same = alp_gmm.sample(state, jax.random.key(1))
+  assert single.shape == (2,) and same is state
+
+
+def test_refits_every_fit_rate_episodes_and_batched_update_equals_sequential():
+  state, tasks = _play(_state(), jax.random.key(0))
+  assert int(state.count) == EPISODES and int(state.num_fits) == EPISODES // HP["fit_rate"]
+  assert bool(state.fitted) and 2 <= int(jnp.sum(state.gmm.active)) <= 4
+  np.testing.assert_allclose(float(jnp.sum(state.gmm.weights)), 1.0, rtol=1e-5)
+  # replay the same episodes: one by one, then as one batch
+  rewards = jax.vmap(_reward)(tasks)
+  seq = _state()
+  for i in range(EPISODES):
+    seq = _update(seq, tasks[i], rewards[i])
+    assert int(seq.num_fits) == (i + 1) // HP["fit_rate"]
+    assert bool(seq.fitted) == (i + 1 >= HP["fit_rate"])
+  batched = alp_gmm.update(_state(), tasks, rewards)
+  for a, b, c in zip(jax.tree.leaves(seq), jax.tree.leaves(batched), jax.tree.leaves(state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
+def test_jit_vmap_over_seeds_matches_single_runs():
+  seeds = [0, 1, 2]
+  states = jax.vmap(lambda k: alp_gmm.init(BOUNDS, key=k, **HP))(jnp.stack([jax.random.key(s) for s in seeds]))
+  keys = jnp.stack([jax.random.key(10 + s) for s in seeds])
+  batched, batched_tasks = jax.jit(jax.vmap(_play_fn))(states, keys)
+  for i, s in enumerate(seeds):
+    single, single_tasks = _play(_state(s), jax.random.key(10 + s))
+    np.testing.assert_allclose(np.asarray(batched_tasks[i]), np.asarray(single_tasks), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], batched)), jax.tree.leaves(single)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+  state, _ = _play(_state(3), jax.random.key(3))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "teacher", state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "teacher", jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  assert type(restored) is type(state) and type(restored.gmm) is type(state.gmm)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  a, ta = _play(state, jax.random.key(4))
+  b, tb = _play(restored, jax.random.key(4))
+  np.testing.assert_array_equal(np.asarray(ta), np.asarray(tb))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_no_recompilation_on_new_values():
+  state = _state()
+  _update(state, jnp.array([0.1, 0.2]), jnp.asarray(0.5))
+  n = _update._cache_size()
+  _update(state, jnp.array([0.7, 0.3]), jnp.asarray(0.9))
+  _update(_state(5), jnp.array([0.3, 0.3]), jnp.asarray(0.0))
+  assert _update._cache_size() == n
+
+
+def test_random_teacher_has_the_same_interface():
+  teacher = alp_gmm.get_teacher("random")
+  state = teacher.init(([-2.0, 0.0], [2.0, 0.5]), key=jax.random.key(0))
+  tasks, state = teacher.sample(state, jax.random.key(1), 5000)
+  tasks = np.asarray(tasks)
+  assert tasks.shape == (5000, 2)
+  assert np.all(tasks >= [-2.0, 0.0]) and np.all(tasks <= [2.0, 0.5])
+  assert scipy.stats.kstest((tasks[:, 0] + 2.0) / 4.0, "uniform").pvalue > 1e-3
+  state = teacher.update(state, tasks[:3], jnp.array([0.0, 0.5, 1.0]))
+  state = teacher.update(state, tasks[0], 0.3)
+  assert int(state.count) == 4
+  assert alp_gmm.get_teacher("alp_gmm") is alp_gmm.ALP_GMM
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: alp_gmm.init(([0.0, 1.0], [1.0, 1.0]), key=jax.random.key(0)), "low < high"),
+    (lambda: alp_gmm.init(([0.0], [1.0, 2.0]), key=jax.random.key(0)), "equal length"),
+    (lambda: alp_gmm.random_init(([2.0], [1.0])), "low < high"),
+    (lambda: alp_gmm.init(BOUNDS, key=jax.random.key(0), fit_rate=0), "fit_rate"),
+    (lambda: alp_gmm.init(BOUNDS, key=jax.random.key(0), fit_rate=-3), "fit_rate"),
+    (lambda: alp_gmm.init(BOUNDS, key=jax.random.key(0), fit_rate=2.5), "fit_rate"),
+    (lambda: alp_gmm.init(BOUNDS, key=jax.random.key(0), random_task_ratio=1.5), "random_task_ratio"),
+    (lambda: alp_gmm.init(BOUNDS, key=jax.random.key(0), ks=(1, 300)), "ks"),
+    (lambda: alp_gmm.update(_state(), jnp.array([0.1, 0.2]), 1.5), r"\[0, 1\]"),
+    (lambda: alp_gmm.update(_state(), jnp.zeros((3, 2)), jnp.array([0.1, -0.2, 0.3])), r"\[0, 1\]"),
+    (lambda: alp_gmm.observe(_state(), jnp.array([0.1, 0.2]), -0.01), r"\[0, 1\]"),
+    (lambda: alp_gmm.random_update(alp_gmm.random_init(BOUNDS), jnp.array([0.1, 0.2]), 2.0), r"\[0, 1\]"),
+    (lambda: alp_gmm.update(_state(), jnp.zeros(3), 0.5), "task_params"),
+    (lambda: alp_gmm.update(_state(), jnp.zeros((4, 2)), jnp.zeros(3)), "reward"),
+])
+def test_bad_input_is_one_line_error(call, match):
+  with pytest.raises(ValueError, match=match) as e:
+    call()
+  assert "\n" not in str(e.value)
