@@ -13,7 +13,7 @@ Only jax/numpy are imported, so this file can be copied into other optax code.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Union
 
 import jax

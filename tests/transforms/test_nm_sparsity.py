@@ -411,3 +411,22 @@ def test_axis_not_divisible_names_leaf_at_init():
   with pytest.raises(ValueError, match="update needs params"):
     tx.update({"enc": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(6)}},
               tx.init({"enc": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(6)}}))
+
+
+def test_inside_optax_partition_only_labelled_leaves_are_sparse():
+  w0, x, t = data(10, d_in=8)
+  params = {"w": jnp.asarray(w0, jnp.float32), "v": jnp.asarray(w0[:, :2], jnp.float32)}
+  tx = optax.partition({"sparse": nm.nm_sparsity(optax.sgd(0.1), 1, 4, method="srste"), "dense": optax.sgd(0.1)},
+                       {"w": "sparse", "v": "dense"})
+  state = tx.init(params)
+
+  def loss(p):
+    return lsq(p["w"], x, t) + jnp.sum(p["v"] ** 2)
+
+  for _ in range(3):
+    g = jax.grad(lambda p: loss(forward_params(p, state)))(params)
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+  fwd = forward_params(params, state)
+  np.testing.assert_array_equal(np.asarray(fwd["v"]), np.asarray(params["v"]))
+  np.testing.assert_array_equal(np.asarray(fwd["w"]) != 0, ref_mask(params["w"], 1, 4))

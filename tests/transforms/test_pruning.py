@@ -236,3 +236,16 @@ def test_bad_input(factory, kwargs, match):
   with pytest.raises(ValueError, match=match) as info:
     factory(optax.sgd(0.1), **kwargs)
   assert "\n" not in str(info.value)
+
+
+def test_bfloat16_params_keep_dtype():
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params_fixture(7))
+  tx = pruning.gradual_pruning(optax.sgd(0.1), sparsity=0.5, start_step=0, end_step=1, frequency=1)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):
+    u, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, u)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((u, params)))
+  k = np.asarray(params["l1"]["kernel"].astype(jnp.float32))
+  assert (k == 0).sum() == k.size // 2
