@@ -39,6 +39,7 @@ __all__ = [
     "dense_kernels",
     "is_selected",
     "kernels",
+    "map_selected",
     "negate",
     "path_str",
     "select",
@@ -156,6 +157,12 @@ def select(tree: PyTree, filter_: FilterLike = None) -> PyTree:
     return bool(out)
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def map_selected(fn: Callable[[KeyPath, Any], Any], tree: PyTree, filter_: FilterLike = None) -> PyTree:
+  """``fn(path, leaf)`` at the leaves ``filter_`` selects and ``None`` elsewhere (the layout of mask trees)."""
+  f = as_filter(filter_)
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(p, x) if f(p, x) else None, tree)
 
 
 def selected_paths(tree: PyTree, filter_: FilterLike = None) -> list[str]:

@@ -7,7 +7,7 @@ theirs: they call it on :func:`forward_params` of their dense parameters::
 
     loss = loss_fn(forward_params(params, opt_state), batch)
 
-Only jax/optax/numpy are imported, so this file can be copied into other optax code.
+Only jax and the sibling ``filters`` file are imported, so these files can be copied into other optax code.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from prox.transforms.filters import is_selected
 
 PyTree = Any
 
@@ -62,10 +64,6 @@ def find_mask_states(opt_state: Any) -> list[Any]:
   return found
 
 
-def _is_mask(m: Any) -> bool:
-  return hasattr(m, "shape") and hasattr(m, "dtype")
-
-
 def _states(state: Any) -> list[Any]:
   states = find_mask_states(state)
   if not states:
@@ -87,7 +85,7 @@ def forward_params(params: PyTree, state: Any) -> PyTree:
     beta = jnp.zeros([], jnp.float32) if beta is None else beta
 
     def one(w, m, beta=beta):
-      if not _is_mask(m):
+      if not is_selected(m):
         return w
       return straight_through_scale(w, jnp.where(m, jnp.ones([], beta.dtype), beta))
 
@@ -98,7 +96,7 @@ def forward_params(params: PyTree, state: Any) -> PyTree:
 def hard_masked_params(params: PyTree, state: Any) -> PyTree:
   """Evaluation weights with hard masks (``beta = 0``): ``w * m`` on masked leaves, others unchanged."""
   for s in _states(state):
-    params = jax.tree.map(lambda w, m: w * m.astype(w.dtype) if _is_mask(m) else w, params, s.masks)
+    params = jax.tree.map(lambda w, m: w * m.astype(w.dtype) if is_selected(m) else w, params, s.masks)
   return params
 
 
@@ -109,7 +107,7 @@ def masked_updates(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
   """
 
   def one(u, w, m):
-    if not _is_mask(m):
+    if not is_selected(m):
       return u
     return jnp.where(m, u, -w.astype(u.dtype))
 

@@ -167,14 +167,8 @@ def nm_mask(w: jax.Array, n: int, m: int, *, axis: int = -2, impl: str = "auto",
 def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, filter: filters_lib.FilterLike = None,
              impl: str = "auto") -> PyTree:
   """:func:`nm_mask` of every selected leaf; ``None`` at the leaves ``filter`` does not select."""
-  f = filters_lib.as_filter(filter)
-
-  def one(path, w):
-    if not f(path, w):
-      return None
-    return nm_mask(w, n, m, axis=axis, impl=impl, name=filters_lib.path_str(path))
-
-  return jax.tree_util.tree_map_with_path(one, params)
+  return filters_lib.map_selected(
+      lambda path, w: nm_mask(w, n, m, axis=axis, impl=impl, name=filters_lib.path_str(path)), params, filter)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -463,8 +457,7 @@ def nm_sparsity(
                            f"not divisible by M={mi}")
 
   def ones(params: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(
-        lambda p, w: jnp.ones(w.shape, jnp.bool_) if filt(p, w) else None, params)
+    return filters_lib.map_selected(lambda p, w: jnp.ones(w.shape, jnp.bool_), params, filt)
 
   def stage_masks(params: PyTree, stage: int) -> PyTree:
     ni, mi = schedule.stages[stage]

@@ -160,13 +160,32 @@ def _masks_like(params: PyTree, flat_masks: list[Any]) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), flat_masks)
 
 
-def _apply_masks(updates: PyTree, state_masks: PyTree, params: PyTree, inner: Any, inner_state: Any,
-                 extra_args: dict[str, Any]) -> tuple[PyTree, Any]:
-  """Inner step on ``g * m``; returns updates that leave exactly ``m * (w + u)``."""
-  grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)) if filters_lib.is_selected(m) else g,
-                       updates, state_masks)
-  new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
-  return masking.masked_updates(new_updates, params, state_masks), inner_state
+def _masked_wrapper(inner: optax.GradientTransformation, where: str, seed: int, init_masks: Any, new_masks: Any,
+                    is_update_step: Any) -> optax.GradientTransformationExtraArgs:
+  """The transform shared by the pruning methods.
+
+  ``init_masks(params, key)`` gives the first masks; at steps where ``is_update_step(count)``,
+  ``new_masks(params, grads, state)`` replaces them. The inner transform sees ``g * m``; the returned
+  updates leave exactly ``m * (w + u)`` after ``optax.apply_updates``.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params: PyTree) -> PruningState:
+    key = jax.random.PRNGKey(seed)
+    return PruningState(jnp.zeros([], jnp.int32), init_masks(params, key), key, inner.init(params))
+
+  def update_fn(updates: PyTree, state: PruningState, params: PyTree | None = None,
+                **extra_args: Any) -> tuple[PyTree, PruningState]:
+    if params is None:
+      raise ValueError(f"{where}: update needs params (call tx.update(grads, state, params))")
+    masks = lax.cond(is_update_step(state.count), lambda: new_masks(params, updates, state), lambda: state.masks)
+    grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)) if filters_lib.is_selected(m) else g,
+                         updates, masks)
+    new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    new_updates = masking.masked_updates(new_updates, params, masks)
+    return new_updates, PruningState(optax.safe_increment(state.count), masks, state.rng, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_common(where: str, filter_: Any, seed: Any) -> filters_lib.Filter:
@@ -176,7 +195,7 @@ def _check_common(where: str, filter_: Any, seed: Any) -> filters_lib.Filter:
 
 
 def _ones_masks(params: PyTree, f: filters_lib.Filter) -> PyTree:
-  return jax.tree_util.tree_map_with_path(lambda p, w: jnp.ones(w.shape, jnp.bool_) if f(p, w) else None, params)
+  return filters_lib.map_selected(lambda p, w: jnp.ones(w.shape, jnp.bool_), params, f)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,17 +250,15 @@ def gradual_pruning(
   schedule = polynomial_sparsity(sparsity, start_step=start_step, end_step=end_step, power=power,
                                  initial=initial_sparsity)
   f = _check_common(where, filter, seed)
-  inner = optax.with_extra_args_support(inner)
 
   def is_update_step(count: jax.Array) -> jax.Array:
     in_range = (count >= start_step) & (count <= end_step)
     return in_range & (((count - start_step) % frequency == 0) | (count == end_step))
 
-  def init_fn(params: PyTree) -> PruningState:
+  def init_masks(params: PyTree, key: jax.Array) -> PyTree:
     # Validates the distribution now (shapes are static) so that bad input fails before compiling.
     layer_sparsities(params, sparsity, distribution=distribution, filter=f, erk_power_scale=erk_power_scale)
-    return PruningState(jnp.zeros([], jnp.int32), _ones_masks(params, f), jax.random.PRNGKey(seed),
-                        inner.init(params))
+    return _ones_masks(params, f)
 
   def new_masks(params: PyTree, grads: PyTree, state: PruningState) -> PyTree:
     targets = jax.tree.leaves(layer_sparsities(params, sparsity, distribution=distribution, filter=f,
@@ -274,15 +291,7 @@ def gradual_pruning(
         out[i] = _keep_all_but_lowest(sc, _n_of(frac, sc.size))
     return _masks_like(params, out)
 
-  def update_fn(updates: PyTree, state: PruningState, params: PyTree | None = None,
-                **extra_args: Any) -> tuple[PyTree, PruningState]:
-    if params is None:
-      raise ValueError(f"{where}: update needs params (call tx.update(grads, state, params))")
-    masks = lax.cond(is_update_step(state.count), lambda: new_masks(params, updates, state), lambda: state.masks)
-    new_updates, inner_state = _apply_masks(updates, masks, params, inner, state.inner_state, extra_args)
-    return new_updates, PruningState(optax.safe_increment(state.count), masks, state.rng, inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _masked_wrapper(inner, where, seed, init_masks, new_masks, is_update_step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,13 +328,11 @@ def _drop_and_regrow(
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"{where}: unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
   f = _check_common(where, filter, seed)
-  inner = optax.with_extra_args_support(inner)
   fraction = (optax.cosine_decay_schedule(drop_fraction, end_step) if drop_schedule == "cosine"
               else optax.constant_schedule(drop_fraction))
 
-  def init_fn(params: PyTree) -> PruningState:
+  def init_masks(params: PyTree, key: jax.Array) -> PyTree:
     targets = layer_sparsities(params, sparsity, distribution=distribution, filter=f, erk_power_scale=erk_power_scale)
-    key = jax.random.PRNGKey(seed)
     leaves, treedef = jax.tree.flatten(params)
     tleaves = treedef.flatten_up_to(targets)
     masks = []
@@ -335,7 +342,7 @@ def _drop_and_regrow(
         continue
       sc = jax.random.uniform(jax.random.fold_in(key, i), w.shape)
       masks.append(_keep_all_but_lowest(sc, _n_of(s, w.size)))
-    return PruningState(jnp.zeros([], jnp.int32), _masks_like(params, masks), key, inner.init(params))
+    return _masks_like(params, masks)
 
   def is_update_step(count: jax.Array) -> jax.Array:
     ok = (count > 0) & (count % update_frequency == 0)
@@ -364,15 +371,7 @@ def _drop_and_regrow(
       out[i] = after_drop | grown
     return _masks_like(params, out)
 
-  def update_fn(updates: PyTree, state: PruningState, params: PyTree | None = None,
-                **extra_args: Any) -> tuple[PyTree, PruningState]:
-    if params is None:
-      raise ValueError(f"{where}: update needs params (call tx.update(grads, state, params))")
-    masks = lax.cond(is_update_step(state.count), lambda: new_masks(params, updates, state), lambda: state.masks)
-    new_updates, inner_state = _apply_masks(updates, masks, params, inner, state.inner_state, extra_args)
-    return new_updates, PruningState(optax.safe_increment(state.count), masks, state.rng, inner_state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _masked_wrapper(inner, where, seed, init_masks, new_masks, is_update_step)
 
 
 def rigl(

@@ -87,11 +87,12 @@ def sara(
   inner = optax.with_extra_args_support(inner)
 
   def select(params: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(lambda p, w: (jnp.abs(w) < threshold) if f(p, w) else None, params)
+    return filters_lib.map_selected(lambda p, w: jnp.abs(w) < threshold, params, f)
 
   def zero_delta(params: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(
-        lambda p, w: jnp.zeros(w.shape, w.dtype) if (use_rank and f(p, w)) else None, params)
+    if not use_rank:
+      return jax.tree.map(lambda w: None, params)
+    return filters_lib.map_selected(lambda p, w: jnp.zeros(w.shape, w.dtype), params, f)
 
   def init_fn(params: PyTree) -> SaRAState:
     return SaRAState(jnp.zeros([], jnp.int32), select(params), zero_delta(params), inner.init(params))
