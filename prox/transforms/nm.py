@@ -153,11 +153,11 @@ def nm_mask(w: jax.Array, n: int, m: int, *, axis: int = -2, impl: str = "auto",
   n, m = _check_nm(n, m, "nm_mask")
   if impl not in _IMPLS:
     raise ValueError(f"nm_mask: unknown impl {impl!r}; expected one of {_IMPLS}")
-  where = f"leaf {name!r}" if name else "nm_mask"
+  where = f"nm_mask: leaf {name!r}" if name else "nm_mask"
   ax = _norm_axis(axis, w.ndim, where)
   if w.shape[ax] % m:
-    raise ValueError(f"{where}: shape {tuple(w.shape)} has {w.shape[ax]} entries along axis {ax}, not divisible "
-                     f"by M={m}")
+    raise ValueError(f"{where} with shape {tuple(w.shape)} has {w.shape[ax]} entries along axis {ax}, not "
+                     f"divisible by M={m}")
   impl = _auto_impl(n, m) if impl == "auto" else impl
   g = _grouped(jnp.abs(w), m, ax)
   fn = {"count": _mask_count, "select": _mask_select, "sort": _mask_sort}[impl]
@@ -445,17 +445,6 @@ def nm_sparsity(
   inner = optax.with_extra_args_support(inner)
   fixed_start = None if not finetune_fixed_mask else schedule.warmup_steps + schedule.sparse_steps
 
-  def check(params: PyTree) -> None:
-    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
-      if not filt(path, w):
-        continue
-      where = f"nm_sparsity: leaf {filters_lib.path_str(path)!r}"
-      ax = _norm_axis(axis, w.ndim, where)
-      for _, mi in schedule.stages:
-        if w.shape[ax] % mi:
-          raise ValueError(f"{where} with shape {tuple(w.shape)} has {w.shape[ax]} entries along axis {ax}, "
-                           f"not divisible by M={mi}")
-
   def ones(params: PyTree) -> PyTree:
     return filters_lib.map_selected(lambda p, w: jnp.ones(w.shape, jnp.bool_), params, filt)
 
@@ -477,7 +466,8 @@ def nm_sparsity(
     return lax.switch(index, branches, params)
 
   def init_fn(params: PyTree) -> NMSparsityState:
-    check(params)
+    # Tracing every stage's mask here (lax.switch traces all branches) checks each leaf's axis against
+    # each stage's M, so a bad shape fails at init, before anything compiles.
     count = jnp.zeros([], jnp.int32)
     return NMSparsityState(
         count=count,
