@@ -9,3 +9,6 @@ from prox.transforms.pruning import PruningState, erk_sparsities, gradual_prunin
 from prox.transforms.pruning import polynomial_sparsity, rigl, sparse_evolutionary_training
 from prox.transforms.sara import SaRAState, sara
 from prox.transforms.unfreeze import progressive_unfreezing
+from prox.transforms.ewc import EWCState, consolidate, consolidate_opt_state, diagonal_fisher, ewc
+from prox.transforms.ewc import ewc_penalty, find_ewc_state
+from prox.transforms.gpm import GPMState, gpm, gpm_threshold, gpm_update_bases, gpm_update_opt_state
