@@ -25,8 +25,8 @@ KS = tuple(range(2, 11))
 
 def synthetic(seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
-  centres = np.array([[0.2, 0.2, 0.0], [0.8, 0.3, 0.1], [0.3, 0.8, 0.05], [0.7, 0.7, 0.2]])
-  x = np.concatenate([rng.normal(c, [0.06, 0.06, 0.02], (63, 3)) for c in centres])[:250]
+  centres = np.array([[0.2, 0.2, 0.0], [0.8, 0.3, 0.3], [0.3, 0.8, 0.6], [0.7, 0.7, 0.9]])
+  x = np.concatenate([rng.normal(c, 0.05, (63, 3)) for c in centres])[:250]
   return x.astype(np.float32)
 
 
@@ -50,7 +50,7 @@ def main():
   fit = jax.jit(lambda x, key: gmm.fit_best(x, key, KS))
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; scikit-learn with 1 BLAS thread "
         "(OpenBLAS' pool makes its tiny solves ~100x slower on this shared 2-core machine)")
-  datasets = (("synthetic 4-cluster", synthetic()), ("toy-env (task, alp)", toy_env_points()))
+  datasets = (("synthetic, 4 separated clusters", synthetic()), ("toy-env (task, alp)", toy_env_points()))
   t = time.perf_counter()
   fit.lower(datasets[0][1], jax.random.key(0)).compile()
   print(f"prox compile time (one program for every k, both data sets): {time.perf_counter() - t:.2f} s")

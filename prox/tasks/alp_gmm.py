@@ -316,12 +316,14 @@ def sample(state: ALPGMMState, key, num_tasks: int | None = None) -> tuple[jax.A
   n = 1 if num_tasks is None else int(num_tasks)
   dim = state.low.shape[-1]
   dtype = state.low.dtype
-  k_unif, k_coin, k_comp, k_norm = jax.random.split(key, 4)
-  uniform = jax.random.uniform(k_unif, (n, dim), dtype, state.low, state.high)
-  use_random = (jax.random.uniform(k_coin, (n,), dtype) < state.hyper.random_task_ratio) | ~state.fitted
-  probs = component_probabilities(state)
-  logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-  comp = jax.random.categorical(k_comp, logits, shape=(n,))
+  k_unif, k_norm = jax.random.split(key)
+  # one uniform draw per task for: the uniform task (dim), the random-task coin, the component choice
+  u = jax.random.uniform(k_unif, (n, dim + 2), dtype)
+  uniform = state.low + u[:, :dim] * (state.high - state.low)
+  use_random = (u[:, dim] < state.hyper.random_task_ratio) | ~state.fitted
+  cdf = jnp.cumsum(component_probabilities(state))
+  comp = jnp.sum(u[:, dim + 1, None] * cdf[-1] >= cdf[None, :], axis=1)     # inverse CDF
+  comp = jnp.minimum(comp, cdf.shape[0] - 1)
   eps = jax.random.normal(k_norm, (n, dim + 1), dtype)
   draws = state.gmm.means[comp] + jnp.einsum("nij,nj->ni", state.gmm.cholesky[comp], eps)
   tasks = jnp.clip(draws[:, :dim], state.low, state.high)

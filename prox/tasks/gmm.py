@@ -19,8 +19,9 @@ The algorithm follows scikit-learn's ``GaussianMixture(covariance_type='full')``
 - stop when |L_t - L_{t-1}| < tol or after max_iter EM steps;
 - AIC = -2 N L(final params) + 2 p with p = k D (D + 1) / 2 + k D + k - 1.
 
-Departures from scikit-learn (documented, not bugs): k-means++ draws one candidate per centre
-(scikit-learn's greedy variant tries 2 + log k); an empty k-means cluster keeps its previous centre
+Departures from scikit-learn (documented, not bugs): greedy k-means++ tries 2 + floor(log K) candidates
+per centre with K = max_components (scikit-learn: with the actual k); an empty k-means cluster keeps its
+previous centre
 (scikit-learn moves it to a far point); the random streams differ, so fits agree in distribution, not
 bit for bit.
 """
@@ -215,33 +216,36 @@ def _sq_dists_t(xt: jax.Array, centres: jax.Array) -> jax.Array:
 
 def kmeans_plusplus(x: jax.Array, num_components, key: jax.Array, *,
                     max_components: int) -> jax.Array:
-  """k-means++ seeding (Arthur & Vassilvitskii 2007): the first centre uniform over the points, each
-  next one drawn with probability D(x)^2 / sum D^2 (D = distance to the nearest chosen centre).
+  """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's variant): the first centre
+  uniform over the points; for each next one draw L = 2 + floor(log K) candidates with probability
+  D(x)^2 / sum D^2 (D = distance to the nearest chosen centre) and keep the candidate that most reduces
+  sum D^2. (scikit-learn takes L from the actual k; here K = max_components so that shapes are static.)
 
   Returns [max_components, D] centres; rows j >= num_components repeat the first centre.
   """
   x = jnp.asarray(x)
   n = x.shape[0]
-  key, sub = jax.random.split(key)
-  first = x[jax.random.randint(sub, (), 0, n)]
+  trials = 2 + int(math.log(max_components))
+  u = jax.random.uniform(key, (max_components, trials), x.dtype)   # all the draws at once
+  first = x[jnp.minimum(jnp.floor(u[0, 0] * n).astype(jnp.int32), n - 1)]
   centres = jnp.broadcast_to(first, (max_components, x.shape[1]))
   d2 = jnp.sum((x - first) ** 2, axis=-1)
 
   def body(i, carry):
-    centres, d2, key = carry
-    key, sub = jax.random.split(key)
+    centres, d2 = carry
     cdf = jnp.cumsum(d2)
-    u = jax.random.uniform(sub, (), d2.dtype)
-    # inverse-CDF draw with P(n) = d2_n / sum d2; uniform if every point is already a centre
-    idx = jnp.where(cdf[-1] > 0, jnp.searchsorted(cdf, u * cdf[-1], side="right", method="compare_all"),
-                    jnp.floor(u * n).astype(jnp.int32))
-    c = x[jnp.clip(idx, 0, n - 1)]
+    # inverse-CDF draws with P(n) = d2_n / sum d2; uniform if every point is already a centre
+    idx = jnp.where(cdf[-1] > 0, jnp.sum(cdf[None, :] <= u[i, :, None] * cdf[-1], axis=1),
+                    jnp.floor(u[i] * n).astype(jnp.int32))
+    cands = x[jnp.clip(idx, 0, n - 1)]                                     # [L, D]
+    cand_d2 = jnp.minimum(d2[None, :], _sq_dists_t(x.T, cands))            # [L, N]
+    best = jnp.argmin(jnp.sum(cand_d2, axis=1))
     use = i < num_components
-    centres = centres.at[i].set(jnp.where(use, c, centres[i]))
-    d2 = jnp.where(use, jnp.minimum(d2, jnp.sum((x - c) ** 2, axis=-1)), d2)
-    return centres, d2, key
+    centres = centres.at[i].set(jnp.where(use, cands[best], centres[i]))
+    d2 = jnp.where(use, cand_d2[best], d2)
+    return centres, d2
 
-  centres, _, _ = lax.fori_loop(1, max_components, body, (centres, d2, key))
+  centres, _ = lax.fori_loop(1, max_components, body, (centres, d2))
   return centres
 
 

@@ -108,13 +108,17 @@ def test_matches_sklearn_on_separated_data():
   np.testing.assert_allclose(float(fits.aic[i]), sk.aic(x), rtol=1e-4)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [1, 2, 4])
 def test_aic_picks_true_k_on_separated_data(seed):
+  # AIC is not consistent: on some draws even the reference (scikit-learn, best of 5 inits) finds a
+  # lower AIC at k = 5 or 7. These data sets are ones where scikit-learn's AIC minimum is at k = 4 by a
+  # margin of >= 5; every k-means start of ours must then select k = 4 as well.
   x, _, _ = _separated(seed)
-  fits = _fit_many(x, jax.random.key(seed))
-  best = gmm.select(fits, "aic")
-  assert int(best.num_components) == 4
-  assert int(jnp.sum(best.params.active)) == 4
+  for key in (seed, seed + 10):
+    fits = _fit_many(x, jax.random.key(key))
+    best = gmm.select(fits, "aic")
+    assert int(best.num_components) == 4
+    assert int(jnp.sum(best.params.active)) == 4
   assert np.asarray(fits.num_components).tolist() == list(KS)
 
 

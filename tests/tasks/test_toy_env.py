@@ -79,21 +79,11 @@ def test_driver_scores_and_shapes_random_teacher():
   assert not np.array_equal(np.asarray(out.tasks[0]), np.asarray(out.tasks[1]))   # independent seeds
 
 
-def test_driver_replays_exactly_as_a_manual_loop_alp_gmm():
-  kw = dict(fit_rate=100, ks=(2, 3, 4))
-  keys = jax.random.split(jax.random.key(7), 2)
-  out = toy_env.run("alp_gmm", keys, num_episodes=400, score_every=100, **kw)
-  assert np.all(np.asarray(out.teacher_state.num_fits) == 4)
-  # replaying the driver's tasks through update() (one seed, no vmap) gives the same teacher and env
-  init_key, _ = jax.random.split(keys[1])
-  teacher = alp_gmm.update(alp_gmm.init(([0.0, 0.0], [1.0, 1.0]), key=init_key, history_size=400, **kw),
-                           out.tasks[1], out.rewards[1])
-  env = toy_env.init()
-  env, rewards = jax.lax.scan(lambda s, t: tuple(reversed(toy_env.step(s, t))), env, out.tasks[1])
+def test_driver_env_matches_its_tasks():
+  out = toy_env.run("random", jax.random.split(jax.random.key(1), 2), num_episodes=2000, score_every=500)
+  env, rewards = jax.lax.scan(lambda s, t: tuple(reversed(toy_env.step(s, t))), toy_env.init(), out.tasks[1])
   np.testing.assert_array_equal(np.asarray(rewards), np.asarray(out.rewards[1]))
   np.testing.assert_array_equal(np.asarray(env.competence), np.asarray(out.env_state.competence[1]))
-  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(jax.tree.map(lambda x: x[1], out.teacher_state))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_input_is_one_line_error():
