@@ -7,8 +7,11 @@ from prox.transforms.nm import NMSchedule, NMSparsityState, nm_mask, nm_masks, n
 from prox.transforms.nm import structure_stages
 from prox.transforms.pruning import PruningState, erk_sparsities, gradual_pruning, layer_sparsities
 from prox.transforms.pruning import polynomial_sparsity, rigl, sparse_evolutionary_training
-from prox.transforms.sara import SaRAState, sara
+from prox.transforms.sara import SaRAState
 from prox.transforms.unfreeze import progressive_unfreezing
-from prox.transforms.ewc import EWCState, consolidate, consolidate_opt_state, diagonal_fisher, ewc
+from prox.transforms.ewc import EWCState, consolidate, consolidate_opt_state, diagonal_fisher
 from prox.transforms.ewc import ewc_penalty, find_ewc_state
-from prox.transforms.gpm import GPMState, gpm, gpm_threshold, gpm_update_bases, gpm_update_opt_state
+from prox.transforms.gpm import GPMState, gpm_threshold, gpm_update_bases, gpm_update_opt_state
+
+# The factories `sara`, `ewc` and `gpm` share their modules' names; they are not re-exported here, so
+# that `prox.transforms.sara` etc. stay the modules: `from prox.transforms.ewc import ewc`.
