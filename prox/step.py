@@ -84,6 +84,7 @@ class StepInfo(NamedTuple):
   metrics: Metrics
   grad_stats: GradStats | None
   group_stats: PyTree | None
+  opt_state: PyTree = None  # optimizer state before this step's update (e.g. AdaGrad's accumulator)
 
 
 class StepOutput(NamedTuple):
@@ -287,7 +288,7 @@ def make_train_step(
     extra = state.extra
     if extra_update is not None:
       info = StepInfo(step=state.step, params=state.params, grads=grads, loss=loss, metrics=metrics,
-                      grad_stats=stats, group_stats=group_stats)
+                      grad_stats=stats, group_stats=group_stats, opt_state=state.opt_state)
       extra = extra_update(extra, info)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            model_state=model_state, extra=extra,
