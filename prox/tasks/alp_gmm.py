@@ -24,9 +24,9 @@ the number of episodes reproduces it), and the GMM's random numbers come from JA
 
 A batch [B, D] given to ``update`` is processed in order, exactly as B consecutive single updates
 (including any refit that falls inside the batch). Under ``jax.vmap`` over independent teachers,
-``lax.cond`` becomes a select and every update would pay for a refit; to vmap, call ``observe`` per
-episode and ``refit`` when ``refit_due`` (as ``prox.tasks.toy_env.run`` does), or keep the teachers'
-episode counts in lockstep and decide the refit outside the vmap.
+``lax.cond`` with a batched predicate becomes a select and every update would pay for a refit; to vmap,
+call ``observe`` per episode and then ``maybe_refit(state, due)`` with ``due`` unbatched (teachers in
+lockstep: ``refit_due`` of any one of them), as ``prox.tasks.toy_env.run`` does.
 """
 from __future__ import annotations
 
@@ -90,14 +90,14 @@ class RandomState(NamedTuple):
 class Teacher(NamedTuple):
   """A teacher's pure functions (``init(bounds, *, key, **hyperparams)``, ``sample(state, key,
   num_tasks=None)``, ``update(state, task_params, reward)``), plus ``update`` split into its per-episode
-  part ``observe`` and its periodic part (``refit`` when ``refit_due(state)``), for drivers that vmap
-  teachers over seeds."""
+  part ``observe`` and its periodic part ``maybe_refit(state, due)`` with ``due = refit_due(state)``, for
+  drivers that vmap teachers over seeds (``update = maybe_refit(s, refit_due(s))`` after ``observe``)."""
   init: Callable[..., Any]
   sample: Callable[..., Any]
   update: Callable[..., Any]
   observe: Callable[..., Any]
   refit_due: Callable[[Any], jax.Array]
-  refit: Callable[[Any], Any]
+  maybe_refit: Callable[[Any, jax.Array], Any]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,9 +278,19 @@ def refit(state: ALPGMMState) -> ALPGMMState:
                         key=jax.random.key_data(key))
 
 
+def maybe_refit(state: ALPGMMState, due) -> ALPGMMState:
+  """``refit(state)`` if ``due`` else ``state``, as a ``lax.cond`` whose operands exclude the large
+  nearest-neighbour buffers (passing them through the branches would copy them every episode).
+  Under ``jax.vmap`` over teachers pass an unbatched ``due`` (``in_axes=(0, None)``) so that the cond
+  stays a branch instead of becoming a select that pays for a refit every episode."""
+  small = state._replace(history_tasks=None, history_rewards=None)
+  small = lax.cond(due, refit, lambda s: s, small)
+  return small._replace(history_tasks=state.history_tasks, history_rewards=state.history_rewards)
+
+
 def _update_one(state: ALPGMMState, task: jax.Array, reward: jax.Array) -> ALPGMMState:
   state = _observe_one(state, task, reward)
-  return lax.cond(refit_due(state), refit, lambda s: s, state)
+  return maybe_refit(state, refit_due(state))
 
 
 def update(state: ALPGMMState, task_params, reward) -> ALPGMMState:
@@ -358,9 +368,9 @@ def random_update(state: RandomState, task_params, reward) -> RandomState:
 
 
 ALP_GMM = Teacher(init=init, sample=sample, update=update, observe=observe, refit_due=refit_due,
-                  refit=refit)
+                  maybe_refit=maybe_refit)
 RANDOM = Teacher(init=random_init, sample=random_sample, update=random_update, observe=random_update,
-                 refit_due=lambda state: jnp.asarray(False), refit=lambda state: state)
+                 refit_due=lambda state: jnp.asarray(False), maybe_refit=lambda state, due: state)
 TEACHERS = {"alp_gmm": ALP_GMM, "random": RANDOM}
 
 

@@ -161,20 +161,20 @@ def _m_step_t(xt: jax.Array, resp_t: jax.Array, active: jax.Array, reg_covar) ->
   dtype = xt.dtype
   dim = xt.shape[0]
   resp_t = jnp.where(active[:, None], resp_t, 0.0)
-  nk = jnp.sum(resp_t, axis=1) + 10 * jnp.finfo(dtype).eps
+  # Sums over the N points are written as dot products: XLA:CPU's plain reductions along the minor
+  # axis become several times slower once an outer vmap (seeds) adds a batch dimension.
+  nk = resp_t @ jnp.ones((xt.shape[1],), dtype) + 10 * jnp.finfo(dtype).eps
+  means = jnp.einsum("kn,dn->kd", resp_t, xt) / nk[:, None]
   if dim > _UNROLL_MAX_DIM:
-    means = (resp_t @ xt.T) / nk[:, None]
     diff = xt[None, :, :] - means[:, :, None]                            # [K, D, N]
-    cov = jnp.einsum("kn,kin,kjn->kij", resp_t, diff, diff)
+    cov = jnp.einsum("kin,kjn->kij", resp_t[:, None, :] * diff, diff)
   else:  # per-coordinate [K, N] arrays: much faster than tiny batched matmuls on CPU
-    mean_cols = [jnp.sum(resp_t * xt[None, i, :], axis=1) / nk for i in range(dim)]
-    means = jnp.stack(mean_cols, -1)
-    diffs = [xt[None, i, :] - mean_cols[i][:, None] for i in range(dim)]
+    diffs = [xt[None, i, :] - means[:, i, None] for i in range(dim)]
     wdiffs = [resp_t * d for d in diffs]
     cols = {}
     for i in range(dim):
       for j in range(i + 1):
-        cols[i, j] = cols[j, i] = jnp.sum(wdiffs[i] * diffs[j], axis=1)
+        cols[i, j] = cols[j, i] = jnp.einsum("kn,kn->k", wdiffs[i], diffs[j])
     cov = jnp.stack([jnp.stack([cols[i, j] for j in range(dim)], -1) for i in range(dim)], -2)
   cov = cov / nk[:, None, None]
   eye = jnp.eye(dim, dtype=dtype)
@@ -274,8 +274,8 @@ def kmeans(x: jax.Array, num_components, key: jax.Array, *, max_components: int,
   def body(carry):
     c, _, it = carry
     _, onehot = assign_onehot(c)
-    counts = jnp.sum(onehot, axis=1)
-    new = jnp.stack([jnp.sum(onehot * xt[None, i, :], axis=1) for i in range(xt.shape[0])], -1)
+    counts = onehot @ jnp.ones((xt.shape[1],), x.dtype)      # dots, not minor-axis reductions (see
+    new = jnp.einsum("kn,dn->kd", onehot, xt)                 # _m_step_t)
     new = new / jnp.maximum(counts, 1.0)[:, None]
     new = jnp.where((counts > 0)[:, None], new, c)
     return new, jnp.sum((new - c) ** 2), it + 1

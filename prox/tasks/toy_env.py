@@ -13,7 +13,7 @@ A cell is mastered when c > 75; the score is the number of mastered cells (= % f
 
 ``run`` plays a teacher against independent copies of the environment, one per key, for ``num_episodes``
 episodes in one ``lax.scan`` (jitted; the seeds are vmapped inside each step and the teachers' periodic
-refit is decided outside the vmap, so it stays a real ``lax.cond``), and reports the mastered cells
+refit is decided on one seed and passed unbatched, so it stays a real ``lax.cond``), and reports the mastered cells
 before the first episode and after every ``score_every`` episodes.
 """
 from __future__ import annotations
@@ -112,10 +112,10 @@ def _run(keys, *, teacher: alp_gmm.Teacher, num_episodes: int, score_every: int,
     tasks, t_state = jax.vmap(teacher.sample)(t_state, ep_keys)
     rewards, e_state = jax.vmap(step)(e_state, tasks)
     t_state = jax.vmap(teacher.observe)(t_state, tasks, rewards)
-    # Seeds run in lockstep, so the periodic refit is due for all or none: decide it on seed 0,
-    # outside the vmap, and the refit stays a real branch instead of a select paid every episode.
+    # Seeds run in lockstep, so the periodic refit is due for all or none: decide it on seed 0 and pass
+    # it unbatched, so the refit stays a real branch instead of a select paid every episode.
     due = teacher.refit_due(jax.tree.map(lambda a: a[0], t_state))
-    t_state = lax.cond(due, jax.vmap(teacher.refit), lambda s: s, t_state)
+    t_state = jax.vmap(teacher.maybe_refit, in_axes=(0, None))(t_state, due)
     return (t_state, e_state), (tasks, rewards, jax.vmap(num_mastered)(e_state))
 
   (t_state, e_state), (tasks, rewards, mastered) = lax.scan(
