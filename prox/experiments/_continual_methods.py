@@ -117,7 +117,9 @@ class Common:
   momentum: float
   batch_size: int
   image_shape: tuple[int, ...]
-  logprob: Callable = None   # log p(y | x) of one example (image, label, logit_mask), for the Fisher
+  # log p(y | x) of one example (image, label, logit_mask), for the Fisher: one function object for every
+  # learner, so ``diagonal_fisher`` compiles once per batch shape.
+  logprob: Callable = dataclasses.field(init=False)
 
   def __post_init__(self):
     apply = self.apply

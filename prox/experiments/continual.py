@@ -113,6 +113,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   _require(cfg.dataset in data_lib.DATASETS,
            f"unknown dataset {cfg.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
   _require(cfg.model in models.MODELS, f"unknown model {cfg.model!r}; known: {', '.join(models.MODELS)}")
+  _require(cfg.model in ("mlp", "cnn"),
+           f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
   for m in ("gpm", "slca"):
     _require(m not in methods or cfg.model == "mlp",
              f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
@@ -328,6 +330,11 @@ def _load_result(path: str, fingerprint: str) -> dict | None:
   return result
 
 
+def _copy(meta: dict) -> dict:
+  """A deep copy of the JSON meta for an asynchronous save (the loop keeps appending to ``meta``)."""
+  return json.loads(json.dumps(meta))
+
+
 def _save_result(path: str, result: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
@@ -374,7 +381,7 @@ def _run_stream(learner, stream: str, tasks, seed: int, cfg, mesh, eval_step, wo
       meta["tasks_done"] = t + 1
       meta["seconds"] = meta["seconds"] + time.perf_counter() - started
       started = time.perf_counter()
-      checkpointer.save(t + 1, state, meta, force=True)
+      checkpointer.save(t + 1, state, _copy(meta), force=True)
   finally:
     checkpointer.close()   # waits for the last (async) save
   r, r_class = np.asarray(meta["R"]), np.asarray(meta["R_class"])
@@ -429,7 +436,7 @@ def _run_scole(learner, train_ds, test_ds, seed: int, cfg, mesh, eval_step, work
       if (t + 1) % sc.checkpoint_every_tasks == 0 or t + 1 == sc.num_tasks:
         meta["seconds"] = meta["seconds"] + time.perf_counter() - started
         started = time.perf_counter()
-        checkpointer.save(t + 1, state, meta, force=True)
+        checkpointer.save(t + 1, state, _copy(meta), force=True)
   finally:
     checkpointer.close()
   result = {**meta, "seed": seed}
