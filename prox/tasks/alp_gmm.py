@@ -222,7 +222,7 @@ def _nn_alp_and_write(state: ALPGMMState, task: jax.Array, reward: jax.Array
   updates the buffer in place (reading the old buffer after the write would force a copy)."""
   slots = state.history_tasks.shape[1]
   pos = state.count % slots
-  hist = lax.dynamic_update_slice(state.history_tasks, task[:, None], (0, pos))
+  hist = lax.dynamic_update_slice(state.history_tasks, task[:, None], (jnp.zeros_like(pos), pos))
   d2 = sum(((hist[i] - task[i]) ** 2 for i in range(1, task.shape[0])), (hist[0] - task[0]) ** 2)
   idx = jnp.arange(slots)
   previous = jnp.minimum(state.count, slots - 1)            # tasks before this one still stored
@@ -238,7 +238,7 @@ def _nn_alp_and_write(state: ALPGMMState, task: jax.Array, reward: jax.Array
 
 def nearest_neighbour_alp(state: ALPGMMState, task: jax.Array, reward: jax.Array) -> jax.Array:
   """alp = |r - r_nn| with r_nn the reward of the nearest stored previous task (Euclidean distance,
-  oldest slot on ties); 0 while the history holds <= nn_warmup tasks (reference: 5)."""
+  lowest buffer slot on ties); 0 while the history holds <= nn_warmup tasks (reference: 5)."""
   task, reward = _check_observation(state, task, reward)
   return _nn_alp_and_write(state, task, reward)[0]
 

@@ -149,6 +149,19 @@ def test_refit_schedule():
   assert bool(state.fitted) and 2 <= int(jnp.sum(state.gmm.active)) <= 4
   np.testing.assert_allclose(float(jnp.sum(state.gmm.weights)), 1.0, rtol=1e-5)
   assert bool(jnp.all(state.gmm.cholesky[state.gmm.active].diagonal(axis1=1, axis2=2) > 0))
+  init_dtypes = [a.dtype for a in jax.tree.leaves(_state())]
+  assert [a.dtype for a in jax.tree.leaves(state)] == init_dtypes     # dtype-stable
+
+
+def test_float64_teacher_stays_float64():
+  with jax.enable_x64(True):
+    state = alp_gmm.init(BOUNDS, key=jax.random.key(0), dtype=jnp.float64, **HP)
+    state = alp_gmm.observe(state, jnp.full((7, 2), 0.3), jnp.linspace(0.0, 1.0, 7))
+    floats = [a for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)]
+    assert floats and all(a.dtype == jnp.float64 for a in floats)
+    assert float(state.recent[6, -1]) == 1.0      # all tasks tie at distance 0: the first slot (r=0) wins
+    tasks, _ = alp_gmm.sample(state, jax.random.key(1), 3)
+    assert tasks.dtype == jnp.float64
 
 
 def test_toy_env_driver_vmaps_seeds_like_batched_update():
