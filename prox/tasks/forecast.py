@@ -25,6 +25,7 @@ import scipy.optimize
 
 
 class Curve(NamedTuple):
+  """A curve family: y = fn(x, params), initial guesses and parameter bounds for least squares."""
   fn: Callable[[np.ndarray, np.ndarray], np.ndarray]   # fn(x, params) -> y
   starts: Callable[[np.ndarray, np.ndarray], list]     # initial guesses from (x, y)
   lower: tuple
@@ -67,6 +68,7 @@ CURVES: dict[str, Curve] = {
 
 
 class CurveFit(NamedTuple):
+  """A least-squares fit: family, params (a, b, c; a = the limit), residual sum of squares, AIC."""
   family: str
   params: np.ndarray     # (a, b, c); a is the limit
   rss: float

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prox.tasks import alp_gmm, toy_env
+from prox.tasks import toy_env
 
 _step = jax.jit(toy_env.step)
 
