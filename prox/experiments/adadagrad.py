@@ -327,7 +327,7 @@ def plot(results: list[dict], model: str, optimizer: str, png_path: epath.Path) 
   ax_batch.legend(fontsize=7, loc="lower right")
   fig.suptitle(f"{model} / {optimizer}")
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
+  fig.savefig(buf, format="png", dpi=72)
   png_path.write_bytes(buf.getvalue())
 
 
