@@ -50,7 +50,7 @@ def main():
   fit = jax.jit(lambda x, key: gmm.fit_best(x, key, KS))
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; scikit-learn with 1 BLAS thread "
         "(OpenBLAS' pool makes its tiny solves ~100x slower on this shared 2-core machine)")
-  datasets = (("synthetic, 4 separated clusters", synthetic()), ("toy-env (task, alp)", toy_env_points()))
+  datasets = (("synthetic, 4 Gaussian clusters", synthetic()), ("toy-env (task, alp)", toy_env_points()))
   t = time.perf_counter()
   fit.lower(datasets[0][1], jax.random.key(0)).compile()
   print(f"prox compile time (one program for every k, both data sets): {time.perf_counter() - t:.2f} s")
