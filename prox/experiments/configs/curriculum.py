@@ -60,9 +60,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # PUDF: IRT difficulties from an artificial crowd, ability-based selection each epoch.
   c.pudf = ml_collections.ConfigDict({
       "epochs": 20,
-      "crowd_size": 8,                 # crowd members: small MLPs on bootstrap subsets
+      "crowd_size": 10,                # crowd members: small MLPs on bootstrap subsets
       "crowd_hidden": (16,),
-      "crowd_steps": 40,               # member j trains crowd_steps * (j + 1) / crowd_size Adam steps (>= 1)
+      "crowd_steps": 300,              # member j trains crowd_steps * (j + 1) / crowd_size Adam steps (>= 1)
       "num_probe": 1000,               # items probed for the ability estimate each epoch
       "patience": 2,
       "bump": 0.1,
