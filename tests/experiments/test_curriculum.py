@@ -1,6 +1,6 @@
 """The `curriculum` experiment: the PS-KD loss against a hand-written reference, bad config values as
-one-line errors through the CLI (before anything compiles), and a quick end-to-end run of every part
-(plus its reuse when run again)."""
+one-line errors through the CLI (before anything compiles) and from ``validate``; marked slow (about
+23 s of CPU): a quick end-to-end run of every part (plus its reuse when run again)."""
 import json
 import os
 import subprocess
@@ -28,26 +28,53 @@ def _cli(workdir, *overrides):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-BAD = [
+BAD_CLI = [
     (("--config.parts=alp_gmm,teacher",), "unknown part 'teacher' in parts; known: alp_gmm, pudf, pskd, forecast"),
     (("--config.alp_gmm.bounds=((0.0, 0.5), (1.0, 0.5))",),
      "alp_gmm: bounds need low < high in every dimension, got low=[0.0, 0.5] high=[1.0, 0.5]"),
     (("--config.alp_gmm.fit_rate=0",), "alp_gmm.fit_rate must be a positive integer, got 0"),
-    (("--config.alp_gmm.fit_rate=-5",), "alp_gmm.fit_rate must be a positive integer, got -5"),
-    (("--config.parts=pskd", "--config.pskd.alpha_T=1.5"), "pskd: alpha_T must be in [0, 1], got 1.5"),
-    (("--config.parts=forecast", "--config.forecast.fractions=(0.5, 1.0)"),
-     "forecast.fractions must lie in (0, 1), got (0.5, 1.0)"),
 ]
 
 
 def test_bad_config_values_are_one_line_cli_errors_before_compilation(tmp_path):
-  procs = [(_cli(tmp_path / f"w{i}", *flags), message) for i, (flags, message) in enumerate(BAD)]
+  procs = [(_cli(tmp_path / f"w{i}", *flags), message) for i, (flags, message) in enumerate(BAD_CLI)]
   for i, (proc, message) in enumerate(procs):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
     assert stderr.strip() == f"prox: error: {message}"
     assert not stdout
     assert not (tmp_path / f"w{i}" / "results.json").exists()   # nothing ran
+
+
+BAD = [
+    ({"alp_gmm__fit_rate": -5}, "alp_gmm.fit_rate must be a positive integer, got -5"),
+    ({"alp_gmm__fit_rate": 5}, "alp_gmm: ks must lie in 1..fit_rate=5, got [2, 3, 4, 5, 6, 7, 8, 9, 10]"),
+    ({"alp_gmm__bounds": ((0.0,), (1.0,))},
+     "alp_gmm.bounds must be a pair (low, high) of 2-vectors (the toy env is 2-D), got ((0.0,), (1.0,))"),
+    ({"alp_gmm__episodes": 1100}, "alp_gmm.episodes (1100) must be a multiple of alp_gmm.score_every (250)"),
+    ({"parts": ""}, "parts names no part; known: alp_gmm, pudf, pskd, forecast"),
+    ({"parts": "pudf", "pudf__bump": 0.0}, "pudf: bump must be > 0, got 0.0"),
+    ({"parts": "pudf", "pudf__crowd_size": 1}, "pudf.crowd_size must be an integer >= 2, got 1"),
+    ({"parts": "pskd", "pskd__alpha_T": 1.5}, "pskd: alpha_T must be in [0, 1], got 1.5"),
+    ({"parts": "pskd", "model": "vit"}, "unknown model 'vit'; known: mlp, cnn, resnet20"),
+    ({"parts": "forecast", "forecast__fractions": (0.5, 1.0)},
+     "forecast.fractions must lie in (0, 1), got (0.5, 1.0)"),
+    ({"parts": "forecast", "forecast__min_gain": -0.1}, "forecast.min_gain must be >= 0, got -0.1"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD)
+def test_bad_config_values_raise_config_errors(tmp_path, fields, message):
+  cfg = curriculum_config.get_config("quick")
+  for dotted, value in fields.items():
+    *parents, leaf = dotted.split("__")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(curriculum.ConfigError) as e:
+    curriculum.validate(cfg, str(tmp_path))
+  assert str(e.value) == message
 
 
 def test_pskd_loss_uses_soft_targets_and_writes_the_store():
@@ -88,6 +115,7 @@ def test_pskd_loss_uses_soft_targets_and_writes_the_store():
   np.testing.assert_array_equal(new_state["pskd"]["seen"], expected_seen)
 
 
+@pytest.mark.slow   # about 23 s of CPU
 def test_quick_run_of_every_part_end_to_end_and_reuse(tmp_path):
   cfg = curriculum_config.get_config("quick")
   cfg.progress = False
