@@ -73,6 +73,14 @@ def _pudf_tables(r: dict) -> list[str]:
     steps = (np.mean([x["steps"][e] for x in runs["pudf"]]), np.mean([x["steps"][e] for x in runs["plain"]]))
     lines.append(f"| {e + 1} | {items:.0f} | {theta:.2f} | {acc['pudf']} | {acc['random']} | {acc['plain']} | "
                  f"{steps[0]:.0f} / {steps[1]:.0f} |")
+  pudf_steps = np.mean([x["steps"][-1] for x in runs["pudf"]])
+  plain_steps = np.asarray([np.mean([x["steps"][e] for x in runs["plain"]]) for e in range(r["epochs"])])
+  e_match = int(np.searchsorted(plain_steps, pudf_steps))
+  if e_match < r["epochs"]:
+    matched = _ms([x["accuracy"][e_match] for x in runs["plain"]])
+    lines += ["", f"At equal compute: PUDF's {r['epochs']} epochs take {pudf_steps:.0f} optimizer steps (mean over "
+              f"seeds); plain training reaches {matched} test accuracy after epoch {e_match + 1} "
+              f"({plain_steps[e_match]:.0f} steps), vs PUDF's final {_ms([x['accuracy'][-1] for x in runs['pudf']])}."]
   lines += ["", "Final test accuracy per seed: " + "; ".join(
       f"{_NAMES[k]} {[round(x['accuracy'][-1], 4) for x in v]}" for k, v in runs.items()),
       "", "![pudf](pudf_accuracy.png)", ""]

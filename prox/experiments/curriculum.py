@@ -37,6 +37,7 @@ by all training seeds.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -436,7 +437,9 @@ def classify_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 def run_forecast(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``classify`` and forecasts its final test accuracy from prefixes of its curve."""
   f = cfg.forecast
-  run_dir = os.path.join(workdir, "forecast_classify")
+  # one directory per setting, so a changed config never resumes another config's checkpoint
+  digest = hashlib.sha1(json.dumps(_settings(cfg, "forecast"), sort_keys=True).encode()).hexdigest()[:10]
+  run_dir = os.path.join(workdir, f"forecast_classify_{digest}")
   final = train_lib.train(classify_config(cfg), run_dir)
   records = writers.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
   test = [(r["step"], r["accuracy"]) for r in records if r.get("split") == "test"]
