@@ -82,7 +82,8 @@ def _pudf_tables(r: dict) -> list[str]:
               f"seeds); plain training reaches {matched} test accuracy after epoch {e_match + 1} "
               f"({plain_steps[e_match]:.0f} steps), vs PUDF's final {_ms([x['accuracy'][-1] for x in runs['pudf']])}."]
   lines += ["", "Final test accuracy per seed: " + "; ".join(
-      f"{_NAMES[k]} {[round(x['accuracy'][-1], 4) for x in v]}" for k, v in runs.items()),
+      f"{'random order' if k == 'random' else _NAMES[k]} {[round(x['accuracy'][-1], 4) for x in v]}"
+      for k, v in runs.items()),
       "", "![pudf](pudf_accuracy.png)", ""]
   return lines
 
@@ -169,19 +170,28 @@ def _plots(workdir: str, results: dict) -> None:
     fig.savefig(os.path.join(workdir, "alp_gmm_samples.png"), dpi=72)
     plt.close(fig)
 
-  for part, ylabel in (("pudf", "test accuracy"), ("pskd", "test accuracy")):
+  for part in ("pudf", "pskd"):
     if part not in results:
       continue
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, runs in results[part]["runs"].items():
-      acc = np.asarray([x["accuracy"] for x in runs])
-      x = np.arange(1, acc.shape[1] + 1)
-      ax.plot(x, acc.mean(0), color=colours[k], label=_NAMES[k])
-      ax.fill_between(x, acc.min(0), acc.max(0), color=colours[k], alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{part}: mean, min-max band over seeds")
-    ax.set_ylim(max(0.0, float(np.min([np.asarray([x['accuracy'] for x in v])[:, -1].min()
-                                        for v in results[part]["runs"].values()])) - 0.15), 1.0)
-    ax.legend()
+    runs_by_method = results[part]["runs"]
+    axes_x = [("epoch", None)] + ([("optimizer steps", "steps")] if part == "pudf" else [])
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4), squeeze=False)
+    low = min(np.asarray([x["accuracy"] for x in v])[:, -1].min() for v in runs_by_method.values())
+    for ax, (xlabel, field) in zip(axes[0], axes_x):
+      for k, runs in runs_by_method.items():
+        acc = np.asarray([x["accuracy"] for x in runs])
+        label = "random order" if (part, k) == ("pudf", "random") else _NAMES[k]
+        if field is None:
+          x = np.arange(1, acc.shape[1] + 1)
+          ax.plot(x, acc.mean(0), color=colours[k], label=label)
+          ax.fill_between(x, acc.min(0), acc.max(0), color=colours[k], alpha=0.2)
+        else:
+          for i, run in enumerate(runs):
+            ax.plot(run[field], run["accuracy"], color=colours[k], alpha=0.7, label=label if i == 0 else None)
+      ax.set(xlabel=xlabel, ylabel="test accuracy",
+             title=f"{part}: " + ("mean, min-max band over seeds" if field is None else "each seed vs steps"))
+      ax.set_ylim(max(0.0, float(low) - 0.15), 1.0)
+      ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, f"{part}_accuracy.png"), dpi=72)
     plt.close(fig)
