@@ -129,6 +129,33 @@ def _forecast_tables(r: dict) -> list[str]:
   return lines
 
 
+def _verdict(results: dict) -> list[str]:
+  """One factual line per part, from the numbers below it."""
+  out = []
+  if "alp_gmm" in results:
+    t = results["alp_gmm"]["teachers"]
+    a, r = (np.asarray(t[k]["scores"])[:, -1] for k in ("alp_gmm", "random"))
+    out.append(f"- ALP-GMM masters {a.mean():.1f} ± {a.std():.1f} cells (min {a.min()}) vs Random "
+               f"{r.mean():.1f} ± {r.std():.1f} (max {r.max()}) after {results['alp_gmm']['episodes']:,} episodes.")
+  if "pudf" in results:
+    fin = {k: np.asarray([x["accuracy"][-1] for x in v]) for k, v in results["pudf"]["runs"].items()}
+    out.append(f"- PUDF final test accuracy {fin['pudf'].mean():.4f} vs random order {fin['random'].mean():.4f} vs "
+               f"plain {fin['plain'].mean():.4f} (difference PUDF - plain {fin['pudf'].mean() - fin['plain'].mean():+.4f}).")
+  if "pskd" in results:
+    runs = results["pskd"]["runs"]
+    acc = {k: np.mean([x["accuracy"][-1] for x in v]) for k, v in runs.items()}
+    ece = {k: np.mean([x["ece"] for x in v]) for k, v in runs.items()}
+    out.append(f"- PS-KD test accuracy {acc['pskd']:.4f} vs cross-entropy {acc['ce']:.4f} ({acc['pskd'] - acc['ce']:+.4f}); "
+               f"ECE {ece['pskd']:.4f} vs {ece['ce']:.4f} ({ece['pskd'] - ece['ce']:+.4f}).")
+  if "forecast" in results:
+    f = results["forecast"]
+    errs = [a["error"] for a in f["at_fraction"] if "skipped" not in a]
+    if errs:
+      out.append("- Forecast error of the final accuracy: " + ", ".join(
+          f"{a['error']:+.4f} after {a['fraction']:.0%}" for a in f["at_fraction"] if "skipped" not in a) + ".")
+  return (["Summary:", ""] + out + [""]) if out else []
+
+
 def _plots(workdir: str, results: dict) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -223,6 +250,7 @@ def write(workdir: str, config: ml_collections.ConfigDict, results: dict, summar
   lines = ["# Experiment `curriculum`", "",
            "Run time per part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
            + f"; total {sum(seconds.values()):.0f} s.", ""]
+  lines += _verdict(results)
   builders = {"alp_gmm": _alp_tables, "pudf": _pudf_tables, "pskd": _pskd_tables, "forecast": _forecast_tables}
   for part in results:
     lines += builders[part](results[part])
