@@ -33,17 +33,9 @@ from prox import optim
 from prox import step as S
 from prox.experiments import _adaptive
 from prox.experiments import train
+from _timing import timed  # benchmarks/_timing.py
 
 MODELS = {"cnn": ("cnn", {"width": 16, "hidden": 64}), "logreg": ("mlp", {"hidden": ()})}
-
-
-def timed(fn, steps: int) -> float:
-  start = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
 
 
 def main():

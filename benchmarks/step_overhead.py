@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ import numpy as np
 import optax
 
 from prox import step as S
+from _timing import timed  # benchmarks/_timing.py
 
 SIZES = (784, 1024, 1024, 10)
 
@@ -47,15 +47,6 @@ def matmul_flops(batch: int) -> float:
   """FLOPs of one training step's matmuls: 2BNM forward, 2BNM weight gradient, 2BNM input gradient."""
   layers = list(zip(SIZES[:-1], SIZES[1:]))
   return sum(2.0 * batch * n * m * (2 if i == 0 else 3) for i, (n, m) in enumerate(layers))
-
-
-def timed(fn, steps):
-  start = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
 
 
 def main():
