@@ -2,9 +2,10 @@
 
 ``train(config, workdir)`` trains ``config.model`` on ``config.dataset`` with the optimizer chain the
 config names, evaluates on the test split, and writes ``metrics.jsonl``, TensorBoard events,
-``curves.png`` and ``metrics.json`` into ``workdir``. It resumes from the newest checkpoint in
-``workdir/checkpoints`` (parameters, optimizer state, rng and the data loader's position), so a killed
-run that is started again ends exactly where an uninterrupted one would.
+``curves.png`` (unless ``config.plot_curves`` is False) and ``metrics.json`` into ``workdir``. It
+resumes from the newest checkpoint in ``workdir/checkpoints`` (parameters, optimizer state, rng and the
+data loader's position), so a killed run that is started again ends exactly where an uninterrupted one
+would.
 
 Experiments customise it through ``Hooks`` (a different optimizer, an ``extra`` state machine,
 a forward-pass weight function) instead of copying the loop.
@@ -193,6 +194,9 @@ class Hooks:
   extra_init: ``params -> extra``: the initial ``TrainState.extra``.
   extra_update / forward_fn / group_stats_fn / grad_stats: passed to ``make_train_step``.
   eval_params: ``state -> params`` used for evaluation (e.g. hard-masked weights).
+  state_metrics: ``state -> {name: scalar}``, jitted: scalars of the train state (e.g. a sparsity
+    schedule's beta and mask density), logged with the train metrics every ``log_every`` steps and
+    added to the final metrics (names must not clash with theirs).
   """
   tx: optax.GradientTransformation | None = None
   extra_init: Callable[[PyTree], PyTree] | None = None
@@ -201,6 +205,7 @@ class Hooks:
   group_stats_fn: Callable | None = None
   grad_stats: bool = False
   eval_params: Callable[[step_lib.TrainState], PyTree] | None = None
+  state_metrics: Callable[[step_lib.TrainState], dict[str, Any]] | None = None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict:
@@ -229,6 +234,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None =
       grad_stats=hooks.grad_stats, group_stats_fn=hooks.group_stats_fn, forward_fn=hooks.forward_fn,
       extra_update=hooks.extra_update)
   eval_step = step_lib.make_eval_step(classification_eval(net.apply), mesh=mesh)
+  state_metrics = None if hooks.state_metrics is None else jax.jit(hooks.state_metrics)
+
+  def train_metrics(s: step_lib.TrainState, out: step_lib.StepOutput | None) -> dict[str, Any]:
+    logged = {} if out is None else dict(jax.device_get(out.metrics))
+    if state_metrics is not None:
+      logged.update(jax.device_get(state_metrics(s)))
+    return logged
 
   def eval_state(s: step_lib.TrainState) -> step_lib.TrainState:
     return s if hooks.eval_params is None else s._replace(params=hooks.eval_params(s))
@@ -254,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None =
     state, out = train_step(state, step_lib.shard_batch(local, mesh))
     writer.update(step, config.batch_size)
     if step % config.log_every == 0 or step == config.num_steps:
-      writer.write(step, jax.device_get(out.metrics))
+      writer.write(step, train_metrics(state, out))
     if step % config.eval_every == 0 or step == config.num_steps:
       test = evaluate(eval_step, eval_state(state), test_ds, config.eval_batch_size, mesh)
       writer.write(step, test, split="test")
@@ -269,7 +281,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None =
            "train_seconds_this_run": time.perf_counter() - started}
   if out is not None:
     final.update({f"train_{k}": float(v) for k, v in jax.device_get(out.metrics).items()})
+  if state_metrics is not None:
+    extra = {k: float(v) for k, v in train_metrics(state, None).items()}
+    clash = sorted(set(extra) & set(final))
+    if clash:
+      raise ValueError(f"state_metrics names {clash} clash with the final metrics' names")
+    final.update(extra)
   if jax.process_index() == 0:
     writers.write_summary(workdir, final)
-    writers.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+    if config.get("plot_curves", True):   # sweeps of many short runs skip the per-run plot
+      writers.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
   return final
