@@ -183,6 +183,7 @@ def run_config(cfg: ml_collections.ConfigDict, setting: str, seed: int) -> ml_co
 def runs(cfg: ml_collections.ConfigDict,
          settings: list[str] | None = None) -> list[tuple[str, str, tuple[int, int] | None]]:
   """``(setting, method, nm)`` of every run except the seed, in table order (``nm`` None for dense)."""
+  methods = _names(cfg.methods, "methods")
   out = []
   for setting in settings or _names(cfg.settings, "settings"):
     if _DENSE in methods:
