@@ -361,7 +361,8 @@ class EWCDetectLearner(EWCLearner):
       log["switches_without_data"] = log.get("switches_without_data", 0) + 1
       return state
     oldest = [(pushes + i) % slots for i in range(self.fisher_batches)]
-    recent = jax.device_get(extra.recent)
+    state = jax.device_get(state)   # consolidate on a host copy, then replicate (as at task boundaries)
+    recent = state.extra.recent
     take = lambda x: np.asarray(x)[oldest].reshape((-1,) + x.shape[2:])
     state = self.consolidate(state, take(recent["image"]), take(recent["label"]),
                              take(recent["logit_mask"]), log)

@@ -371,7 +371,9 @@ def _run_stream(learner, stream: str, tasks, seed: int, cfg, mesh, eval_step, wo
   try:
     for t in range(meta["tasks_done"], num):
       state, steps, last = _train_task(learner, state, tasks[t], t, seed, epochs, cfg, mesh, log, salt=0)
-      state = learner.end_task(state, tasks[t], t, seed, log)
+      # Boundary transitions run on host copies (one device), then the state is replicated again: on a
+      # multi-device mesh, SPMD versions of the small linear algebra there (cholesky) can stall on CPU.
+      state = learner.end_task(jax.device_get(state), tasks[t], t, seed, log)
       state = step_lib.replicate(jax.device_get(state), mesh)
       row = _evaluate(eval_step, state, test_sets, cfg.eval_batch_size, mesh)
       meta["R"].append(row["task"].tolist())

@@ -220,3 +220,17 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
   other = _config(streams="split", methods="naive", scole__enabled=False, learning_rate=0.05)
   with pytest.raises(train.ConfigError, match="different config"):
     continual.run(other, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_four_devices(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}:quick", f"--workdir={tmp_path}",
+       "--config.streams=permuted", "--config.permuted.num_tasks=2", "--config.scole.num_tasks=2",
+       "--config.progress=False"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = _read(tmp_path)["streams"]["permuted"]
+  assert sorted(r["kind"] for r in runs.values()) == sorted(M.KINDS)
+  assert all(np.asarray(r["seeds"]["0"]["R"]).shape == (2, 2) for r in runs.values())
