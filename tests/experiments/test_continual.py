@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from prox import models
@@ -20,7 +18,6 @@ from prox.experiments import _continual_methods as M
 from prox.experiments import continual
 from prox.experiments import train
 from prox.experiments.configs import continual as continual_config
-from prox.tasks import streams
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "prox" / "experiments" / "configs" / "continual.py"
