@@ -111,7 +111,7 @@ def run_config() -> ml_collections.ConfigDict:
 
 def _positive_int(config: ml_collections.ConfigDict, name: str) -> int:
   value = config[name]
-  train._require(isinstance(value, int) and not isinstance(value, bool) and value > 0,  # pylint: disable=protected-access
+  train.require(isinstance(value, int) and not isinstance(value, bool) and value > 0,  # pylint: disable=protected-access
                  f"{name} must be a positive integer, got {value!r}")
   return value
 
@@ -128,7 +128,7 @@ def has_adagrad_accumulator(config: ml_collections.ConfigDict) -> bool:
 
 def validate_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
   """Checks every value of one run; raises ``train.ConfigError`` naming the first bad one."""
-  req = train._require  # pylint: disable=protected-access
+  req = train.require
   req(config.dataset in data_lib.DATASETS,
       f"unknown dataset {config.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
   req(config.model in models.MODELS, f"unknown model {config.model!r}; known: {', '.join(models.MODELS)}")
@@ -182,7 +182,7 @@ def validate_run(config: ml_collections.ConfigDict, workdir: str | None = None) 
         f"method 'coordinate' needs an optimizer with AdaGrad's per-coordinate accumulator "
         f"(optax.scale_by_rss, e.g. 'adagrad'); {config.optimizer!r} has none")
   if workdir is not None:
-    train._check_workdir(workdir)  # pylint: disable=protected-access
+    train.check_workdir(workdir)
 
 
 def _optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

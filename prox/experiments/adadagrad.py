@@ -109,7 +109,7 @@ def _spec(config, model: str, optimizer: str, method: str, eta: float | None = N
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks the sweep and every run's config before anything compiles (``train.ConfigError``)."""
-  req = train._require  # pylint: disable=protected-access
+  req = train.require
   config = effective_config(config)
   req(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
   models, optimizers, methods = _names(config.models), _names(config.optimizers), _names(config.methods)
@@ -138,7 +138,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   req(bool(specs), "the sweep has no runs")
   for spec in specs:
     _adaptive.validate_run(spec.config)
-  train._check_workdir(workdir)  # pylint: disable=protected-access
+  train.check_workdir(workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -64,11 +64,6 @@ def _names(value: Any, field: str) -> list[str]:
   return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise train.ConfigError(message)
-
-
 def _is_int(v: Any) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -80,7 +75,7 @@ def _is_number(v: Any) -> bool:
 def _positive_ints(cfg: ml_collections.ConfigDict, *dotted: str) -> None:
   for name in dotted:
     value = _get(cfg, name)
-    _require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+    train.require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -101,72 +96,72 @@ def _library_check(field: str, factory, *args, **kwargs) -> None:
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks every value the experiment uses (before anything compiles); raises ``ConfigError``."""
   cfg = config
-  _require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
+  train.require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
   streams = _names(cfg.streams, "streams")
   for s in streams:
-    _require(s in STREAMS, f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
+    train.require(s in STREAMS, f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
   methods = _names(cfg.methods, "methods")
   for m in methods:
-    _require(m in METHODS, f"unknown method {m!r}; known: {', '.join(METHODS)}")
-  _require(bool(streams and methods) or cfg.scole.enabled,
+    train.require(m in METHODS, f"unknown method {m!r}; known: {', '.join(METHODS)}")
+  train.require(bool(streams and methods) or cfg.scole.enabled,
            "nothing to run: streams or methods is empty and scole.enabled is False")
-  _require(cfg.dataset in data_lib.DATASETS,
+  train.require(cfg.dataset in data_lib.DATASETS,
            f"unknown dataset {cfg.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
-  _require(cfg.model in models.MODELS, f"unknown model {cfg.model!r}; known: {', '.join(models.MODELS)}")
-  _require(cfg.model in ("mlp", "cnn"),
+  train.require(cfg.model in models.MODELS, f"unknown model {cfg.model!r}; known: {', '.join(models.MODELS)}")
+  train.require(cfg.model in ("mlp", "cnn"),
            f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
   for m in ("gpm", "slca"):
-    _require(m not in methods or cfg.model == "mlp",
+    train.require(m not in methods or cfg.model == "mlp",
              f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
-  _require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**31, f"seed must be an int in [0, 2**31), got {cfg.seed!r}")
+  train.require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**31, f"seed must be an int in [0, 2**31), got {cfg.seed!r}")
   _positive_ints(cfg, "num_seeds", "batch_size", "eval_batch_size", "permuted.num_tasks",
                  "permuted.epochs_per_task", "split.classes_per_task", "split.epochs_per_task",
                  "ewc.fisher_examples", "replay.capacity", "replay.batch_size", "gpm.examples",
                  "slca.samples_per_class", "slca.align_epochs", "slca.align_batch_size",
                  "detector.fisher_batches", "scole.num_tasks", "scole.classes_per_task",
                  "scole.epochs_per_task", "scole.checkpoint_every_tasks")
-  _require(cfg.permuted.num_tasks >= 2, f"permuted.num_tasks must be >= 2, got {cfg.permuted.num_tasks}")
-  _require(_is_number(cfg.learning_rate) and cfg.learning_rate > 0,
+  train.require(cfg.permuted.num_tasks >= 2, f"permuted.num_tasks must be >= 2, got {cfg.permuted.num_tasks}")
+  train.require(_is_number(cfg.learning_rate) and cfg.learning_rate > 0,
            f"learning_rate must be a positive number, got {cfg.learning_rate!r}")
   for name in ("momentum", "slca.align_momentum"):
     v = _get(cfg, name)
-    _require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
-  _require(_is_number(cfg.slca.align_learning_rate) and cfg.slca.align_learning_rate > 0,
+    train.require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+  train.require(_is_number(cfg.slca.align_learning_rate) and cfg.slca.align_learning_rate > 0,
            f"slca.align_learning_rate must be a positive number, got {cfg.slca.align_learning_rate!r}")
-  _require(_is_number(cfg.slca.tau) and cfg.slca.tau > 0, f"slca.tau must be a number > 0, got {cfg.slca.tau!r}")
-  _require(cfg.replay.batch_size <= cfg.replay.capacity,
+  train.require(_is_number(cfg.slca.tau) and cfg.slca.tau > 0, f"slca.tau must be a number > 0, got {cfg.slca.tau!r}")
+  train.require(cfg.replay.batch_size <= cfg.replay.capacity,
            f"replay.batch_size {cfg.replay.batch_size} exceeds replay.capacity {cfg.replay.capacity}")
   for stream in STREAMS:
     lambdas = cfg[stream].ewc_lambdas
     if isinstance(lambdas, (int, float)):
       lambdas = (lambdas,)
-    _require(isinstance(lambdas, (tuple, list)) and len(lambdas) > 0,
+    train.require(isinstance(lambdas, (tuple, list)) and len(lambdas) > 0,
              f"{stream}.ewc_lambdas must be a non-empty tuple of numbers, got {lambdas!r}")
     for lam in lambdas:
-      _require(_is_number(lam), f"{stream}.ewc_lambdas: ewc_lambda must be a finite number >= 0, got {lam!r}")
+      train.require(_is_number(lam), f"{stream}.ewc_lambdas: ewc_lambda must be a finite number >= 0, got {lam!r}")
       _library_check(f"{stream}.ewc_lambdas", ewc_lib.ewc, float(lam))
     lam = cfg[stream].ewc_detect_lambda
-    _require(_is_number(lam), f"{stream}.ewc_detect_lambda must be a finite number >= 0, got {lam!r}")
+    train.require(_is_number(lam), f"{stream}.ewc_detect_lambda must be a finite number >= 0, got {lam!r}")
     _library_check(f"{stream}.ewc_detect_lambda", ewc_lib.ewc, float(lam))
-  _require(_is_number(cfg.ewc.gamma), f"ewc.gamma must be in [0, 1], got {cfg.ewc.gamma!r}")
+  train.require(_is_number(cfg.ewc.gamma), f"ewc.gamma must be in [0, 1], got {cfg.ewc.gamma!r}")
   _library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
-  _require(_is_number(cfg.gpm.threshold_base) and 0 < cfg.gpm.threshold_base <= 1,
+  train.require(_is_number(cfg.gpm.threshold_base) and 0 < cfg.gpm.threshold_base <= 1,
            f"gpm.threshold_base must be in (0, 1], got {cfg.gpm.threshold_base!r}")
-  _require(_is_number(cfg.gpm.threshold_increment) and cfg.gpm.threshold_increment >= 0,
+  train.require(_is_number(cfg.gpm.threshold_increment) and cfg.gpm.threshold_increment >= 0,
            f"gpm.threshold_increment must be >= 0, got {cfg.gpm.threshold_increment!r}")
   _library_check("slca.backbone_scale", slow_learner, optax.sgd(1.0), cfg.slca.backbone_scale,
                  {"head": False, "hidden": True})
   _library_check("detector", detector_lib.shift_detector, cfg.detector.reference_window,
                  cfg.detector.test_window, cfg.detector.threshold)
-  _require(_is_number(cfg.scole.skew) and cfg.scole.skew >= 0,
+  train.require(_is_number(cfg.scole.skew) and cfg.scole.skew >= 0,
            f"scole.skew must be a finite number >= 0, got {cfg.scole.skew!r}")
   devices = jax.device_count()
-  _require(jax.process_count() == 1, "continual runs in one process (any number of local devices)")
+  train.require(jax.process_count() == 1, "continual runs in one process (any number of local devices)")
   for name, value in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size),
                       ("slca.align_batch_size", cfg.slca.align_batch_size),
                       ("batch_size + replay.batch_size", cfg.batch_size + cfg.replay.batch_size)):
-    _require(value % devices == 0, f"{name} {value} is not divisible by the device count {devices}")
-  train._check_workdir(workdir)  # pylint: disable=protected-access
+    train.require(value % devices == 0, f"{name} {value} is not divisible by the device count {devices}")
+  train.check_workdir(workdir)
 
 
 def _check_data(cfg: ml_collections.ConfigDict, train_ds: data_lib.ArrayDataset, streams: list[str],
@@ -175,17 +170,17 @@ def _check_data(cfg: ml_collections.ConfigDict, train_ds: data_lib.ArrayDataset,
   c = train_ds.num_classes
   if "split" in streams:
     k = cfg.split.classes_per_task
-    _require(c % k == 0 and c // k >= 2,
+    train.require(c % k == 0 and c // k >= 2,
              f"split.classes_per_task {k} must divide the {c} classes into at least 2 tasks")
   if cfg.scole.enabled:
-    _require(cfg.scole.classes_per_task <= c,
+    train.require(cfg.scole.classes_per_task <= c,
              f"scole.classes_per_task {cfg.scole.classes_per_task} exceeds the {c} classes")
   if "ewc_detect" in methods:
     window = cfg.detector.reference_window + cfg.detector.test_window
     for stream in streams:
       steps = min(_steps(len(t.train), cfg[stream].epochs_per_task, cfg.batch_size)
                   for t in _tasks(stream, cfg, train_ds, train_ds, cfg.seed))
-      _require(window < steps, f"detector windows reference_window + test_window = {window} must be below "
+      train.require(window < steps, f"detector windows reference_window + test_window = {window} must be below "
                                f"the {steps} steps of a {stream} task, or no switch can be detected")
 
 

@@ -68,11 +68,6 @@ ConfigError = train_lib.ConfigError
 
 # --- validation ---------------------------------------------------------------------------------------
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
 def _is_int(v: Any) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -80,18 +75,18 @@ def _is_int(v: Any) -> bool:
 def _positive_ints(cfg: ml_collections.ConfigDict, prefix: str, *names: str) -> None:
   for name in names:
     v = cfg[name]
-    _require(_is_int(v) and v > 0, f"{prefix}{name} must be a positive integer, got {v!r}")
+    train_lib.require(_is_int(v) and v > 0, f"{prefix}{name} must be a positive integer, got {v!r}")
 
 
 def parts(config: ml_collections.ConfigDict) -> list[str]:
   """The parts ``config.parts`` names, in the order given; unknown or empty is a ``ConfigError``."""
   value = config.parts
-  _require(isinstance(value, str), f"parts must be a comma-separated string, got {value!r}")
+  train_lib.require(isinstance(value, str), f"parts must be a comma-separated string, got {value!r}")
   names = [p.strip() for p in value.split(",") if p.strip()]
-  _require(bool(names), f"parts names no part; known: {', '.join(PARTS)}")
+  train_lib.require(bool(names), f"parts names no part; known: {', '.join(PARTS)}")
   for p in names:
-    _require(p in PARTS, f"unknown part {p!r} in parts; known: {', '.join(PARTS)}")
-  _require(len(set(names)) == len(names), f"parts names a part twice: {value!r}")
+    train_lib.require(p in PARTS, f"unknown part {p!r} in parts; known: {', '.join(PARTS)}")
+  train_lib.require(len(set(names)) == len(names), f"parts names a part twice: {value!r}")
   return names
 
 
@@ -105,34 +100,34 @@ def _library_check(field: str, factory: Callable, *args, **kwargs) -> None:
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks every value the selected parts use; raises ``ConfigError`` naming the first bad one."""
-  _require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
+  train_lib.require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
   selected = parts(config)
-  _require(_is_int(config.seed) and config.seed >= 0, f"seed must be a non-negative integer, got {config.seed!r}")
+  train_lib.require(_is_int(config.seed) and config.seed >= 0, f"seed must be a non-negative integer, got {config.seed!r}")
   if "alp_gmm" in selected:
     a = config.alp_gmm
     _positive_ints(a, "alp_gmm.", "episodes", "seeds", "score_every")
-    _require(a.episodes % a.score_every == 0,
+    train_lib.require(a.episodes % a.score_every == 0,
              f"alp_gmm.episodes ({a.episodes}) must be a multiple of alp_gmm.score_every ({a.score_every})")
-    _require(_is_int(a.fit_rate) and a.fit_rate > 0, f"alp_gmm.fit_rate must be a positive integer, got {a.fit_rate!r}")
+    train_lib.require(_is_int(a.fit_rate) and a.fit_rate > 0, f"alp_gmm.fit_rate must be a positive integer, got {a.fit_rate!r}")
     try:
       low, high = (np.asarray(v, np.float64) for v in a.bounds)
     except (TypeError, ValueError):
       raise ConfigError(f"alp_gmm.bounds must be a pair (low, high) of 2-vectors, got {a.bounds!r}") from None
-    _require(low.shape == (2,) and high.shape == (2,),
+    train_lib.require(low.shape == (2,) and high.shape == (2,),
              f"alp_gmm.bounds must be a pair (low, high) of 2-vectors (the toy env is 2-D), got {a.bounds!r}")
     _library_check("alp_gmm", alp_gmm.init, (tuple(low), tuple(high)), key=jax.random.key(0),
                    fit_rate=a.fit_rate, random_task_ratio=a.random_task_ratio,
                    history_size=max(a.episodes, 6))
   if "pudf" in selected or "pskd" in selected or "forecast" in selected:
-    _require(config.dataset in data_lib.DATASETS,
+    train_lib.require(config.dataset in data_lib.DATASETS,
              f"unknown dataset {config.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
-    _require(config.model in models.MODELS, f"unknown model {config.model!r}; known: {', '.join(models.MODELS)}")
-    _require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+    train_lib.require(config.model in models.MODELS, f"unknown model {config.model!r}; known: {', '.join(models.MODELS)}")
+    train_lib.require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
     _positive_ints(config, "", "num_seeds", "batch_size", "eval_batch_size")
   if "pudf" in selected:
     p = config.pudf
     _positive_ints(p, "pudf.", "epochs", "crowd_steps", "num_probe")
-    _require(_is_int(p.crowd_size) and p.crowd_size >= 2, f"pudf.crowd_size must be an integer >= 2, got {p.crowd_size!r}")
+    train_lib.require(_is_int(p.crowd_size) and p.crowd_size >= 2, f"pudf.crowd_size must be an integer >= 2, got {p.crowd_size!r}")
     _library_check("pudf", irt.pudf_init, patience=p.patience, bump=p.bump)
   if "pskd" in selected:
     s = config.pskd
@@ -141,17 +136,17 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   if "forecast" in selected:
     f = config.forecast
     _positive_ints(f, "forecast.", "num_steps", "eval_every", "min_points")
-    _require(f.min_points >= 4, f"forecast.min_points must be >= 4 (3-parameter curves), got {f.min_points}")
-    _require(f.num_steps // f.eval_every >= 4,
+    train_lib.require(f.min_points >= 4, f"forecast.min_points must be >= 4 (3-parameter curves), got {f.min_points}")
+    train_lib.require(f.num_steps // f.eval_every >= 4,
              f"forecast.num_steps / forecast.eval_every must give >= 4 evaluations, got "
              f"{f.num_steps} / {f.eval_every}")
-    _require(len(f.fractions) > 0 and all(0 < x < 1 for x in f.fractions),
+    train_lib.require(len(f.fractions) > 0 and all(0 < x < 1 for x in f.fractions),
              f"forecast.fractions must lie in (0, 1), got {tuple(f.fractions)}")
-    _require(f.min_gain >= 0, f"forecast.min_gain must be >= 0, got {f.min_gain}")
-    _require(_is_int(f.num_bootstrap) and f.num_bootstrap >= 0,
+    train_lib.require(f.min_gain >= 0, f"forecast.min_gain must be >= 0, got {f.min_gain}")
+    train_lib.require(_is_int(f.num_bootstrap) and f.num_bootstrap >= 0,
              f"forecast.num_bootstrap must be an integer >= 0, got {f.num_bootstrap!r}")
-    _require(0 < f.level < 1, f"forecast.level must be in (0, 1), got {f.level}")
-  train_lib._check_workdir(workdir)  # pylint: disable=protected-access
+    train_lib.require(0 < f.level < 1, f"forecast.level must be in (0, 1), got {f.level}")
+  train_lib.check_workdir(workdir)
 
 
 # --- part: ALP-GMM vs random on the toy env -----------------------------------------------------------

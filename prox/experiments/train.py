@@ -82,12 +82,13 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
 
 # --- checks before anything compiles -------------------------------------------------------------
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+  """Raises ``ConfigError(message)`` unless ``ok``."""
   if not ok:
     raise ConfigError(message)
 
 
-def _check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str) -> None:
   if "://" in workdir:
     return  # remote storage: checked by its first write
   try:
@@ -102,31 +103,31 @@ def _check_workdir(workdir: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks every value the training loop uses; raises ``ConfigError`` naming the first bad one."""
-  _require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
-  _require(config.dataset in data_lib.DATASETS,
+  require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
+  require(config.dataset in data_lib.DATASETS,
            f"unknown dataset {config.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
-  _require(config.model in models.MODELS,
+  require(config.model in models.MODELS,
            f"unknown model {config.model!r}; known: {', '.join(models.MODELS)}")
-  _require(config.optimizer in OPTIMIZERS,
+  require(config.optimizer in OPTIMIZERS,
            f"unknown optimizer {config.optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}")
-  _require(config.schedule in SCHEDULES,
+  require(config.schedule in SCHEDULES,
            f"unknown schedule {config.schedule!r}; known: {', '.join(SCHEDULES)}")
-  _require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
+  require(config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}")
   for name in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
                "keep_checkpoints", "eval_batch_size"):
     value = config[name]
-    _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-  _require(config.micro_batch_size >= 0,
+    require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+  require(config.micro_batch_size >= 0,
            f"micro_batch_size must be >= 0 (0: whole per-device batch), got {config.micro_batch_size}")
-  _require(config.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0, got {config.grad_clip_norm}")
+  require(config.grad_clip_norm >= 0, f"grad_clip_norm must be >= 0, got {config.grad_clip_norm}")
   devices = jax.device_count()
-  _require(config.batch_size % devices == 0,
+  require(config.batch_size % devices == 0,
            f"batch_size {config.batch_size} is not divisible by the device count {devices}")
-  _require(config.eval_batch_size % devices == 0,
+  require(config.eval_batch_size % devices == 0,
            f"eval_batch_size {config.eval_batch_size} is not divisible by the device count {devices}")
   per_device = config.batch_size // devices
   if config.micro_batch_size:
-    _require(per_device % config.micro_batch_size == 0,
+    require(per_device % config.micro_batch_size == 0,
              f"micro_batch_size {config.micro_batch_size} does not divide the per-device batch "
              f"{per_device} (batch_size {config.batch_size} / {devices} devices)")
   try:
@@ -134,7 +135,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   except TypeError as e:
     raise ConfigError(f"optimizer {config.optimizer!r} rejects optimizer_kwargs "
                       f"{dict(config.optimizer_kwargs)}: {e}") from None
-  _check_workdir(workdir)
+  check_workdir(workdir)
 
 
 def load_splits(config: ml_collections.ConfigDict) -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:
