@@ -83,11 +83,6 @@ def effective_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return cfg
 
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise train.ConfigError(message)
-
-
 def _is_int(v: Any) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -97,9 +92,9 @@ def _is_number(v: Any) -> bool:
 
 
 def _names(value: Any, field: str) -> list[str]:
-  _require(isinstance(value, str), f"{field} must be a comma-separated string, got {value!r}")
+  train.require(isinstance(value, str), f"{field} must be a comma-separated string, got {value!r}")
   names = [v.strip() for v in value.split(",") if v.strip()]
-  _require(bool(names), f"{field} is empty")
+  train.require(bool(names), f"{field} is empty")
   return names
 
 
@@ -108,9 +103,9 @@ def parse_sparsities(value: Any) -> list[tuple[int, int]]:
   out = []
   for item in _names(value, "sparsities"):
     match = re.fullmatch(r"(\d+):(\d+)", item)
-    _require(match is not None, f"sparsities: {item!r} is not of the form N:M (e.g. 1:16)")
+    train.require(match is not None, f"sparsities: {item!r} is not of the form N:M (e.g. 1:16)")
     nm = (int(match.group(1)), int(match.group(2)))
-    _require(nm not in out, f"sparsities: {item!r} is listed twice")
+    train.require(nm not in out, f"sparsities: {item!r} is listed twice")
     out.append(nm)
   return out
 
@@ -208,27 +203,27 @@ def _abstract_params(cfg: ml_collections.ConfigDict, setting: str, input_shape: 
 def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks every value the experiment uses, shapes included, before anything compiles."""
   cfg = effective_config(config)
-  _require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
-  _require(_is_int(cfg.num_seeds) and cfg.num_seeds > 0, f"num_seeds must be a positive integer, got "
+  train.require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
+  train.require(_is_int(cfg.num_seeds) and cfg.num_seeds > 0, f"num_seeds must be a positive integer, got "
                                                          f"{cfg.num_seeds!r}")
-  _require(_is_int(cfg.seed) and 0 <= cfg.seed and cfg.seed + cfg.num_seeds <= 2**31,
+  train.require(_is_int(cfg.seed) and 0 <= cfg.seed and cfg.seed + cfg.num_seeds <= 2**31,
            f"seed must be an int in [0, 2**31 - num_seeds], got {cfg.seed!r}")
   settings = _names(cfg.settings, "settings")
   for s in settings:
-    _require(s in cfg.models, f"settings: unknown setting {s!r}; known (in models): {', '.join(cfg.models)}")
-    _require(isinstance(cfg.models[s], ml_collections.ConfigDict) and
+    train.require(s in cfg.models, f"settings: unknown setting {s!r}; known (in models): {', '.join(cfg.models)}")
+    train.require(isinstance(cfg.models[s], ml_collections.ConfigDict) and
              sorted(cfg.models[s]) == sorted(_SETTING_FIELDS),
              f"models.{s} must be a dict with the fields {', '.join(_SETTING_FIELDS)}")
-    _require(cfg.models[s].model in models.MODELS,
+    train.require(cfg.models[s].model in models.MODELS,
              f"models.{s}.model: unknown model {cfg.models[s].model!r}; known: {', '.join(models.MODELS)}")
   sparsities = parse_sparsities(cfg.sparsities)
   for name in ("warmup_fraction", "finetune_fraction"):
     v = cfg[name]
-    _require(_is_number(v) and 0 <= v < 1, f"{name} must be a number in [0, 1), got {v!r}")
-  _require(cfg.warmup_fraction + cfg.finetune_fraction < 1,
+    train.require(_is_number(v) and 0 <= v < 1, f"{name} must be a number in [0, 1), got {v!r}")
+  train.require(cfg.warmup_fraction + cfg.finetune_fraction < 1,
            f"warmup_fraction + finetune_fraction must be < 1 (no sparse phase left), got "
            f"{cfg.warmup_fraction} + {cfg.finetune_fraction}")
-  _require(_is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0,
+  train.require(_is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 0,
            f"checkpoint_every must be an int >= 0 (0: only at the end), got {cfg.checkpoint_every!r}")
   try:
     re.compile(cfg.sparse_filter)
@@ -237,7 +232,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   for s in settings:
     for name in ("num_steps", "batch_size"):
       v = cfg.models[s][name]
-      _require(_is_int(v) and v > 0, f"models.{s}.{name} must be a positive integer, got {v!r}")
+      train.require(_is_int(v) and v > 0, f"models.{s}.{name} must be a positive integer, got {v!r}")
     rc = run_config(cfg, s, cfg.seed)
     train.validate(rc, workdir)
     for _, method, nm in runs(cfg, [s]):
@@ -253,7 +248,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   shape = tuple(int(d) for d in probe.images.shape[1:])
   for s in settings:
     params = _abstract_params(cfg, s, shape, probe.num_classes)
-    _require(bool(filters_lib.selected_paths(params, cfg.sparse_filter)),
+    train.require(bool(filters_lib.selected_paths(params, cfg.sparse_filter)),
              f"sparse_filter {cfg.sparse_filter!r} selects no parameter of models.{s} "
              f"(paths: {', '.join(filters_lib.selected_paths(params, filters_lib.by_ndim(0)))})")
     rc = run_config(cfg, s, cfg.seed)
@@ -264,7 +259,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       except ValueError as e:
         where = method if nm is None else f"{method} at {nm_label(*nm)}"
         raise train.ConfigError(f"models.{s}, {where}: {e}") from None
-  _require(cfg.schedule_plot == "" or cfg.schedule_plot in [nm_label(*nm) for nm in sparsities],
+  train.require(cfg.schedule_plot == "" or cfg.schedule_plot in [nm_label(*nm) for nm in sparsities],
            f"schedule_plot {cfg.schedule_plot!r} must be '' or one of sparsities {cfg.sparsities!r}")
 
 
