@@ -265,7 +265,10 @@ def make_train_step(
                                      c["groups"], g)
       return out
 
-    c = lax.fori_loop(0, n, body, carry)
+    if k_max == 1 and num_micro is None:
+      c = body(0, carry)   # one micro-batch: no loop (XLA:CPU runs convolutions ~8x slower in one)
+    else:
+      c = lax.fori_loop(0, n, body, carry)
     inv_n = 1.0 / n.astype(jnp.float32)
     scale = lambda tree: jax.tree.map(lambda x: (x * inv_n).astype(x.dtype), tree)
     grads = lax.pmean(scale(c["grad"]), DATA_AXIS)
