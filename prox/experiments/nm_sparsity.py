@@ -74,12 +74,7 @@ def effective_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   """A copy of ``config`` with the ``QUICK`` fields applied when ``config.quick``."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   if cfg.get("quick", False):
-    for dotted, value in QUICK.items():
-      *parents, leaf = dotted.split(".")
-      node = cfg
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    cfg.update_from_flattened_dict(QUICK)
   return cfg
 
 

@@ -89,10 +89,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   })
   c.progress = True                    # one line per finished run on stdout
   if variant == "quick":
-    for dotted, value in QUICK.items():
-      *parents, leaf = dotted.split(".")
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    c.update_from_flattened_dict(QUICK)
   return c
