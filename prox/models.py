@@ -133,21 +133,11 @@ _OPTIONS = {"mlp": ("hidden", "dtype"), "cnn": ("width", "hidden", "dtype"),
 _CLASSES = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}
 
 
-def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
-               **kwargs: Any) -> nnx.Module:
-  """Builds one of ``MODELS`` for images of ``input_shape = (H, W, C)``.
+def check_options(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
+                  **kwargs: Any) -> dict[str, Any]:
+  """Validates ``make_model``'s arguments without building anything; returns the normalised options.
 
-  Args:
-    name: ``"mlp"``, ``"cnn"`` or ``"resnet20"``.
-    input_shape: ``(H, W, C)`` of one image.
-    num_classes: number of output logits.
-    seed: seed of the parameter initialisation.
-    **kwargs: model options: mlp ``hidden=(1024, 1024)``; cnn ``width=32, hidden=128``; resnet20
-      ``width=16`` (channels of stage 1). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
-      parameters stay float32, logits are float32).
-
-  Returns:
-    The NNX module; ``module(images, train=...)`` returns float32 logits [B, num_classes].
+  Raises ``ValueError``/``TypeError`` with one line naming the bad value.
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
@@ -172,7 +162,27 @@ def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, see
       raise ValueError(f"hidden must be a positive int, got {hidden!r}")
   if "width" in kwargs and (not _is_int(kwargs["width"]) or kwargs["width"] < 1):
     raise ValueError(f"width must be a positive int, got {kwargs['width']!r}")
-  shape = tuple(int(d) for d in shape)
+  return kwargs
+
+
+def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
+               **kwargs: Any) -> nnx.Module:
+  """Builds one of ``MODELS`` for images of ``input_shape = (H, W, C)``.
+
+  Args:
+    name: ``"mlp"``, ``"cnn"`` or ``"resnet20"``.
+    input_shape: ``(H, W, C)`` of one image.
+    num_classes: number of output logits.
+    seed: seed of the parameter initialisation.
+    **kwargs: model options: mlp ``hidden=(1024, 1024)``; cnn ``width=32, hidden=128``; resnet20
+      ``width=16`` (channels of stage 1). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
+      parameters stay float32, logits are float32).
+
+  Returns:
+    The NNX module; ``module(images, train=...)`` returns float32 logits [B, num_classes].
+  """
+  kwargs = check_options(name, input_shape=input_shape, num_classes=num_classes, seed=seed, **kwargs)
+  shape = tuple(int(d) for d in input_shape)
   return _CLASSES[name](shape, int(num_classes), rngs=nnx.Rngs(int(seed)), **kwargs)
 
 

@@ -108,6 +108,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
            f"unknown dataset {config.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
   require(config.model in models.MODELS,
            f"unknown model {config.model!r}; known: {', '.join(models.MODELS)}")
+  try:  # the options alone (the image shape only matters once the data is loaded)
+    models.check_options(config.model, input_shape=(8, 8, 1), num_classes=10,
+                         **dict(config.model_kwargs))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"model {config.model!r} rejects model_kwargs {dict(config.model_kwargs)}: {e} "
+                      f"(a config file may offer the model's defaults, e.g. "
+                      f"--config=prox/experiments/configs/classify.py:{config.model})") from None
   require(config.optimizer in OPTIMIZERS,
            f"unknown optimizer {config.optimizer!r}; known: {', '.join(sorted(OPTIMIZERS))}")
   require(config.schedule in SCHEDULES,

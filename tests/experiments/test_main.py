@@ -108,3 +108,18 @@ def test_unknown_experiment_lists_the_known_ones(tmp_path):
   result = prox(f"--workdir={tmp_path}", "--config.experiment=classfy")
   assert result.returncode == 2
   assert "unknown experiment 'classfy'; known: " in result.stderr and "classify" in result.stderr
+
+
+def test_model_options_are_checked_and_a_config_variant_selects_another_model(tmp_path):
+  result = prox(f"--workdir={tmp_path / 'bad'}", "--config.model=cnn")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("prox: error: model 'cnn' rejects model_kwargs {'hidden': (256, 256)}")
+  assert "classify.py:cnn" in line
+  cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}:cnn",
+         f"--workdir={tmp_path / 'cnn'}", "--config.num_steps=30", "--config.eval_every=30",
+         "--config.progress=false"]
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((tmp_path / "cnn" / "metrics.json").read_text())["step"] == 30

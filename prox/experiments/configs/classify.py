@@ -2,12 +2,21 @@
 
 Defaults: an MLP (256-256) on the embedded `digits` dataset with Adam; reaches >= 97% test accuracy.
   prox --config=prox/experiments/configs/classify.py --workdir=runs/classify
+Another model with its own default options: --config=prox/experiments/configs/classify.py:cnn (or :resnet20).
 Override any field: --config.model=cnn --config.optimizer=sgd --config.optimizer_kwargs.momentum=0.9
 """
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+MODEL_KWARGS = {
+    "mlp": {"hidden": (256, 256)},
+    "cnn": {"width": 32, "hidden": 128},
+    "resnet20": {"width": 16},
+}
+
+
+def get_config(model: str = "mlp") -> ml_collections.ConfigDict:
+  """The config for ``model`` (``mlp``, ``cnn`` or ``resnet20``) with that model's default options."""
   c = ml_collections.ConfigDict()
   c.experiment = "classify"
   c.seed = 0
@@ -15,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset = "digits"
   c.data_dir = ""                      # TFDS data_dir ("" = TFDS default)
   # Model: mlp | cnn | resnet20, with model_kwargs passed to prox.models.make_model.
-  c.model = "mlp"
-  c.model_kwargs = ml_collections.ConfigDict({"hidden": (256, 256)})
+  c.model = model or "mlp"
+  c.model_kwargs = ml_collections.ConfigDict(MODEL_KWARGS.get(c.model, {}))
   # Optimizer: any name in prox.experiments.train.OPTIMIZERS (optax aliases and prox.optim).
   c.optimizer = "adam"
   c.optimizer_kwargs = ml_collections.ConfigDict()
