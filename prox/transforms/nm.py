@@ -306,6 +306,10 @@ def nm_schedule(
       raise ValueError(f"nm_sparsity: the structure stages {stages} must end at {n}:{m}")
     if len(stages) > 1 and sparse_steps is None:
       raise ValueError("nm_sparsity: method='sdgf' spreads its stages over the sparse phase and needs total_steps")
+    if sparse_steps is not None and sparse_steps < len(stages):
+      raise ValueError(f"nm_sparsity: the sparse phase of {sparse_steps} steps (total_steps={total_steps} - "
+                       f"warmup_steps={warmup_steps} - finetune_steps={finetune_steps}) is shorter than the "
+                       f"{len(stages)} structure stages {stages}; the final {n}:{m} would never be reached")
   else:
     if structure is not None:
       raise ValueError(f"nm_sparsity: structure applies to method='sdgf' only, got method={method!r}")

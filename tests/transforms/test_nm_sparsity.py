@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prox.transforms import filters, forward_params, hard_masked_params, nm
@@ -123,12 +123,19 @@ def test_reference_default_coef_leaves_beta_high():
 @settings(max_examples=15, deadline=None)
 @given(n=st.sampled_from([1, 2, 3]), m=st.sampled_from([4, 8, 16]), total=st.integers(8, 200),
        warmup=st.integers(0, 7), finetune=st.integers(0, 7), kind=st.sampled_from(["stepwise", "geometric"]))
+@example(n=1, m=4, total=8, warmup=6, finetune=0, kind="stepwise")  # 2 sparse steps, 3 stages (found by CI)
+@example(n=1, m=4, total=9, warmup=6, finetune=0, kind="stepwise")  # exactly one step per stage
 def test_sdgf_stages_spread_evenly_over_sparse_phase(n, m, total, warmup, finetune, kind):
   if n >= m or total - warmup - finetune <= 0:
     return
+  stages = nm.structure_stages(n, m, kind)
+  if total - warmup - finetune < len(stages):  # too short to visit every stage: refused, not truncated
+    with pytest.raises(ValueError, match=r"sparse phase of \d+ steps .* shorter than the \d+ structure stages"):
+      nm.nm_schedule(n, m, method="sdgf", structure=kind, total_steps=total, warmup_steps=warmup,
+                     finetune_steps=finetune)
+    return
   sched = nm.nm_schedule(n, m, method="sdgf", structure=kind, total_steps=total, warmup_steps=warmup,
                          finetune_steps=finetune)
-  stages = nm.structure_stages(n, m, kind)
   assert sched.stages == stages
   sparse = total - warmup - finetune
   got = np.asarray(sched.stage(jnp.arange(256)))[:total]
