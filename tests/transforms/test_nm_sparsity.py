@@ -78,8 +78,9 @@ def run(tx, params, x, t, steps, jit=True):
 
 @settings(max_examples=25, deadline=None)
 @given(decay=st.sampled_from(["linear", "exp", "step"]), coef=st.floats(1e-4, 0.5),
-       warmup=st.integers(0, 5), total=st.integers(10, 60), finetune=st.integers(0, 5),
+       warmup=st.integers(0, 5), total=st.integers(11, 60), finetune=st.integers(0, 5),
        count=st.integers(0, 80), use_total=st.booleans())
+@example(decay="linear", coef=0.5, warmup=5, total=11, finetune=5, count=5, use_total=True)  # 1 sparse step
 def test_beta_follows_formula_raw_coef(decay, coef, warmup, total, finetune, count, use_total):
   total_steps = total if use_total else None
   finetune = finetune if use_total else 0
