@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from prox.tasks import replay as RP
@@ -78,12 +77,9 @@ def test_valid_mask_and_sampling():
   assert mixed["image"].shape == (9, 2, 2) and w.tolist() == [1, 1, 1, 1, 1, 1, 1, 0, 0]
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(orbax_round_trip):
   state = RP.reservoir_add(RP.reservoir_init(_example(), 6), _batch(0, 9), jax.random.key(0))
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / "mem", state)
-  ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / "mem", jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  restored = orbax_round_trip(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
   key = jax.random.key(5)

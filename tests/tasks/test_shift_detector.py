@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from prox.tasks.shift_detector import shift_detector
@@ -47,7 +46,7 @@ def test_false_positive_rate_on_stationary_noise():
   assert int(_run(det, falling)[1].sum()) == 0
 
 
-def test_jit_no_recompile_vmap_nan_and_resume(tmp_path):
+def test_jit_no_recompile_vmap_nan_and_resume(orbax_round_trip):
   det = shift_detector(reference_window=20, test_window=5, threshold=5.0)
   update = jax.jit(det.update)
   s = det.init()
@@ -64,10 +63,7 @@ def test_jit_no_recompile_vmap_nan_and_resume(tmp_path):
   states, fired = jax.vmap(det.update)(states, jnp.array([1.0, 2.0, 3.0]))
   assert fired.shape == (3,)
   # checkpoint mid-stream, restore, and continue identically
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / "det", s)
-  ckpt.wait_until_finished()
-  r = ckpt.restore(tmp_path / "det", jax.tree.map(ocp.utils.to_shape_dtype_struct, s))
+  r = orbax_round_trip(s)
   tail = jnp.concatenate([jnp.ones(10), 5.0 * jnp.ones(5)])
   out_a = _run(det, tail, s)
   out_b = _run(det, tail, r)

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from prox.tasks import slca as SL
@@ -103,13 +102,10 @@ def test_head_alignment_on_sampled_features_learns_all_classes():
   assert acc > 0.97, acc
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(orbax_round_trip):
   feats, labels = _features()
   stats = SL.class_stats_update(SL.class_stats_init(4, 3), feats, labels, np.arange(4), 3)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / "stats", stats)
-  ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / "stats", jax.tree.map(ocp.utils.to_shape_dtype_struct, stats))
+  restored = orbax_round_trip(stats)
   assert type(restored) is SL.ClassStats
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(stats)):
     np.testing.assert_array_equal(a, b)

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from prox.transforms import gpm as G
@@ -150,16 +149,13 @@ def test_mask_dtypes_and_composition():
   assert float(jnp.abs(u["l1"]["kernel"]).min()) > 0
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(orbax_round_trip):
   params = _params()
   tx = optax.chain(optax.sgd(0.1, momentum=0.9), G.gpm())
   s = tx.init(params)
   a, _ = _low_rank(32, 8, 3, seed=1)
   s = G.gpm_update_opt_state(s, _acts(params, jnp.asarray(a)), 0.99)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / "gpm", s)
-  ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / "gpm", jax.tree.map(ocp.utils.to_shape_dtype_struct, s))
+  restored = orbax_round_trip(s)
   assert jax.tree.structure(restored) == jax.tree.structure(s)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(s)):
     np.testing.assert_array_equal(x, y)

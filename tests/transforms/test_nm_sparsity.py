@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -334,7 +333,7 @@ def test_bfloat16_params_keep_dtype():
   assert state.beta.dtype == jnp.float32
 
 
-def test_state_round_trips_and_resume_is_identical(tmp_path):
+def test_state_round_trips_and_resume_is_identical(orbax_round_trip):
   w0, x, t = data(8, d_in=8)
   params = {"w": jnp.asarray(w0, jnp.float32), "b": jnp.zeros(3)}
   tx = nm.nm_sparsity(optax.adam(1e-2), 1, 4, method="sdgf", total_steps=12)
@@ -344,11 +343,7 @@ def test_state_round_trips_and_resume_is_identical(tmp_path):
   again = jax.tree.unflatten(treedef, leaves)
   assert isinstance(again, nm.NMSparsityState) and again.masks["b"] is None
 
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "ckpt", {"params": p3, "opt_state": s3})
-    ckpt.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p3, "opt_state": s3})
-    restored = ckpt.restore(tmp_path / "ckpt", target)
+  restored = orbax_round_trip({"params": p3, "opt_state": s3})
   rp, rs = restored["params"], restored["opt_state"]
   assert isinstance(rs, nm.NMSparsityState)
   np.testing.assert_array_equal(np.asarray(rs.masks["w"]), np.asarray(s3.masks["w"]))

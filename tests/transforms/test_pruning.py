@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,7 +196,7 @@ def test_set_keeps_density_and_regrows_inactive_only():
   assert step._cache_size() == 1
 
 
-def test_pruning_state_checkpoint_round_trip(tmp_path):
+def test_pruning_state_checkpoint_round_trip(orbax_round_trip):
   params = params_fixture(6)
   tx = pruning.rigl(optax.adam(1e-2), sparsity=0.6, update_frequency=2, end_step=20, filter=filters.kernels())
   step = make_step(tx)
@@ -206,10 +205,7 @@ def test_pruning_state_checkpoint_round_trip(tmp_path):
     params, state = step(params, state)
   leaves, treedef = jax.tree.flatten(state)
   assert all(isinstance(x, jax.Array) for x in leaves)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "c", {"p": params, "s": state})
-    ckpt.wait_until_finished()
-    got = ckpt.restore(tmp_path / "c", jax.tree.map(ocp.utils.to_shape_dtype_struct, {"p": params, "s": state}))
+  got = orbax_round_trip({"p": params, "s": state})
   rp, rs = got["p"], got["s"]
   assert isinstance(rs, pruning.PruningState)
   for _ in range(3):
