@@ -127,7 +127,10 @@ class MetricWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter   # pylint: disable=g-import-not-at-top
       # A unique suffix: a resumed run must not overwrite an event file named after the same second.
-      self._tb = SummaryWriter(os.fspath(self.workdir / "tb"), filename_suffix=f".{time.time_ns()}")
+      # tensorboardX writes events on a thread and its flush() does not wait for that thread, so events
+      # could sit unflushed for flush_secs (default 120 s); 1 s bounds what a killed run loses.
+      self._tb = SummaryWriter(os.fspath(self.workdir / "tb"), filename_suffix=f".{time.time_ns()}",
+                               flush_secs=1)
     if progress and sys.stderr.isatty():
       from tqdm import tqdm   # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
@@ -150,7 +153,6 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", value, step)
-      self._tb.flush()
     if split == "train":
       self._postfix.update({short: values[name] for name, short in _BAR_KEYS.items()
                             if name in values})

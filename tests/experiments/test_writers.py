@@ -70,23 +70,31 @@ def test_rewrite_lines_for_object_stores_matches_append(tmp_path):
     assert (tmp_path / name).read_text() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n'
 
 
-def _settled_size(path, bigger_than=-1, timeout=10.0):
-  """The file's size once tensorboardX's writer thread has caught up (it may lag under load)."""
+def _scalars_once_written(workdir, expected, timeout=10.0):
+  """``all_scalars(workdir)`` once it holds every scalar in ``expected``, or after ``timeout`` seconds
+  (tensorboardX writes on a thread; the writer flushes it every second)."""
   deadline = time.time() + timeout
-  size = path.stat().st_size
-  while size <= bigger_than and time.time() < deadline:
+  while True:
+    try:
+      got = all_scalars(workdir)
+    except (struct.error, AssertionError):   # a record caught half-written
+      got = []
+    if set(expected) <= set(got) or time.time() > deadline:
+      return got
     time.sleep(0.05)
-    size = path.stat().st_size
-  return size
 
 
 def test_tensorboard_event_files_readable_and_grow(tmp_path):
   with MetricWriter(tmp_path, total_steps=10) as w:
     w.write(1, {"loss": 2.0, "accuracy": 0.125})
     event_file = next((tmp_path / "tb").iterdir())
-    size = _settled_size(event_file)
+    step_1 = [("train/accuracy", 1, 0.125), ("train/loss", 1, 2.0)]
+    # On disk before close (a killed run keeps them).
+    assert _scalars_once_written(tmp_path, step_1) == step_1
+    size = event_file.stat().st_size
     w.write(2, {"loss": 1.0})
-    assert _settled_size(event_file, bigger_than=size) > size
+    assert _scalars_once_written(tmp_path, [("train/loss", 2, 1.0)]) == step_1 + [("train/loss", 2, 1.0)]
+    assert event_file.stat().st_size > size
     w.write(2, {"accuracy": 0.75}, split="test")
   assert all_scalars(tmp_path) == [("test/accuracy", 2, 0.75), ("train/accuracy", 1, 0.125),
                                    ("train/loss", 1, 2.0), ("train/loss", 2, 1.0)]
