@@ -1,4 +1,4 @@
-"""Image classifiers in Flax NNX, and their pure functional form for the training step.
+"""The model zoo: MLP, CNN and ResNet-20 in Flax NNX, and their pure functional form.
 
 ``make_model(name, input_shape=..., num_classes=...)`` builds one of ``MODELS``:
 

@@ -1,0 +1,41 @@
+"""Image classifiers in Flax NNX, and their pure functional form for the training step.
+
+``make_model(name, input_shape=..., num_classes=...)`` builds one of ``MODELS``:
+
+* ``mlp``: flatten, then ``hidden`` ReLU dense layers, then a linear head.
+* ``cnn``: two 3x3 conv + ReLU + 2x2 max-pool blocks (``width``, ``2 * width`` channels), a ReLU dense
+  layer of ``hidden`` units and a linear head; works on 8x8, 28x28 and 32x32 inputs.
+* ``resnet20``: the CIFAR ResNet of He et al. 2016 ("Deep Residual Learning for Image Recognition",
+  Sec. 4.2): a 3x3 conv, 3 stages x 3 basic blocks with 16/32/64 channels (stride 2 at the start of
+  stages 2 and 3), BatchNorm, identity shortcuts with zero-padded channels (option A), global average
+  pooling and a linear head: 0.27M parameters for CIFAR-10.
+
+``functional(model)`` splits a model into ``apply(params, model_state, images, *, train)`` and two plain
+pytrees (nested dicts of jax arrays with string keys), which jit, grad, shard_map, optax and orbax all take
+as they are.
+"""
+from prox.models._zoo import (
+    BasicBlock,
+    CNN,
+    Functional,
+    MLP,
+    MODELS,
+    ResNet20,
+    check_options,
+    functional,
+    make_model,
+    param_count,
+)
+
+__all__ = [
+    "BasicBlock",
+    "CNN",
+    "Functional",
+    "MLP",
+    "MODELS",
+    "ResNet20",
+    "check_options",
+    "functional",
+    "make_model",
+    "param_count",
+]
