@@ -21,6 +21,11 @@ function of the parameters and the optimizer state::
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
 
+In an epoch loop, ``total_steps=training_steps(num_epochs=E, num_examples=N, batch_size=B)``, and the
+warm-up / fine-tune phases may be given as fractions of it (``warmup_steps=0.1``). By default every leaf with
+``ndim >= 2`` that can be grouped along ``axis`` is sparse (:func:`nm_filter`); the others, such as a first
+convolution with one input channel, stay dense and ``init`` warns naming them.
+
 Only jax/optax/numpy and the sibling helper files are imported, so these files can be copied into other
 optax code.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Union
 
@@ -50,8 +56,11 @@ __all__ = [
     "nm_mask",
     "nm_masks",
     "nm_schedule",
+    "nm_filter",
+    "nm_skipped",
     "nm_sparsity",
     "structure_stages",
+    "training_steps",
 ]
 
 METHODS = ("dense", "srste", "mdgf", "sdgf")
@@ -171,6 +180,66 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, filter: filters_
       lambda path, w: nm_mask(w, n, m, axis=axis, impl=impl, name=filters_lib.path_str(path)), params, filter)
 
 
+def nm_filter(m: Union[int, Sequence[int]], *, axis: int = -2) -> filters_lib.Filter:
+  """The default selection of :func:`nm_sparsity`: leaves with ``ndim >= 2`` that can be split into groups of ``m``.
+
+  Selects a leaf iff ``ndim >= 2`` and ``shape[axis]`` is divisible by every ``M`` in ``m`` (an int or the
+  ``M`` of each structure stage), i.e. by their least common multiple. A leaf for which ``axis`` is out of
+  range is selected, so that :func:`nm_mask` reports the bad axis instead of the leaf silently staying dense.
+  The first convolution of an image model (``[3, 3, 1 or 3, C]``: 1 or 3 input channels) is the usual
+  leaf this leaves dense.
+  """
+  ms = (m,) if isinstance(m, numbers.Integral) else tuple(m)
+  if not ms:
+    raise ValueError("nm_filter: m is empty")
+  lcm = math.lcm(*(_static_int("nm_filter", "m", mi, 2) for mi in ms))
+  axis = _static_int("nm_filter", "axis", axis, -(2**31))
+
+  def f(path: Any, leaf: Any) -> bool:
+    shape = getattr(leaf, "shape", None)
+    if shape is None or len(shape) < 2:
+      return False
+    if not -len(shape) <= axis < len(shape):
+      return True
+    return shape[axis] % lcm == 0
+
+  return f
+
+
+def nm_skipped(params: PyTree, m: Union[int, Sequence[int]], *, axis: int = -2) -> list[str]:
+  """The leaves :func:`nm_filter` leaves dense, one line each: ``"conv1/kernel (3, 3, 1, 32): 1 entry along axis 2"``.
+
+  These are the leaves with ``ndim >= 2`` whose ``axis`` length is not divisible by ``M`` (the least common
+  multiple of ``m``). :func:`nm_sparsity` with the default ``filter`` warns with this list at ``init``.
+  """
+  ms = (m,) if isinstance(m, numbers.Integral) else tuple(m)
+  keep = nm_filter(ms, axis=axis)
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    shape = tuple(getattr(leaf, "shape", ()))
+    if len(shape) >= 2 and not keep(path, leaf):
+      ax = axis % len(shape)
+      entries = "entry" if shape[ax] == 1 else "entries"
+      out.append(f"{filters_lib.path_str(path)} {shape}: {shape[ax]} {entries} along axis {ax}")
+  return out
+
+
+def _check_default_selection(params: PyTree, ms: tuple[int, ...], axis: int) -> None:
+  """Warns about the leaves the default filter leaves dense; raises if it leaves every candidate dense."""
+  skipped = nm_skipped(params, ms, axis=axis)
+  if not skipped:
+    return
+  lcm = math.lcm(*ms)
+  what = f"not divisible by M={lcm}"
+  if not filters_lib.selected_paths(params, nm_filter(ms, axis=axis)):
+    raise ValueError(f"nm_sparsity: no leaf can be made N:M sparse along axis {axis}: "
+                     f"{'; '.join(skipped)}, {what}; choose another axis or pad the layers")
+  warnings.warn(
+      f"nm_sparsity: the default filter keeps {len(skipped)} leaf/leaves dense, {what}: {'; '.join(skipped)}. "
+      "Pass filter= (e.g. prox.transforms.dense_kernels()) to choose the sparse leaves yourself.",
+      UserWarning, stacklevel=3)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------------
@@ -211,6 +280,48 @@ def structure_stages(n: int, m: int, kind: Union[str, Sequence[tuple[int, int]]]
 
 def _is_number(x: Any) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _steps_or_fraction(name: str, v: Any, total_steps: int | None) -> int:
+  """A phase length: an int number of steps, or a float ``f`` in ``[0, 1)``: ``round(f * total_steps)`` steps."""
+  if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)):
+    if not 0.0 <= v < 1.0:
+      raise ValueError(f"nm_sparsity: {name}={v!r} is a float, i.e. a fraction of total_steps, and must lie in "
+                       "[0, 1); give an int for a number of steps")
+    if total_steps is None:
+      raise ValueError(f"nm_sparsity: {name}={v!r} is a fraction of training and needs total_steps")
+    return int(round(float(v) * total_steps))
+  return _static_int("nm_sparsity", name, v)
+
+
+def training_steps(*, num_epochs: int, steps_per_epoch: int | None = None, num_examples: int | None = None,
+                   batch_size: int | None = None, drop_remainder: bool = True) -> int:
+  """The number of optimizer steps of an epoch loop: ``num_epochs * steps_per_epoch``.
+
+  Give ``steps_per_epoch``, or ``num_examples`` and ``batch_size``: then ``steps_per_epoch =
+  floor(num_examples / batch_size)`` with ``drop_remainder`` (the last, partial batch is skipped, as in
+  ``tf.data``'s ``batch(..., drop_remainder=True)``) and ``ceil(num_examples / batch_size)`` without. The
+  result is what ``total_steps`` of :func:`nm_sparsity` (and the ``end_step`` of other schedules) expects::
+
+    total = training_steps(num_epochs=10, num_examples=len(train), batch_size=128)
+    tx = nm_sparsity(optax.adam(1e-3), 2, 4, total_steps=total, warmup_steps=0.1, finetune_steps=0.2)
+  """
+  where = "training_steps"
+  num_epochs = _static_int(where, "num_epochs", num_epochs, 1)
+  if steps_per_epoch is not None:
+    if num_examples is not None or batch_size is not None:
+      raise ValueError(f"{where}: give steps_per_epoch or num_examples and batch_size, not both")
+    per_epoch = _static_int(where, "steps_per_epoch", steps_per_epoch, 1)
+  else:
+    if num_examples is None or batch_size is None:
+      raise ValueError(f"{where}: give steps_per_epoch, or num_examples and batch_size")
+    num_examples = _static_int(where, "num_examples", num_examples, 1)
+    batch_size = _static_int(where, "batch_size", batch_size, 1)
+    per_epoch = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
+    if per_epoch == 0:
+      raise ValueError(f"{where}: batch_size={batch_size} exceeds num_examples={num_examples}, so with "
+                       "drop_remainder=True an epoch has no step")
+  return num_epochs * per_epoch
 
 
 class NMSchedule(NamedTuple):
@@ -283,14 +394,15 @@ def nm_schedule(
   if method not in METHODS:
     raise ValueError(f"nm_sparsity: unknown method {method!r}; expected one of {METHODS}")
   n, m = _check_nm(n, m, "nm_sparsity")
-  warmup_steps = _static_int("nm_sparsity", "warmup_steps", warmup_steps)
-  finetune_steps = _static_int("nm_sparsity", "finetune_steps", finetune_steps)
+  if total_steps is not None:
+    total_steps = _static_int("nm_sparsity", "total_steps", total_steps, 1)
+  warmup_steps = _steps_or_fraction("warmup_steps", warmup_steps, total_steps)
+  finetune_steps = _steps_or_fraction("finetune_steps", finetune_steps, total_steps)
   for name, v in (("decay_end", decay_end), ("floor", floor)):
     if v is not None and not _is_number(v):
       raise TypeError(f"nm_sparsity: {name} must be a static Python float (with optax.inject_hyperparams pass "
                       f"static_args=prox.transforms.nm.STATIC_ARGS); got {v!r}")
   if total_steps is not None:
-    total_steps = _static_int("nm_sparsity", "total_steps", total_steps, 1)
     sparse_steps = int(total_steps) - int(warmup_steps) - int(finetune_steps)
     if sparse_steps <= 0:
       raise ValueError(f"nm_sparsity: total_steps={total_steps} leaves no sparse phase after warmup_steps="
@@ -430,9 +542,14 @@ def nm_sparsity(
     inner: the optimizer to wrap (it receives the straight-through / SR-STE gradient).
     n, m: keep ``n`` of every ``m`` (``1 <= n < m``).
     method, decay, decay_coef, decay_end, floor, structure, srste_lambda: see above.
-    total_steps, warmup_steps, finetune_steps, finetune_fixed_mask: the phases (see above).
+    total_steps, warmup_steps, finetune_steps, finetune_fixed_mask: the phases (see above). ``warmup_steps``
+      and ``finetune_steps`` are ints (steps) or floats in ``[0, 1)``: fractions of ``total_steps``, rounded
+      to the nearest step. For an epoch loop, :func:`training_steps` gives ``total_steps``.
     axis: the grouping axis of each selected leaf (default ``-2``: the input dimension of flax kernels).
-    filter: which leaves are sparse (default: every leaf with ``ndim >= 2``); see :mod:`filters`.
+    filter: which leaves are sparse; see :mod:`filters`. Default :func:`nm_filter`: every leaf with
+      ``ndim >= 2`` whose ``axis`` length is divisible by ``M`` (of every stage); ``init`` warns naming the
+      leaves it leaves dense (typically the first convolution, ``[3, 3, 1, C]``) and raises if none is left.
+      An explicit filter that selects a leaf that cannot be grouped raises at ``init``.
     impl: the mask algorithm of :func:`nm_mask`.
   """
   schedule = nm_schedule(n, m, method=method, decay=decay, decay_coef=decay_coef, decay_end=decay_end,
@@ -445,7 +562,9 @@ def nm_sparsity(
   if finetune_fixed_mask and not finetune_steps:
     raise ValueError("nm_sparsity: finetune_fixed_mask needs finetune_steps > 0")
   axis = _static_int("nm_sparsity", "axis", axis, -(2**31))
-  filt = filters_lib.as_filter(filter)
+  stage_ms = tuple(sorted({mi for _, mi in schedule.stages}))
+  default_filter = filter is None
+  filt = nm_filter(stage_ms, axis=axis) if default_filter else filters_lib.as_filter(filter)
   inner = optax.with_extra_args_support(inner)
   fixed_start = None if not finetune_fixed_mask else schedule.warmup_steps + schedule.sparse_steps
 
@@ -472,6 +591,8 @@ def nm_sparsity(
   def init_fn(params: PyTree) -> NMSparsityState:
     # Tracing every stage's mask here (lax.switch traces all branches) checks each leaf's axis against
     # each stage's M, so a bad shape fails at init, before anything compiles.
+    if default_filter:
+      _check_default_selection(params, stage_ms, axis)
     count = jnp.zeros([], jnp.int32)
     return NMSparsityState(
         count=count,

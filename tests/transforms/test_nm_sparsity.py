@@ -433,3 +433,102 @@ def test_inside_optax_partition_only_labelled_leaves_are_sparse():
   fwd = forward_params(params, state)
   np.testing.assert_array_equal(np.asarray(fwd["v"]), np.asarray(params["v"]))
   np.testing.assert_array_equal(np.asarray(fwd["w"]) != 0, ref_mask(params["w"], 1, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Default filter and schedule helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def cnn_params():
+  """A flax-like CNN on 1-channel images: the first conv has 1 input channel (axis -2), not divisible by 4."""
+  return {"conv1": {"kernel": jnp.ones((3, 3, 1, 8)), "bias": jnp.ones(8)},
+          "conv2": {"kernel": jnp.ones((3, 3, 8, 16)), "bias": jnp.ones(16)},
+          "linear": {"kernel": jnp.ones((64, 6)), "bias": jnp.ones(6)}}
+
+
+def test_default_filter_skips_leaves_that_cannot_be_grouped_and_warns_naming_them():
+  params = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32),
+                        cnn_params())
+  assert nm.nm_skipped(params, 4) == ["conv1/kernel (3, 3, 1, 8): 1 entry along axis 2"]
+  tx = nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste")
+  with pytest.warns(UserWarning, match=r"keeps 1 leaf/leaves dense, not divisible by M=4: conv1/kernel "
+                                       r"\(3, 3, 1, 8\): 1 entry along axis 2\. Pass filter="):
+    state = tx.init(params)
+  assert state.masks["conv1"]["kernel"] is None and state.masks["conv1"]["bias"] is None
+  for name in ("conv2", "linear"):
+    mask = np.asarray(state.masks[name]["kernel"])
+    w = np.asarray(params[name]["kernel"]).reshape(-1, params[name]["kernel"].shape[-2],
+                                                    params[name]["kernel"].shape[-1])
+    np.testing.assert_array_equal(mask.reshape(w.shape), np.stack([ref_mask(wi, 2, 4) for wi in w]))
+  # The skipped leaf trains densely and is unchanged by forward_params.
+  fwd = forward_params(params, state)
+  np.testing.assert_array_equal(np.asarray(fwd["conv1"]["kernel"]), np.asarray(params["conv1"]["kernel"]))
+
+
+def test_default_filter_uses_every_stage_m_and_explicit_filter_still_raises():
+  # SdGf geometric 1:4 -> 4:16, 2:8, 1:4: a leaf must divide by 16 to be sparse in every stage.
+  params = {"a": jnp.ones((8, 3)), "b": jnp.ones((32, 3))}
+  geo = nm.nm_sparsity(optax.sgd(0.1), 1, 4, method="sdgf", structure="geometric", total_steps=10)
+  with pytest.warns(UserWarning, match=r"not divisible by M=16: a \(8, 3\): 8 entries along axis 0"):
+    state = geo.init(params)
+  assert state.masks["a"] is None and state.masks["b"] is not None
+  # An explicit selection is the user's choice: a leaf that cannot be grouped is an error, not skipped.
+  tx = nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste", filter=filters.kernels())
+  with pytest.raises(ValueError, match=r"leaf 'conv1/kernel' with shape \(3, 3, 1, 8\) has 1 entries along axis 2"):
+    tx.init(cnn_params())
+
+
+def test_default_filter_raises_when_nothing_can_be_sparse_and_is_silent_when_all_fit(recwarn):
+  tx = nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste")
+  with pytest.raises(ValueError, match=r"no leaf can be made N:M sparse along axis -2: w \(6, 3\): 6 entries"):
+    tx.init({"w": jnp.ones((6, 3)), "b": jnp.ones(3)})
+  tx.init({"w": jnp.ones((8, 3)), "b": jnp.ones(3)})
+  assert not [w for w in recwarn if "nm_sparsity" in str(w.message)]
+  # An out-of-range axis is reported, not silently skipped.
+  with pytest.raises(ValueError, match=r"axis 5 is out of range"):
+    nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste", axis=5).init({"w": jnp.ones((8, 4))})
+
+
+@pytest.mark.parametrize("kwargs, steps", [
+    (dict(num_epochs=3, steps_per_epoch=7), 21),
+    (dict(num_epochs=2, num_examples=1347, batch_size=128), 20),
+    (dict(num_epochs=2, num_examples=1347, batch_size=128, drop_remainder=False), 22),
+    (dict(num_epochs=1, num_examples=256, batch_size=128), 2),
+])
+def test_training_steps(kwargs, steps):
+  assert nm.training_steps(**kwargs) == steps
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_epochs=0, steps_per_epoch=3), r"num_epochs must be an int >= 1, got 0"),
+    (dict(num_epochs=2), r"give steps_per_epoch, or num_examples and batch_size"),
+    (dict(num_epochs=2, steps_per_epoch=3, batch_size=4), r"not both"),
+    (dict(num_epochs=2, num_examples=10, batch_size=16), r"batch_size=16 exceeds num_examples=10"),
+])
+def test_training_steps_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    nm.training_steps(**kwargs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(total=st.integers(20, 400), warm=st.floats(0.0, 0.4), fine=st.floats(0.0, 0.4))
+def test_phase_fractions_equal_the_rounded_step_counts(total, warm, fine):
+  frac = nm.nm_schedule(2, 4, method="mdgf", total_steps=total, warmup_steps=warm, finetune_steps=fine)
+  steps = nm.nm_schedule(2, 4, method="mdgf", total_steps=total, warmup_steps=round(warm * total),
+                         finetune_steps=round(fine * total))
+  assert frac == steps
+  assert frac.warmup_steps == round(warm * total)
+  assert frac.sparse_steps == total - round(warm * total) - round(fine * total)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(warmup_steps=0.2), r"warmup_steps=0.2 is a fraction of training and needs total_steps"),
+    (dict(total_steps=10, warmup_steps=1.5), r"warmup_steps=1.5 is a float, i.e. a fraction of total_steps, "
+                                             r"and must lie in \[0, 1\)"),
+    (dict(total_steps=10, finetune_steps=-0.1), r"finetune_steps=-0.1 is a float"),
+    (dict(total_steps=10, warmup_steps=0.5, finetune_steps=0.5), r"leaves no sparse phase"),
+])
+def test_phase_fraction_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste", **kwargs)
