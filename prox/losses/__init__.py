@@ -1,0 +1,46 @@
+"""Losses as pure functions on arrays: distillation (logit, hidden-state), loss-mix schedules,
+weak-to-strong preference learning and progressive (boosted) students.
+
+Each loss returns one value per example, like optax's losses; imports only jax, optax and numpy.
+"""
+from prox.losses._distillation import (
+    PreferencePairs,
+    agreement_mask,
+    boosted_distillation_loss,
+    dense_conv_flops,
+    distillation_loss,
+    dpo_loss,
+    ensemble_flops,
+    ensemble_logits,
+    hidden_distillation_loss,
+    hidden_projection_init,
+    kd_loss,
+    loss_mix,
+    preference_pairs,
+    project_hidden,
+    residual_loss,
+    residual_target,
+    sequence_log_prob,
+    weak_to_strong_mask,
+)
+
+__all__ = [
+    "PreferencePairs",
+    "agreement_mask",
+    "boosted_distillation_loss",
+    "dense_conv_flops",
+    "distillation_loss",
+    "dpo_loss",
+    "ensemble_flops",
+    "ensemble_logits",
+    "hidden_distillation_loss",
+    "hidden_projection_init",
+    "kd_loss",
+    "loss_mix",
+    "preference_pairs",
+    "project_hidden",
+    "residual_loss",
+    "residual_target",
+    "sequence_log_prob",
+    "weak_to_strong_mask",
+]
