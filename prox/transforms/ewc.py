@@ -24,10 +24,16 @@ Penalty (for logging; its gradient is the update above): ``lambda/2 * (sum_i S_i
 Stability: the penalty is a quadratic of curvature ``lambda * F_i`` per coordinate; plain SGD with learning
 rate ``lr`` diverges along coordinate ``i`` once ``lr * lambda * F_i > 2`` (heavy-ball momentum ``beta``:
 ``2 (1 + beta)``; Nesterov: ``2 (1 + beta) / (1 + 2 beta)``). ``consolidate(..., learning_rate=lr)`` warns
-when ``lambda * max(F) * lr`` exceeds ``stability_limit`` (default 2, plain SGD) -- the blow-up behind the
-issue's measurement that Avalanche's EWC with ``lambda = 1000`` on split digits turns the weights to NaN. Adam-type optimizers normalise the step, so the bound
-does not apply to them (pass ``learning_rate=None``). ``optax.apply_if_finite`` around the chain skips
-non-finite steps.
+when ``lambda * max(F) * lr`` exceeds ``stability_limit`` (default 2, plain SGD): beyond it the weights
+oscillate with growing amplitude and turn to NaN (Avalanche's EWC with ``lambda = 1000`` on split digits does
+this). Adam-type optimizers normalise the step, so the bound does not apply to them (pass
+``learning_rate=None``). ``optax.apply_if_finite`` around the chain skips non-finite steps.
+
+Choosing lambda: :func:`ewc_lambda_range` computes the interval from the Fisher of the old task, the
+curvature of the new task's loss and the learning rate (the derivation is in its docstring): below ``low``
+the new task's loss pulls the important weights more than half-way away from their anchors, above ``high``
+SGD diverges. Lambda has no scale of its own: a well-fitted task has small per-example gradients, hence a
+small Fisher, and needs a large lambda (1e3-1e4 for a CNN on digits).
 
 The hyperparameters live in the state (``ewc_lambda`` written by every ``update``, so
 ``optax.inject_hyperparams`` schedules reach ``ewc_penalty``; ``gamma`` and the mode are fixed at ``init``),
@@ -254,6 +260,126 @@ def ewc_penalty(state: EWCState, params: PyTree) -> jax.Array:
   return 0.5 * state.ewc_lambda.astype(dtype) * (total + state.offset)
 
 
+def sgd_stability_limit(momentum: float = 0.0, *, nesterov: bool = False) -> float:
+  """The largest stable ``lr * c`` of ``optax.sgd(lr, momentum, nesterov)`` on a quadratic of curvature ``c``.
+
+  Plain SGD: ``e <- (1 - lr c) e`` is stable iff ``lr c < 2``. Heavy ball (``v <- beta v + g``, ``w <- w - lr v``):
+  the error obeys ``z^2 - (1 + beta - lr c) z + beta = 0``, stable iff ``lr c < 2 (1 + beta)``. Nesterov
+  (``w <- w - lr (beta v' + g)``): ``lr c < 2 (1 + beta) / (1 + 2 beta)``.
+  """
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"sgd_stability_limit: momentum must lie in [0, 1), got {momentum!r}")
+  if nesterov:
+    return 2.0 * (1.0 + momentum) / (1.0 + 2.0 * momentum)
+  return 2.0 * (1.0 + momentum)
+
+
+class EWCLambdaRange(NamedTuple):
+  """What :func:`ewc_lambda_range` proposes.
+
+  Attributes:
+    low: the smallest useful lambda: the penalty holds the important weights ``retention`` of the way to
+      their anchors against the new task's loss.
+    high: the largest stable lambda for SGD, ``stability_limit / (lr * max_fisher)`` (``inf`` without a
+      learning rate, e.g. for Adam).
+    max_fisher: ``max_i F_i``.
+    fisher_scale: the Fisher-weighted mean Fisher ``sum F^2 / sum F`` (the Fisher of the weights that matter).
+    curvature_scale: the Fisher-weighted mean curvature of the new loss ``sum F h / sum F``.
+  """
+  low: float
+  high: float
+  max_fisher: float
+  fisher_scale: float
+  curvature_scale: float
+
+  @property
+  def geometric_mean(self) -> float:
+    """``sqrt(low * high)``: the middle of the range on a log scale (``inf`` when ``high`` is)."""
+    return float(np.sqrt(self.low * self.high))
+
+
+def ewc_lambda_range(
+    fisher: PyTree | EWCState,
+    *,
+    curvature: PyTree | float,
+    learning_rate: float | None = None,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    retention: float = 0.5,
+) -> EWCLambdaRange:
+  """Proposes the range of EWC lambdas that both matter and keep SGD stable.
+
+  Near the anchor ``m`` of the old task, with the old task's diagonal Fisher ``F`` and a diagonal model of the
+  new task's loss ``L_B(w) ~ sum_i h_i / 2 (w_i - a_i)^2`` (curvature ``h_i``, minimiser ``a_i``), training
+  minimises ``L_B(w) + lambda/2 sum_i F_i (w_i - m_i)^2``.
+
+  Upper end (stability). The objective's curvature along coordinate ``i`` is at least ``lambda F_i``;
+  gradient descent with learning rate ``lr`` diverges along it once ``lr * lambda * F_i`` exceeds ``2``
+  (``2 (1 + beta)`` with heavy-ball momentum ``beta``, ``2 (1 + beta) / (1 + 2 beta)`` with Nesterov; see
+  :func:`sgd_stability_limit`). Hence ``high = limit / (lr * max_i F_i)``.
+
+  Lower end (the penalty matters). The penalised minimum is
+  ``w_i = (h_i a_i + lambda F_i m_i) / (h_i + lambda F_i)``: the penalty keeps the fraction
+  ``r_i = lambda F_i / (h_i + lambda F_i)`` of the way back to the old anchor, so ``r_i >= rho`` needs
+  ``lambda F_i >= rho / (1 - rho) h_i``. One lambda for all coordinates: the least-squares fit of
+  ``lambda F`` to ``rho / (1 - rho) h``, which weights coordinates by ``F_i^2`` (the important ones),
+
+      low = rho / (1 - rho) * sum_i F_i h_i / sum_i F_i^2 = rho / (1 - rho) * curvature_scale / fisher_scale.
+
+  When ``h`` is proportional to ``F`` every coordinate keeps exactly ``rho`` at ``lambda = low``.
+
+  The curvature of a log-likelihood loss is its Fisher (Gauss-Newton), so ``curvature`` is best the new
+  task's :func:`diagonal_fisher` *at the old anchor*, computed on a batch of new-task examples before
+  training on it, in the same units as ``fisher`` (both means over examples; the loss a mean over the
+  batch). A scalar ``curvature`` is the same ``h`` for every coordinate. If ``low >= high`` no lambda works
+  with this learning rate: lower it, or use an optimizer that normalises the step (Adam).
+
+  Args:
+    fisher: the old task's diagonal Fisher (a pytree), or an ``EWCState`` (its accumulated Fisher).
+    curvature: ``h``, a pytree like ``fisher`` or a float ``> 0``.
+    learning_rate: SGD's learning rate; ``None`` (e.g. Adam): ``high = inf``.
+    momentum, nesterov: the SGD variant, for the stability limit.
+    retention: ``rho`` in ``(0, 1)``.
+
+  Returns:
+    An :class:`EWCLambdaRange` of Python floats (computed on the host in float64).
+  """
+  if not 0.0 < retention < 1.0:
+    raise ValueError(f"ewc_lambda_range: retention must lie in (0, 1), got {retention!r}")
+  if learning_rate is not None and not learning_rate > 0:
+    raise ValueError(f"ewc_lambda_range: learning_rate must be > 0 or None, got {learning_rate!r}")
+  limit = sgd_stability_limit(momentum, nesterov=nesterov)
+  if isinstance(fisher, EWCState):
+    fisher = fisher.fisher
+  f_leaves = [np.asarray(jax.device_get(x), np.float64) for x in jax.tree.leaves(fisher)]
+  if not f_leaves:
+    raise ValueError("ewc_lambda_range: fisher has no leaves")
+  if any(np.any(~np.isfinite(x)) or np.any(x < 0) for x in f_leaves):
+    raise ValueError("ewc_lambda_range: fisher must be finite and >= 0")
+  if isinstance(curvature, (int, float, np.number)) and not isinstance(curvature, bool):
+    if not (np.isfinite(curvature) and curvature > 0):
+      raise ValueError(f"ewc_lambda_range: curvature must be > 0, got {curvature!r}")
+    h_leaves = [np.full(x.shape, float(curvature)) for x in f_leaves]
+  else:
+    bad = _first_mismatch(fisher, curvature)
+    if bad is not None:
+      raise ValueError(f"ewc_lambda_range: curvature does not match the Fisher's tree: {bad}")
+    h_leaves = [np.asarray(jax.device_get(x), np.float64) for x in jax.tree.leaves(curvature)]
+    if any(np.any(~np.isfinite(x)) or np.any(x < 0) for x in h_leaves):
+      raise ValueError("ewc_lambda_range: curvature must be finite and >= 0")
+  sum_f = sum(float(np.sum(x)) for x in f_leaves)
+  if sum_f <= 0:
+    raise ValueError("ewc_lambda_range: the Fisher is zero everywhere, so no lambda has any effect")
+  sum_f2 = sum(float(np.sum(x * x)) for x in f_leaves)
+  sum_fh = sum(float(np.sum(x * h)) for x, h in zip(f_leaves, h_leaves))
+  max_f = max(float(np.max(x, initial=0.0)) for x in f_leaves)
+  fisher_scale, curvature_scale = sum_f2 / sum_f, sum_fh / sum_f
+  low = retention / (1.0 - retention) * sum_fh / sum_f2
+  high = float("inf") if learning_rate is None else limit / (float(learning_rate) * max_f)
+  return EWCLambdaRange(low=low, high=high, max_fisher=max_f, fisher_scale=fisher_scale,
+                        curvature_scale=curvature_scale)
+
+
 def _is_ewc_state(x) -> bool:
   return isinstance(x, EWCState)
 
@@ -281,7 +407,7 @@ def diagonal_fisher(
     minibatch_size: int | None = None,
     chunk_size: int | None = None,
 ) -> PyTree:
-  """Diagonal empirical Fisher of ``logprob_fn`` over ``batch`` (Kirkpatrick et al. 2017, METHODS.md 4).
+  """Diagonal empirical Fisher of ``logprob_fn`` over ``batch`` (Kirkpatrick et al. 2017).
 
   ``logprob_fn(params, example) -> scalar`` is ``log p(y | x, params)`` of ONE example (``batch`` leaves have
   a leading axis of ``N`` examples; ``example`` is one slice).
@@ -295,8 +421,8 @@ def diagonal_fisher(
   How lambda scales between them: if per-example gradients have mean ``mu`` and variance ``sigma**2`` per
   coordinate, ``E[F] = mu**2 + sigma**2`` while ``E[F_B] = mu**2 + sigma**2 / B``. After training
   ``mu ~ 0``, so ``F / F_B`` lies between 1 and ``B`` (close to ``B`` at a minimum): a lambda tuned for
-  Avalanche's mini-batch Fisher corresponds to a lambda ``F_B / F`` times smaller with the per-example Fisher
-  (the issue reports 3-17x on digits). Measured by ``benchmarks/ewc_fisher.py`` (MLP 64-64-10 trained with SGD
+  Avalanche's mini-batch Fisher corresponds to a lambda ``F_B / F`` times smaller with the per-example Fisher.
+  Measured by ``benchmarks/ewc_fisher.py`` (MLP 64-64-10 trained with SGD
   on digits), ``sum(F) / sum(F_B)``: split-digits task 0 (269 examples) 10.1 / 7.4 / 4.4 / 2.7 for
   ``B = 10 / 32 / 64 / 128`` (a short last mini-batch pulls the ratio below ``B``); all 1347 training examples
   9.8 / 30.5 / 60.1 / 108.8.

@@ -321,3 +321,92 @@ def test_checkpoint_round_trip(orbax_round_trip):
   u2, _ = tx.update(g, restored, w)
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
     np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lambda guidance
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_lambda_range_hand_computed():
+  fisher = {"a": np.array([1e-4, 3e-4]), "b": np.array([[2e-4]])}
+  h = {"a": np.array([0.02, 0.01]), "b": np.array([[0.05]])}
+  r = E.ewc_lambda_range(fisher, curvature=h, learning_rate=0.1, momentum=0.9)
+  f, hh = np.array([1e-4, 3e-4, 2e-4]), np.array([0.02, 0.01, 0.05])
+  np.testing.assert_allclose(r.low, np.sum(f * hh) / np.sum(f * f), rtol=1e-12)
+  np.testing.assert_allclose(r.high, 2 * 1.9 / (0.1 * 3e-4), rtol=1e-12)
+  np.testing.assert_allclose(r.fisher_scale, np.sum(f * f) / np.sum(f), rtol=1e-12)
+  np.testing.assert_allclose(r.curvature_scale, np.sum(f * hh) / np.sum(f), rtol=1e-12)
+  assert r.max_fisher == 3e-4
+  np.testing.assert_allclose(r.geometric_mean, np.sqrt(r.low * r.high))
+  # scalar curvature, retention 0.8 (factor 4), Nesterov limit, no learning rate
+  r2 = E.ewc_lambda_range(fisher, curvature=0.03, retention=0.8)
+  np.testing.assert_allclose(r2.low, 4 * 0.03 * np.sum(f) / np.sum(f * f), rtol=1e-12)
+  assert r2.high == float("inf")
+  assert E.sgd_stability_limit(0.5, nesterov=True) == pytest.approx(2 * 1.5 / 2.0)
+  # an EWCState is accepted for its accumulated Fisher
+  params = {"a": jnp.zeros(2), "b": jnp.zeros((1, 1))}
+  state = E.consolidate(E.ewc(1.0).init(params), params, jax.tree.map(jnp.asarray, fisher))
+  np.testing.assert_allclose(E.ewc_lambda_range(state, curvature=h).low, r.low, rtol=1e-6)
+
+
+@pytest.mark.parametrize("retention", [0.5, 0.9])
+def test_lambda_low_keeps_the_retention_fraction_at_the_penalised_minimum_float64(retention):
+  # New task: L_B = sum h/2 (w - a)^2 with h = c F; old anchor m. At lambda = low, every coordinate of the
+  # penalised minimum (found by gradient descent, not by the closed form) lies the fraction `retention` of the
+  # way from a back to m.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    fisher = {"w": jnp.asarray(rng.uniform(1e-5, 1e-3, size=6))}
+    h = {"w": 40.0 * fisher["w"]}
+    m, a = jnp.asarray(rng.normal(size=6)), jnp.asarray(rng.normal(size=6))
+    lam = E.ewc_lambda_range(fisher, curvature=h, retention=retention).low
+    tx = optax.chain(E.ewc(lam), optax.sgd(1.0 / (float(jnp.max(h["w"])) * (1 + lam / 40.0))))
+    state = E.consolidate_opt_state(tx.init({"w": m}), {"w": m}, fisher)
+    grad = jax.grad(lambda p: 0.5 * jnp.sum(h["w"] * (p["w"] - a) ** 2))
+
+    def step(_, ws):
+      w, state = ws
+      u, state = tx.update(grad(w), state, w)
+      return optax.apply_updates(w, u), state
+
+    w, _ = jax.lax.fori_loop(0, 3000, step, ({"w": a}, state))
+    kept = (w["w"] - a) / (m - a)
+    np.testing.assert_allclose(kept, retention, rtol=1e-6)
+
+
+def test_lambda_high_is_the_sgd_momentum_stability_bound():
+  # The pure penalty with heavy-ball momentum 0.9 converges at 0.98 * high and diverges at 1.02 * high.
+  params = _params()
+  fisher = _rand_like(params, 1, positive=True)
+  lr = 0.01
+  r = E.ewc_lambda_range(fisher, curvature=1.0, learning_rate=lr, momentum=0.9)
+  for factor, diverges in ((0.98, False), (1.02, True)):
+    tx = optax.chain(E.ewc(factor * r.high), optax.sgd(lr, momentum=0.9))
+    st = E.consolidate_opt_state(tx.init(params), params, fisher)
+    w = jax.tree.map(lambda p: p + 1.0, params)
+
+    def step(_, ws, tx=tx):
+      w, st = ws
+      u, st = tx.update(jax.tree.map(jnp.zeros_like, w), st, w)
+      return optax.apply_updates(w, u), st
+
+    w, _ = jax.lax.fori_loop(0, 300, step, (w, st))
+    dist = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(params)))
+    assert (not dist < 1e-3) == diverges, (factor, dist)
+
+
+def test_lambda_range_bad_input():
+  f = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"retention must lie in \(0, 1\), got 1.0"):
+    E.ewc_lambda_range(f, curvature=1.0, retention=1.0)
+  with pytest.raises(ValueError, match="learning_rate must be > 0 or None, got 0"):
+    E.ewc_lambda_range(f, curvature=1.0, learning_rate=0)
+  with pytest.raises(ValueError, match="momentum must lie in"):
+    E.ewc_lambda_range(f, curvature=1.0, learning_rate=0.1, momentum=1.0)
+  with pytest.raises(ValueError, match="curvature must be > 0, got -1"):
+    E.ewc_lambda_range(f, curvature=-1.0)
+  with pytest.raises(ValueError, match=r"curvature does not match the Fisher's tree: .*\['v'\]"):
+    E.ewc_lambda_range(f, curvature={"v": jnp.ones(3)})
+  with pytest.raises(ValueError, match="the Fisher is zero everywhere"):
+    E.ewc_lambda_range({"w": jnp.zeros(3)}, curvature=1.0)
