@@ -9,6 +9,27 @@ then ``w <- w - lr * G``. There is no optimizer state: memory is that of SGD. Si
 for matrices only; use :func:`sinkgd_for_matrices` (an ``optax.partition`` recipe) to send 2-D
 leaves to SinkGD and the rest (biases, norms, convolution kernels) to another transform.
 
+Learning-rate scale. The last pass gives every non-zero column the norm ``sqrt(m)``, so whatever the
+gradient's scale and ``L``,
+
+    ||SR^L(G)||_F^2 = m * n      (m * #non-zero columns),   i.e.   RMS_ij SR^L(G)_ij = 1,
+
+and a matrix of +-1 entries is a fixed point: SinkGD's step has the per-entry size of signSGD's, ``lr``
+(slightly less where ReLU units give zero columns). Adam's step is ``lr * mhat / (sqrt(vhat) + eps)``:
+``+-lr`` at the first step; for a stationary gradient entry with mean ``mu`` and noise ``sigma`` its RMS is
+about ``lr * sqrt((mu^2 + sigma^2 (1 - b1) / (1 + b1)) / (mu^2 + sigma^2))``, between ``0.23 lr`` (pure
+noise, ``b1 = 0.9``) and ``lr``; and lower still while the gradients shrink during training, because
+``vhat`` (memory ``1 / (1 - b2) = 1000`` steps) still holds the larger early gradients. So at the same
+learning rate SinkGD's step equals Adam's first step and is several times larger than Adam's later ones;
+the SinkGD learning rate comparable to Adam's ``lr`` is ``rho * lr``, ``rho`` the RMS of Adam's normalised
+step, which :func:`matching_learning_rate` measures on your own updates.
+
+Measured (MLP 64-128-128-10 on the embedded digits, batch 32, 500 steps, 3 seeds; SinkGD on the kernels,
+Adam 1e-3 on the biases; ``examples/flax_mnist/sinkgd_learning_rate.py``): Adam(1e-3)'s ``rho`` is 0.94 /
+0.51 / 0.19 / 0.10 at steps 1 / 10 / 100 / 500. Final training loss (test accuracy): Adam 1e-3 0.018
+(97.6%); SinkGD 1e-4 0.194 (94.9%), 3e-4 0.058 (97.3%), 1e-3 0.032 (97.3%), 3e-3 diverged (NaN). Take
+SinkGD's learning rate between ``rho * lr_adam`` and ``lr_adam``; not above it.
+
 Scetbon, Ma, Gong, Meeds 2025, "Gradient Multi-Normalization for Stateless and Scalable LLM
 Training" (SinkGD). This file imports only jax, numpy and optax.
 """
@@ -155,3 +176,29 @@ def sinkgd_for_matrices(
   if other is None:
     other = optax.adam(learning_rate)
   return optax.partition({"sinkgd": sinkgd(learning_rate, num_iters), "other": other}, matrix_labels)
+
+
+def update_rms(updates: Any, *, matrices_only: bool = True) -> jax.Array:
+  """The per-entry RMS of a step, ``sqrt(sum_l ||U_l||_F^2 / sum_l size(U_l))``, over the 2-D leaves.
+
+  ``matrices_only=False`` takes every leaf. Returns a float32 scalar (0 when there is no leaf).
+  """
+  leaves = [u for u in jax.tree.leaves(updates) if not matrices_only or np.ndim(u) == 2]
+  if not leaves:
+    return jnp.zeros([], jnp.float32)
+  total = sum(jnp.sum(jnp.square(jnp.asarray(u, jnp.float32))) for u in leaves)
+  return jnp.sqrt(total / sum(int(np.size(u)) for u in leaves))
+
+
+def matching_learning_rate(reference_updates: Any) -> jax.Array:
+  """The SinkGD learning rate whose step has the per-entry size of ``reference_updates``.
+
+  SinkGD's direction has per-entry RMS exactly 1 (module docstring), so a step of ``lr * SR^L(G)`` has RMS
+  ``lr``, and the learning rate matching another optimizer's step ``U`` (its update, learning rate
+  included, e.g. Adam's ``-lr * mhat / sqrt(vhat)``) on the 2-D leaves is ``RMS(U)``: :func:`update_rms`.
+  Average it over some steps after the first (Adam's first step has RMS ``lr`` exactly)::
+
+    updates, adam_state = adam.update(grads, adam_state, params)
+    lr_sinkgd = matching_learning_rate(updates)     # 0.19 * Adam's lr at step 100 of the digits MLP
+  """
+  return update_rms(reference_updates, matrices_only=True)

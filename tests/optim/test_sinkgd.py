@@ -1,4 +1,4 @@
-"""SinkGD against a numpy reference of METHODS.md section 6; fixed point; partition recipe; errors."""
+"""SinkGD against a numpy reference of the paper's rule; fixed point; partition recipe; errors; lr scale."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,10 +6,11 @@ import optax
 import pytest
 
 from prox import optim
+from prox.optim.sinkgd import matching_learning_rate, update_rms
 
 
 def _sinkhorn_np(g, num_iters):
-  """METHODS.md 6: L times rows <- sqrt(n) row / ||row||, then columns <- sqrt(m) col / ||col||."""
+  """Scetbon et al. 2025: L times rows <- sqrt(n) row / ||row||, then columns <- sqrt(m) col / ||col||."""
   x = np.array(g, np.float64)
   m, n = x.shape
   for _ in range(num_iters):
@@ -95,3 +96,53 @@ def test_sinkgd_for_matrices_routes_2d_to_sinkgd_and_rest_to_other():
   state_size = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
   assert state_size == 2 * (3 + 12)
   assert optim.matrix_labels(params) == {"w": "sinkgd", "b": "other", "conv": "other"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate scale
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,num_iters,scale", [((4, 7), 1, 1e-6), ((9, 3), 5, 1.0), ((16, 16), 2, 1e4)])
+def test_sinkhorn_direction_has_unit_rms_whatever_the_gradient_scale_float64(shape, num_iters, scale):
+  rng = np.random.default_rng(3)
+  g = scale * rng.normal(size=shape) * rng.uniform(0.01, 100, size=(shape[0], 1))
+  with jax.enable_x64(True):
+    d = optim.sinkhorn_normalize(jnp.asarray(g), num_iters)
+    np.testing.assert_allclose(float(jnp.sqrt(jnp.mean(d ** 2))), 1.0, rtol=1e-12)
+    # a zero column (a dead ReLU unit) stays zero: RMS^2 = #non-zero columns / n
+    g[:, 0] = 0.0
+    d = optim.sinkhorn_normalize(jnp.asarray(g), num_iters)
+    np.testing.assert_allclose(float(jnp.mean(d ** 2)), (shape[1] - 1) / shape[1], rtol=1e-12)
+    # so SinkGD's step, hence matching_learning_rate of it, is exactly lr
+    # (the bias goes to SGD with a step of 5 per entry: matching_learning_rate looks at the 2-D leaves only)
+    tx = optim.sinkgd_for_matrices(0.03, num_iters, other=optax.sgd(5.0))
+    g[:, 0] = 1.0
+    params = {"w": jnp.zeros(shape), "b": jnp.zeros(3)}
+    u, _ = tx.update({"w": jnp.asarray(g), "b": jnp.ones(3)}, tx.init(params), params)
+    np.testing.assert_allclose(float(matching_learning_rate(u)), 0.03, rtol=1e-6)
+
+
+def test_update_rms_by_hand():
+  u = {"w": jnp.asarray([[3.0, 4.0]]), "b": jnp.asarray([12.0]), "v": jnp.zeros((1, 3))}
+  np.testing.assert_allclose(float(update_rms(u)), np.sqrt(25.0 / 5))
+  np.testing.assert_allclose(float(update_rms(u, matrices_only=False)), np.sqrt(169.0 / 6))
+  assert float(update_rms({"b": jnp.ones(3)})) == 0.0
+
+
+def test_adam_step_rms_is_lr_at_first_step_and_0_23_lr_on_pure_noise():
+  # The derivation behind SinkGD's learning-rate guidance: Adam's normalised step has RMS 1 at step 1 and
+  # sqrt((1 - b1) / (1 + b1)) = 0.229 on stationary zero-mean noise; SinkGD's is 1 at every step.
+  lr, shape = 1e-3, (64, 32)
+  adam = optax.adam(lr)
+  params = {"w": jnp.zeros(shape)}
+
+  def step(carry, key):
+    state = carry
+    g = {"w": jax.random.normal(key, shape)}
+    u, state = adam.update(g, state, params)
+    return state, matching_learning_rate(u) / lr
+
+  _, rho = jax.lax.scan(step, adam.init(params), jax.random.split(jax.random.key(0), 3000))
+  np.testing.assert_allclose(float(rho[0]), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(float(jnp.mean(rho[2000:])), np.sqrt(0.1 / 1.9), rtol=0.05)
