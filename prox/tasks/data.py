@@ -2,18 +2,23 @@
 
 Three parts, all host-side (numpy), so that the training step only ever sees ready batches:
 
-* ``load(name, split)`` materialises a dataset as an :class:`ArrayDataset` (float32 images, normalised
+* ``load(name, split)`` materialises a dataset as an :class:`ArrayDataset` (float32 inputs, normalised
   with the train split's per-channel mean/std; int32 labels). ``digits`` is scikit-learn's bundled 8x8
-  digits and works offline; ``mnist``, ``fashion_mnist``, ``cifar10`` and ``cifar100`` are read with
-  ``tfds.data_source`` (ArrayRecord, no TensorFlow needed) from a prepared TFDS ``data_dir``.
+  digits and works offline; ``mnist1d`` is MNIST-1D's standard 4,000/1,000 split of 40-point sequences
+  (generated locally by the ``mnist1d`` package and cached on disk); ``mnist``, ``fashion_mnist``,
+  ``cifar10`` and ``cifar100`` are read with ``tfds.data_source`` (ArrayRecord, no TensorFlow needed)
+  from a prepared TFDS ``data_dir``.
 * ``loader_init`` / ``next_batch``: epochs of seeded permutations as a pure state transition on a tiny
   :class:`LoaderState` of plain ints, which a checkpoint stores as JSON (``loader_state_to_dict``).
-* ``stream_init`` / ``next_stream_batch``: an effectively unlimited stream of augmented samples (random
-  shift, rotation, scale and pixel noise), each sample a pure function of ``(seed, position)``.
+* ``stream_init`` / ``next_stream_batch``: an effectively unlimited stream of augmented images (random
+  shift, rotation, scale and pixel noise); ``stream_init`` / ``next_mnist1d_stream_batch``: an unlimited
+  stream of freshly generated MNIST-1D samples. In both, each sample is a pure function of
+  ``(seed, position)`` and the state is a :class:`StreamState` of plain ints.
 
-Every batch is ``{"image": float32 [b, H, W, C], "label": int32 [b]}`` and holds only the calling
-process's shard of the global batch: rows ``[p * b, (p + 1) * b)`` with ``b = global_batch_size //
-process_count``, so the shards of all processes concatenate to the one-process batch.
+Every batch is ``{"image": float32 [b, *shape], "label": int32 [b]}`` (``shape`` is ``(H, W, C)`` for
+images, ``(40, 1)`` for MNIST-1D) and holds only the calling process's shard of the global batch: rows
+``[p * b, (p + 1) * b)`` with ``b = global_batch_size // process_count``, so the shards of all processes
+concatenate to the one-process batch.
 """
 from __future__ import annotations
 
@@ -25,7 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+from prox.tasks import _mnist1d
+
+DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "cifar100")
+# Input scalings of ``load``: "standard" (per-channel standardisation; the default) or "unit" (raw pixel
+# values divided by their maximum, into [0, 1]: x / 16 for digits, x / 255 for TFDS images).
+SCALINGS = ("standard", "unit")
 
 # Per-channel mean/std of the *train* split of each TFDS dataset, in units of pixel/255. These are the
 # published statistics (computed once over the full train split); using constants means loading the test
@@ -44,7 +54,8 @@ class ArrayDataset(NamedTuple):
   """A whole split in memory.
 
   Attributes:
-    images: float32 [N, H, W, C], normalised with the train split's per-channel mean/std.
+    images: float32 [N, H, W, C] images, or [N, L, C] sequences (MNIST-1D: [N, 40, 1]), scaled as
+      ``load``'s ``scaling`` says.
     labels: int32 [N].
     num_classes: number of classes.
     name: the dataset's name (one of ``DATASETS`` for loaded data).
@@ -55,7 +66,8 @@ class ArrayDataset(NamedTuple):
   name: str
 
 
-def load(name: str, split: str = "train", *, data_dir: str | None = None) -> ArrayDataset:
+def load(name: str, split: str = "train", *, data_dir: str | None = None,
+         scaling: str = "standard") -> ArrayDataset:
   """Loads one split of a dataset into memory as an :class:`ArrayDataset`.
 
   Args:
@@ -63,26 +75,45 @@ def load(name: str, split: str = "train", *, data_dir: str | None = None) -> Arr
     split: ``"train"`` or ``"test"`` (TFDS datasets also accept TFDS split strings, e.g.
       ``"train[:10%]"``).
     data_dir: TFDS data directory holding the prepared (ArrayRecord) dataset; ``None`` uses TFDS's default
-      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Ignored for ``digits``.
+      (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Ignored for ``digits`` and ``mnist1d``.
+    scaling: ``"standard"`` (default): ``x' = (x/255 - mean_c) / std_c`` with the published per-channel
+      train statistics (digits: ``(x - mean) / std`` of its train split on the 0..16 pixel scale);
+      ``"unit"``: raw pixels divided by their maximum, ``x' = x / 255`` (digits: ``x / 16``), values in
+      [0, 1] and not centred, as the AdAdaGrad reference code feeds MNIST (Lau, Liu, Kolar 2024).
+      ``mnist1d`` has only ``"standard"``: the package's own standardisation with the mean and std of
+      all 5,000 generated samples (as published).
 
   Returns:
-    The split with images ``x' = (x/255 - mean_c) / std_c`` (digits: ``(x - mean) / std`` on its 0..16
-    pixel scale), float32 [N, H, W, C], and int32 labels.
+    The split: float32 [N, H, W, C] images ([N, 40, 1] sequences for ``mnist1d``), int32 labels.
 
   Raises:
-    ValueError: unknown name, unknown digits split, or a TFDS dataset that is not prepared in data_dir.
+    ValueError: unknown name, split or scaling, a TFDS dataset that is not prepared in data_dir, or
+      ``mnist1d`` without the ``mnist1d`` package.
   """
   if not isinstance(name, str) or name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
   if not isinstance(split, str):
     raise ValueError(f"split must be a string such as 'train' or 'test', got {split!r}")
+  if not isinstance(scaling, str) or scaling not in SCALINGS:
+    raise ValueError(f"unknown scaling {scaling!r}; known scalings: {', '.join(SCALINGS)}")
   if name == "digits":
-    return _load_digits(split)
-  return _load_tfds(name, split, data_dir)
+    return _load_digits(split, scaling)
+  if name == "mnist1d":
+    return _load_mnist1d(split, scaling)
+  return _load_tfds(name, split, data_dir, scaling)
 
 
-def _load_digits(split: str) -> ArrayDataset:
-  """scikit-learn's 8x8 digits: fixed stratified 1,347/450 split, train-split normalisation."""
+def _load_mnist1d(split: str, scaling: str) -> ArrayDataset:
+  """MNIST-1D's standard split from the ``mnist1d`` package (generated once, then read from a cache)."""
+  if scaling != "standard":
+    raise ValueError(f"mnist1d has only scaling 'standard' (the package's standardised values), got "
+                     f"{scaling!r}")
+  images, labels = _mnist1d.load_split(split)
+  return ArrayDataset(images=images, labels=labels, num_classes=_mnist1d.NUM_CLASSES, name="mnist1d")
+
+
+def _load_digits(split: str, scaling: str) -> ArrayDataset:
+  """scikit-learn's 8x8 digits: fixed stratified 1,347/450 split, train-split normalisation or x/16."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
 
@@ -96,11 +127,11 @@ def _load_digits(split: str) -> ArrayDataset:
   mean = x_train.mean(axis=(0, 1, 2), dtype=np.float64)
   std = x_train.std(axis=(0, 1, 2), dtype=np.float64)
   x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
-  x = ((x - mean) / std).astype(np.float32)
+  x = (x / np.float32(16.0) if scaling == "unit" else (x - mean) / std).astype(np.float32)
   return ArrayDataset(images=x, labels=y.astype(np.int32), num_classes=10, name="digits")
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
+def _load_tfds(name: str, split: str, data_dir: str | None, scaling: str) -> ArrayDataset:
   """Reads a prepared TFDS split with ``tfds.data_source`` and normalises it per channel."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -121,8 +152,9 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> ArrayDataset:
   mean, std, num_classes = _TFDS_STATS[name]
   images = raw.astype(np.float32)  # normalised in place: one float32 copy even for CIFAR-100
   images /= 255.0
-  images -= np.asarray(mean, np.float32)
-  images /= np.asarray(std, np.float32)
+  if scaling == "standard":
+    images -= np.asarray(mean, np.float32)
+    images /= np.asarray(std, np.float32)
   return ArrayDataset(images=images, labels=labels, num_classes=num_classes, name=name)
 
 
@@ -179,7 +211,7 @@ def next_batch(ds: ArrayDataset, state: LoaderState, global_batch_size: int, *, 
     process_count: number of processes.
 
   Returns:
-    ``({"image": float32 [b, H, W, C], "label": int32 [b]}, new_state)``.
+    ``({"image": float32 [b, *shape], "label": int32 [b]}, new_state)``.
   """
   num = _check_dataset(ds)
   local = _check_shard(global_batch_size, process_index, process_count)
@@ -222,7 +254,7 @@ def epoch_batches(ds: ArrayDataset, batch_size: int, *, process_index: int = 0, 
       by ``process_count``).
 
   Yields:
-    ``{"image": float32 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``.
+    ``{"image": float32 [b, *shape], "label": int32 [b], "mask": bool [b]}``.
   """
   num = _check_dataset(ds)
   local = _check_shard(batch_size, process_index, process_count)
@@ -239,7 +271,7 @@ def epoch_batches(ds: ArrayDataset, batch_size: int, *, process_index: int = 0, 
     rows = rows[process_index * local:(process_index + 1) * local]
     mask = rows < stop
     safe = np.where(mask, rows, 0)
-    images = np.where(mask[:, None, None, None], ds.images[safe], np.float32(0))
+    images = np.where(mask.reshape(-1, *[1] * (ds.images.ndim - 1)), ds.images[safe], np.float32(0))
     labels = np.where(mask, ds.labels[safe], np.int32(0)).astype(np.int32)
     yield {"image": images.astype(np.float32), "label": labels, "mask": mask}
 
@@ -249,7 +281,7 @@ def epoch_batches(ds: ArrayDataset, batch_size: int, *, process_index: int = 0, 
 
 
 class StreamState(NamedTuple):
-  """Position of an augmented stream: plain ints, JSON-serialisable.
+  """Position of a stream (augmented images or MNIST-1D): plain ints, JSON-serialisable.
 
   Attributes:
     seed: the stream's seed.
@@ -260,7 +292,7 @@ class StreamState(NamedTuple):
 
 
 def stream_init(seed: int) -> StreamState:
-  """The state of a fresh augmented stream."""
+  """The state of a fresh stream (for ``next_stream_batch`` or ``next_mnist1d_stream_batch``)."""
   return StreamState(seed=_check_seed(seed), position=0)
 
 
@@ -289,7 +321,7 @@ def next_stream_batch(ds: ArrayDataset, state: StreamState, global_batch_size: i
   bucket (>= 16) of the local batch size.
 
   Args:
-    ds: the dataset to augment (e.g. ``load("digits", "train")``).
+    ds: the image dataset to augment (e.g. ``load("digits", "train")``); images [N, H, W, C].
     state: the stream's state.
     global_batch_size: samples in the batch over all processes; divisible by ``process_count``.
     process_index: this process; it gets samples ``position + p * b + [0, b)``.
@@ -304,6 +336,10 @@ def next_stream_batch(ds: ArrayDataset, state: StreamState, global_batch_size: i
     ``({"image": float32 [b, H, W, C], "label": int32 [b]}, new_state)``.
   """
   num = _check_dataset(ds)
+  if ds.images.ndim != 4:
+    raise ValueError(f"next_stream_batch warps images [N, H, W, C]; dataset {ds.name!r} holds "
+                     f"{ds.images.shape}" + (" (use next_mnist1d_stream_batch for fresh MNIST-1D samples)"
+                                             if ds.name == "mnist1d" else ""))
   local = _check_shard(global_batch_size, process_index, process_count)
   _check_stream_state(state)
   low, high = _check_augment(max_shift, max_rotation, scale_range, noise_std)
@@ -324,6 +360,42 @@ def next_stream_batch(ds: ArrayDataset, state: StreamState, global_batch_size: i
         np.asarray([max_shift, max_rotation, low, high, noise_std, background], np.float32)))
   batch = {"image": images[:local], "label": ds.labels[sources[:local]]}
   return batch, StreamState(seed=state.seed, position=state.position + global_batch_size)
+
+
+def next_mnist1d_stream_batch(state: StreamState, global_batch_size: int, *, process_index: int = 0,
+                              process_count: int = 1) -> tuple[dict[str, np.ndarray], StreamState]:
+  """The next batch of freshly generated MNIST-1D samples (this process's shard) and the advanced state.
+
+  Sample ``k`` of the stream is a new draw from MNIST-1D's generative process (Greydanus and Kobak
+  2024, "Scaling Down Deep Learning with MNIST-1D"; the ``mnist1d`` package's default arguments): label
+  ``y ~ U{0..9}``, then the template ``T_y`` padded with ``p ~ U{36..60}`` zeros, resampled to 72 points,
+  scaled by ``1 + 0.4 (u - 1/2)``, shifted circularly by ``k ~ U{0..47}``, its zero background replaced
+  by Gaussian-filtered noise ``G_2 * 0.25 z``, plus ``0.02 z'`` i.i.d. noise, sheared by
+  ``0.75 (u' - 1/2) (i/71 - 1/2)`` and resampled to 40 points; then standardised with the standard
+  split's constants, ``x' = (x - mean) / std``, so it matches ``load("mnist1d")``. The transformation is
+  the package's, bit for bit for the same random parameters, computed for the whole batch at once (about
+  40x the package's per-sample rate); the parameters come from numpy generators seeded by
+  ``(seed, k // 256)``, so a sample depends only on ``(seed, k)``: not on batch sizes or the process
+  split. The stream never repeats a sample, so it is i.i.d. data for as many steps as needed.
+
+  Args:
+    state: the stream's state (``stream_init(seed)``).
+    global_batch_size: samples in the batch over all processes; divisible by ``process_count``.
+    process_index: this process; it gets samples ``position + p * b + [0, b)``.
+    process_count: number of processes.
+
+  Returns:
+    ``({"image": float32 [b, 40, 1], "label": int32 [b]}, new_state)``.
+
+  Raises:
+    ValueError: bad arguments or state, or no ``mnist1d`` package installed.
+  """
+  local = _check_shard(global_batch_size, process_index, process_count)
+  _check_stream_state(state)
+  positions = state.position + process_index * local + np.arange(local, dtype=np.int64)
+  images, labels = _mnist1d.stream_samples(state.seed, positions)
+  return ({"image": images, "label": labels},
+          StreamState(seed=state.seed, position=state.position + global_batch_size))
 
 
 def stream_state_to_dict(state: StreamState) -> dict[str, int]:
@@ -422,8 +494,8 @@ def _check_seed(seed: Any) -> int:
 
 def _check_dataset(ds: ArrayDataset) -> int:
   num = len(ds.labels)
-  if num == 0 or ds.images.ndim != 4 or len(ds.images) != num:
-    raise ValueError(f"dataset {ds.name!r} must hold N > 0 images [N, H, W, C] and N labels, got images "
+  if num == 0 or ds.images.ndim < 2 or len(ds.images) != num:
+    raise ValueError(f"dataset {ds.name!r} must hold N > 0 inputs [N, ...] and N labels, got images "
                      f"{ds.images.shape} and labels {ds.labels.shape}")
   return num
 

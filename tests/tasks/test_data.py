@@ -58,11 +58,29 @@ def test_digits_normalised_with_train_statistics(digits_train):
 
 
 def test_unknown_name_and_split():
-  with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known datasets: digits, mnist, "
-                     "fashion_mnist, cifar10, cifar100"):
+  with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known datasets: digits, mnist1d, "
+                     "mnist, fashion_mnist, cifar10, cifar100"):
     data.load("imagenet")
   with pytest.raises(ValueError, match="digits has splits"):
     data.load("digits", "validation")
+  with pytest.raises(ValueError, match="unknown scaling 'x/16'; known scalings: standard, unit"):
+    data.load("digits", "train", scaling="x/16")
+
+
+def test_digits_unit_scaling_is_raw_pixels_over_16(digits_train):
+  raw = load_digits()
+  x_train, x_test, y_train, _ = train_test_split(
+      raw.images, raw.target, test_size=0.25, random_state=0, stratify=raw.target)
+  for split, expected in (("train", x_train), ("test", x_test)):
+    ds = data.load("digits", split, scaling="unit")
+    assert ds.images.dtype == np.float32 and ds.images.shape == (len(expected), 8, 8, 1)
+    np.testing.assert_array_equal(ds.images[..., 0], (expected / 16.0).astype(np.float32))
+  unit = data.load("digits", "train", scaling="unit")
+  assert unit.images.min() == 0.0 and unit.images.max() == 1.0
+  np.testing.assert_array_equal(unit.labels, y_train)
+  # Same images as the default scaling, only an affine map apart: (x/16 - mean/16) / (std/16).
+  standardised = (unit.images - unit.images.mean(dtype=np.float64)) / unit.images.std(dtype=np.float64)
+  np.testing.assert_allclose(standardised, digits_train.images, atol=1e-5)
 
 
 def test_missing_tfds_dataset_is_one_clear_line(tmp_path):
@@ -78,7 +96,7 @@ def test_missing_tfds_dataset_is_one_clear_line(tmp_path):
     ("mnist", (28, 28, 1), (0.1307,), (0.3081,)),
     ("cifar10", (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 ])
-def test_tfds_via_mock_data(tmp_path, name, shape, mean, std):
+def test_tfds_via_mock_data(tmp_path, name, shape, mean, std):  # pylint: disable=too-many-locals
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   num = 12
@@ -97,6 +115,8 @@ def test_tfds_via_mock_data(tmp_path, name, shape, mean, std):
       np.testing.assert_allclose(ds.images, expected, rtol=1e-5, atol=1e-5)
       np.testing.assert_array_equal(ds.labels, raw_labels)
       assert ds.labels.min() >= 0 and ds.labels.max() < 10
+      unit = data.load(name, split, data_dir=str(tmp_path), scaling="unit")
+      np.testing.assert_array_equal(unit.images, raw.astype(np.float32) / np.float32(255))
 
 
 # --------------------------------------------------------------------------------- epoch loader
@@ -186,6 +206,20 @@ def test_loader_rejects_bad_arguments():
     data.loader_state_from_dict({"seed": 0, "epoch": 0})
   with pytest.raises(ValueError, match="invalid loader state"):
     data.next_batch(ds, data.LoaderState(0, 0, 6), 2)
+
+
+def test_loader_and_eval_batches_take_sequences():
+  images = np.broadcast_to(np.arange(7, dtype=np.float32)[:, None, None], (7, 5, 1)).copy()
+  ds = data.ArrayDataset(images=images, labels=np.arange(7, dtype=np.int32), num_classes=7,
+                         name="sequences")  # [N, L, C] inputs, as MNIST-1D's
+  batch, _ = data.next_batch(ds, data.loader_init(0), 4)
+  assert batch["image"].shape == (4, 5, 1)
+  np.testing.assert_array_equal(batch["image"][:, 0, 0], batch["label"])
+  batches = list(data.epoch_batches(ds, 4))
+  assert [b["image"].shape for b in batches] == [(4, 5, 1)] * 2
+  np.testing.assert_array_equal(batches[1]["image"][:, 0, 0], [4, 5, 6, 0])
+  with pytest.raises(ValueError, match=r"next_stream_batch warps images \[N, H, W, C\]"):
+    data.next_stream_batch(ds, data.stream_init(0), 4)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
