@@ -16,7 +16,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prox.checkpoint import Checkpointer
+from prox.checkpoint import CheckpointError, Checkpointer
 from prox.step import TrainState
 
 
@@ -170,7 +170,7 @@ def test_restore_onto_two_fake_devices(tmp_path):
   out = run_script(f"""
     import pickle
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from prox.checkpoint import Checkpointer
+    from prox.checkpoint import CheckpointError, Checkpointer
     assert len(jax.devices()) == 2, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -203,7 +203,7 @@ def test_save_killed_half_way_is_never_latest(tmp_path):
   body = f"""
     import pickle
     from orbax.checkpoint._src.path import atomicity
-    from prox.checkpoint import Checkpointer
+    from prox.checkpoint import CheckpointError, Checkpointer
     ckpt = Checkpointer({str(tmp_path / "ckpt")!r})
     ckpt.save(1, make_state(1), {{"step": 1}})
     ckpt.wait_until_finished()
@@ -259,3 +259,165 @@ def test_bad_meta_and_empty_directory(tmp_path):
       ckpt.save(1, make_state(0), [1, 2])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
       ckpt.restore(make_state(0))
+
+
+# --- restore_latest: damaged checkpoints ------------------------------------------------------------
+
+def _save_steps(directory, steps=(100, 200, 300), max_to_keep=3):
+  with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False) as ckpt:
+    for step in steps:
+      ckpt.save(step, make_state(step % 7), {"step": step})
+
+
+def _truncate(path):
+  size = path.stat().st_size
+  assert size > 16, path
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+
+
+def _array_files(step_dir):
+  """The tensorstore/OCDBT data files that hold the state's arrays (``state/d/<hash>``, merged from
+  each process's ``ocdbt.process_<i>`` at commit)."""
+  files = sorted((step_dir / "state" / "d").iterdir())
+  assert files, step_dir
+  return files
+
+
+def _damage(kind, step_dir):
+  """Damages one saved step the way a full disk, a killed copy or a bad sync leaves it."""
+  if kind == "truncated_array_file":
+    for path in _array_files(step_dir):
+      _truncate(path)
+  elif kind == "checkpoint_metadata_not_json":
+    (step_dir / "_CHECKPOINT_METADATA").write_bytes(b'{"item_handlers": {"state": "orbax.ch')
+  elif kind == "checkpoint_metadata_not_object":   # valid JSON: crashed orbax's CheckpointManager()
+    (step_dir / "_CHECKPOINT_METADATA").write_text("[1, 2]")
+  elif kind == "state_metadata":
+    _truncate(step_dir / "state" / "_METADATA")
+  elif kind == "meta_metadata":
+    (step_dir / "meta" / "metadata").write_bytes(b"\xff\xfe garbage")
+  elif kind == "empty_step_folder":
+    for path in sorted(step_dir.rglob("*"), reverse=True):
+      path.rmdir() if path.is_dir() else path.unlink()
+  else:
+    raise ValueError(kind)
+
+
+_REASONS = {
+    "truncated_array_file": "truncated array file state/d/",
+    "checkpoint_metadata_not_json": "damaged _CHECKPOINT_METADATA: not JSON",
+    "checkpoint_metadata_not_object": "damaged _CHECKPOINT_METADATA: not a JSON object",
+    "state_metadata": "damaged state/_METADATA: not JSON",
+    "meta_metadata": "damaged meta/metadata: not JSON",
+    "empty_step_folder": "empty step directory",
+}
+
+
+@pytest.mark.parametrize("kind", list(_REASONS))
+def test_restore_latest_falls_back_past_a_damaged_newest_step(tmp_path, capfd, kind):
+  _save_steps(tmp_path)
+  _damage(kind, tmp_path / "300")
+  capfd.readouterr()
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    state, meta, step = ckpt.restore_latest(make_state(0))
+    assert (step, meta) == (200, {"step": 200})
+    assert_identical(state, make_state(200 % 7))
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"prox: warning: checkpoint 300 in {tmp_path} does not restore "
+                          f"({_REASONS[kind]}"), err
+    assert f"); using 200; moved to {tmp_path / 'corrupt' / '300'}\n" in err
+    # Moved aside, not deleted: step 300 can be saved again, and max_to_keep counts good steps only.
+    assert (tmp_path / "corrupt" / "300").is_dir() and not (tmp_path / "300").exists()
+    assert ckpt.all_steps() == [100, 200] and ckpt.latest_step() == 200
+    assert ckpt.save(300, make_state(3), {"step": 300})
+    assert ckpt.save(400, make_state(4), {"step": 400})
+    ckpt.wait_until_finished()
+    assert ckpt.all_steps() == [200, 300, 400]
+  with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    state, meta, step = ckpt.restore_latest(make_state(0))
+    assert (step, meta) == (400, {"step": 400})
+    assert_identical(state, make_state(4))
+  assert capfd.readouterr().err == ""
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["200", "300", "400", "corrupt"]
+
+
+def test_restore_latest_skips_several_damaged_steps_one_line_each(tmp_path, capfd):
+  _save_steps(tmp_path, (100, 200, 250, 300), max_to_keep=4)
+  _damage("truncated_array_file", tmp_path / "300")
+  _damage("empty_step_folder", tmp_path / "250")
+  capfd.readouterr()
+  with Checkpointer(tmp_path, max_to_keep=4) as ckpt:
+    _, meta, step = ckpt.restore_latest(make_state(0))
+  assert (step, meta) == (200, {"step": 200})
+  lines = capfd.readouterr().err.splitlines()
+  assert len(lines) == 2
+  assert lines[0].startswith("prox: warning: checkpoint 300 ") and "truncated array file" in lines[0]
+  assert lines[1].startswith("prox: warning: checkpoint 250 ") and "empty step directory" in lines[1]
+  assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["250", "300"]
+
+
+def test_restore_latest_moves_a_step_damaged_twice_beside_the_first(tmp_path, capfd):
+  _save_steps(tmp_path, (100, 200))
+  for _ in range(2):
+    _damage("truncated_array_file", tmp_path / "200")
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+      assert ckpt.restore_latest(make_state(0))[2] == 100
+      ckpt.save(200, make_state(2), {"step": 200})
+  assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["200", "200.1"]
+  assert len(capfd.readouterr().err.splitlines()) == 2
+
+
+def test_restore_latest_when_nothing_restores_is_one_line_and_moves_nothing(tmp_path, capfd):
+  _save_steps(tmp_path)
+  for step in (100, 200, 300):
+    _damage("truncated_array_file", tmp_path / str(step))
+  capfd.readouterr()
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError) as info:
+      ckpt.restore_latest(make_state(0))
+  message = str(info.value)
+  assert isinstance(info.value, ValueError) and "\n" not in message
+  assert message.startswith(f"no checkpoint in {tmp_path} restores: 300 (truncated array file ")
+  assert "; 200 (truncated" in message and "; 100 (truncated" in message
+  assert capfd.readouterr().err == ""
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["100", "200", "300"]
+
+
+def test_restore_latest_with_a_mismatched_target_moves_nothing(tmp_path):
+  """Every step failing alike means the target is wrong (another model), not that the files are."""
+  _save_steps(tmp_path)
+  wrong = make_state(0)._replace(params={"w": jnp.zeros((5, 3))})
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointError, match=r"^no checkpoint in .* restores: 300 \(") as info:
+      ckpt.restore_latest(wrong)
+    assert "\n" not in str(info.value)
+    assert ckpt.all_steps() == [100, 200, 300]
+  assert not (tmp_path / "corrupt").exists()
+
+
+def test_restore_latest_without_checkpoints_is_none(tmp_path, capfd):
+  with Checkpointer(tmp_path / "new") as ckpt:
+    assert ckpt.restore_latest(make_state(0)) is None
+  assert capfd.readouterr().err == ""
+
+
+def test_restore_latest_takes_the_decision_of_all_processes(tmp_path, capfd, monkeypatch):
+  """A step that restored here but failed on another process is skipped on this one too."""
+  import prox.checkpoint as checkpoint_lib
+  _save_steps(tmp_path)
+  seen = []
+
+  def all_processes(ok):   # what the all-gather would return if process 1 failed on step 300
+    seen.append(ok)
+    return ok and len(seen) > 1
+
+  monkeypatch.setattr(checkpoint_lib, "_all_processes", all_processes)
+  capfd.readouterr()
+  with Checkpointer(tmp_path) as ckpt:
+    _, meta, step = ckpt.restore_latest(make_state(0))
+  assert seen == [True, True] and step == 200
+  err = capfd.readouterr().err
+  assert err.startswith("prox: warning: checkpoint 300 ") and "(failed on another process)" in err
+  assert (tmp_path / "corrupt" / "300").is_dir()
