@@ -10,6 +10,18 @@ final ``workdir/metrics.json``. Layout of one run's workdir::
   curves.png      ``plot_curves(workdir/"metrics.jsonl", workdir/"curves.png")``
   tb/             TensorBoard event files: ``tensorboard --logdir workdir/tb``
 
+Every JSON file is strict JSON (RFC 8259, readable by any parser): a non-finite float is written as
+the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (the spellings Python's ``float()`` reads back;
+``read_metrics`` returns them as floats again), never as the bare ``NaN``/``Infinity`` tokens
+Python's ``json`` emits by default, which other parsers (``jq``, JavaScript, pandas' strict mode)
+reject. A string keeps what the value was: ``null`` would merge a diverged loss (``inf``) with a
+missing one.
+
+Progress: on a terminal (stderr) a tqdm bar; when stdout is not a terminal (CI, SLURM logs) or the bar
+is off because stderr is not one, one line per train record on stdout, at most one every
+``line_interval`` seconds (the last step always), e.g.
+``step 500/1500 (33%) loss=0.1234 acc=0.9688 2.1 s/100 steps``.
+
 Only the main process (``jax.process_index() == 0``) writes; on the others the writer does nothing.
 Workdirs may be URLs (``gs://...``) through ``etils.epath`` (needs ``gcsfs``; TensorBoard events there
 need ``google-cloud-storage``). Object stores cannot append, so there ``metrics.jsonl`` is rewritten
@@ -49,6 +61,35 @@ def _scalar(name: str, value: Any) -> int | float:
   if not jnp.issubdtype(value.dtype, jnp.floating):   # jnp's also knows bfloat16
     raise ValueError(f"metric {name!r} must be a real scalar, got {value!r}")
   return float(value)
+
+
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _finite_or_name(value: float) -> float | str:
+  """A float as strict JSON allows: itself if finite, else ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``."""
+  if math.isfinite(value):
+    return value
+  return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def to_json(value: Any, name: str = "value") -> Any:
+  """``value`` as strict-JSON-able Python values: mappings (keys as strings), lists, tuples, strings,
+  bools, ``None`` and real scalars (Python, NumPy or 0-d JAX; non-finite floats become strings, see
+  the module docstring). Anything else raises a ``ValueError`` naming its place (``name``)."""
+  if isinstance(value, Mapping):
+    return {str(k): to_json(v, f"{name}.{k}") for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json(v, f"{name}[{i}]") for i, v in enumerate(value)]
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  scalar = _scalar(name, value)
+  return _finite_or_name(scalar) if isinstance(scalar, float) else scalar
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+  """``json.dumps`` of ``to_json(value)``; the text is strict JSON (``allow_nan=False`` checks it)."""
+  return json.dumps(to_json(value), allow_nan=False, **kwargs)
 
 
 def _complete_lines(text: str) -> str:
@@ -95,8 +136,10 @@ class MetricWriter:
     workdir: the run's directory (created if missing); a local path or a ``gs://`` URL.
     total_steps: length of the progress bar.
     tensorboard: also write TensorBoard event files under ``workdir/tb``.
-    progress: show a tqdm bar on stderr (only when stderr is a terminal).
+    progress: show progress: a tqdm bar on stderr when stderr is a terminal; progress lines on stdout
+      when stdout is not a terminal or stderr is not one (see the module docstring).
     main_process: whether this process writes; default ``jax.process_index() == 0``.
+    line_interval: seconds at least between two progress lines (the last step is always printed).
 
   Example::
 
@@ -111,14 +154,22 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, total_steps: int, tensorboard: bool = True,
-               progress: bool = True, main_process: bool | None = None):
+               progress: bool = True, main_process: bool | None = None, line_interval: float = 10.0):
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
       raise ValueError(f"total_steps must be a non-negative int, got {total_steps!r}")
+    if not line_interval >= 0:
+      raise ValueError(f"line_interval must be >= 0 seconds, got {line_interval!r}")
     self.active = jax.process_index() == 0 if main_process is None else main_process
     self.workdir = epath.Path(workdir)
+    self._total = total_steps
     self._lines = self._tb = self._bar = None
     self._postfix: dict[str, float] = {}
     self._last_time = time.perf_counter()
+    self._print_lines = False
+    self._line_interval = line_interval
+    self._line_step: int | None = None       # step and time of the last progress line (or the start)
+    self._line_time = self._last_time
+    self._line_printed = False
     if not self.active:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -134,12 +185,14 @@ class MetricWriter:
     if progress and sys.stderr.isatty():
       from tqdm import tqdm   # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+    self._print_lines = progress and (self._bar is None or not sys.stdout.isatty())
 
   def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
     """Appends ``{"step", "split", "time", **metrics}`` as one JSON line and as TensorBoard scalars.
 
-    Metric values are real scalars (Python, NumPy or 0-d JAX); non-finite floats are written as
-    ``NaN``/``Infinity``, which Python's ``json`` reads back.
+    Metric values are real scalars (Python, NumPy or 0-d JAX); non-finite floats are written as the
+    strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON; ``read_metrics`` decodes them).
+    A train record also prints a progress line when lines are on (see the class docstring).
     """
     if not self.active:
       return
@@ -149,7 +202,7 @@ class MetricWriter:
     values = {name: _scalar(name, value) for name, value in metrics.items()}
     step = int(step)
     record = {"step": step, "split": split, "time": time.time(), **values}
-    self._lines.append(json.dumps(record))
+    self._lines.append(dumps(record))
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", value, step)
@@ -158,12 +211,33 @@ class MetricWriter:
                             if name in values})
     elif "accuracy" in values:
       self._postfix[f"{split}_acc"] = values["accuracy"]
+    if split == "train" and self._print_lines:
+      self._progress_line(step)
+
+  def _progress_line(self, step: int) -> None:
+    """Prints ``step 500/1500 (33%) loss=0.1234 acc=0.9688 2.1 s/100 steps`` to stdout (rate-limited)."""
+    now = time.perf_counter()
+    if (self._line_printed and now - self._line_time < self._line_interval
+        and step != self._total):
+      return
+    parts = [f"step {step}/{self._total}"]
+    if self._total:
+      parts[0] += f" ({100 * step // self._total}%)"
+    parts += [f"{k}={v:.4g}" for k, v in self._postfix.items()]
+    previous = 0 if self._line_step is None else self._line_step
+    if step > previous:
+      per_100 = (now - self._line_time) / (step - previous) * 100
+      parts.append(f"{per_100:.3g} s/100 steps")
+    print(" ".join(parts), file=sys.stdout, flush=True)
+    self._line_step, self._line_time, self._line_printed = step, now, True
 
   def update(self, step: int, num_examples: int) -> float:
     """Moves the progress bar to ``step``; returns examples per second since the previous call."""
     now = time.perf_counter()
     rate = num_examples / max(now - self._last_time, 1e-9)
     self._last_time = now
+    if self._line_step is None:   # the first call gives the step a (resumed) run starts from
+      self._line_step, self._line_time = int(step), now
     if self._bar is not None:
       self._bar.set_postfix({**{k: f"{v:.4g}" for k, v in self._postfix.items()},
                              "ex/s": f"{rate:.4g}"}, refresh=False)
@@ -185,15 +259,23 @@ class MetricWriter:
     self.close()
 
 
+def _decode_non_finite(record: dict) -> dict:
+  return {k: NON_FINITE[v] if k not in _RESERVED and isinstance(v, str) and v in NON_FINITE else v
+          for k, v in record.items()}
+
+
 def read_metrics(jsonl_path: str | os.PathLike) -> list[dict]:
-  """The records of a ``metrics.jsonl``; a truncated last line (a run killed mid-write) is dropped."""
+  """The records of a ``metrics.jsonl``; a truncated last line (a run killed mid-write) is dropped.
+
+  Metric values written as ``"NaN"``/``"Infinity"``/``"-Infinity"`` come back as floats.
+  """
   lines = epath.Path(jsonl_path).read_text().splitlines()
   records = []
   for i, line in enumerate(lines):
     if not line.strip():
       continue
     try:
-      records.append(json.loads(line))
+      records.append(_decode_non_finite(json.loads(line)))
     except json.JSONDecodeError:
       if i != len(lines) - 1:
         raise
@@ -236,16 +318,9 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike) -> N
 
 
 def write_summary(workdir: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
-  """Writes ``workdir/metrics.json``: the final metrics (scalars, or nested JSON-able values)."""
-  def to_json(name: str, value: Any) -> Any:
-    if isinstance(value, Mapping):
-      return {str(k): to_json(f"{name}.{k}", v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-      return [to_json(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    if isinstance(value, (str, bool)) or value is None:
-      return value
-    return _scalar(name, value)
-
+  """Writes ``workdir/metrics.json``: the final metrics (scalars, or nested JSON-able values), strict
+  JSON (non-finite floats as strings, see the module docstring)."""
+  text = json.dumps(to_json(metrics, "metrics"), indent=2, sort_keys=True, allow_nan=False) + "\n"
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
-  (path / "metrics.json").write_text(json.dumps(to_json("metrics", metrics), indent=2, sort_keys=True) + "\n")
+  (path / "metrics.json").write_text(text)

@@ -1,6 +1,7 @@
 """Tests for prox.experiments.writers: JSON lines, TensorBoard events, progress bar, plots, summary."""
 import io
 import json
+import re
 import struct
 import sys
 import time
@@ -188,3 +189,98 @@ def test_write_summary(tmp_path):
       "ok": True}
   with pytest.raises(ValueError, match=r"metrics\.x\[0\]"):
     write_summary(tmp_path, {"x": [np.ones(2)]})
+
+
+# --- strict JSON ------------------------------------------------------------------------------------
+
+def _strict_loads(text):
+  """``json.loads`` that refuses the non-standard NaN / Infinity / -Infinity tokens, as strict
+  parsers (jq, JavaScript, Go) do."""
+  def refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_strict_json_and_read_back(tmp_path):
+  with MetricWriter(tmp_path, total_steps=3, tensorboard=False, progress=False) as w:
+    w.write(1, {"loss": np.float32("nan"), "grad_norm": jnp.inf, "log_lr": -np.inf, "acc": 0.5})
+    w.write(2, {"loss": 1.25}, split="test")
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  with pytest.raises(ValueError, match="non-standard"):   # the parser does refuse bare tokens
+    _strict_loads('{"loss": NaN}')
+  first = _strict_loads(lines[0])
+  assert (first["loss"], first["grad_norm"], first["log_lr"], first["acc"]) == (
+      "NaN", "Infinity", "-Infinity", 0.5)
+  assert _strict_loads(lines[1])["loss"] == 1.25
+  records = read_metrics(tmp_path / "metrics.jsonl")
+  assert np.isnan(records[0]["loss"]) and records[0]["grad_norm"] == np.inf
+  assert records[0]["log_lr"] == -np.inf and records[0]["split"] == "train"
+  plot_curves(tmp_path / "metrics.jsonl", tmp_path / "c.png")   # NaN / inf points are drawn as gaps
+
+
+def test_write_summary_is_strict_json(tmp_path):
+  write_summary(tmp_path, {"test": {"loss": np.float64("inf"), "accuracy": float("nan")},
+                           "curve": [1.0, -np.inf, jnp.float32(2.5)], "name": "NaN"})
+  got = _strict_loads((tmp_path / "metrics.json").read_text())
+  assert got == {"test": {"loss": "Infinity", "accuracy": "NaN"},
+                 "curve": [1.0, "-Infinity", 2.5], "name": "NaN"}
+  assert float(got["test"]["loss"]) == np.inf and np.isnan(float(got["test"]["accuracy"]))
+
+
+def test_dumps_and_to_json(tmp_path):
+  assert writers.dumps({"a": (np.int64(3), np.nan), 2: None}, sort_keys=True) == \
+      '{"2": null, "a": [3, "NaN"]}'
+  with pytest.raises(ValueError, match=r"value\.a\[1\]"):
+    writers.to_json({"a": [1, np.ones(2)]})
+
+
+# --- progress lines when stdout is not a terminal ------------------------------------------------------
+
+class _Tty(io.StringIO):
+  def isatty(self):
+    return True
+
+
+_LINE = r"step {step}/300 \({pct}%\) loss={loss} acc={acc}{test} \d+(\.\d+)?(e[-+]\d+)? s/100 steps"
+
+
+def test_progress_lines_when_stdout_is_not_a_tty(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "stdout", io.StringIO())      # a CI log: neither is a terminal
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  with MetricWriter(tmp_path, total_steps=300, tensorboard=False, line_interval=0) as w:
+    w.update(0, 0)
+    for step in range(1, 301):
+      w.update(step, 8)
+      if step % 100 == 0:
+        w.write(step, {"loss": 1.0 / step, "accuracy": step / 400})
+        w.write(step, {"accuracy": 0.5}, split="test")   # no line for a test record
+  lines = sys.stdout.getvalue().splitlines()
+  assert len(lines) == 3, lines
+  assert re.fullmatch(_LINE.format(step=100, pct=33, loss="0.01", acc="0.25", test=""), lines[0])
+  assert re.fullmatch(_LINE.format(step=200, pct=66, loss="0.005", acc="0.5", test=" test_acc=0.5"),
+                      lines[1]), lines[1]
+  assert re.fullmatch(_LINE.format(step=300, pct=100, loss="0.003333", acc="0.75",
+                                   test=" test_acc=0.5"), lines[2]), lines[2]
+  assert sys.stderr.getvalue() == ""                      # no bar without a terminal
+
+
+def test_progress_lines_are_rate_limited_but_the_last_step_is_printed(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "stdout", io.StringIO())
+  with MetricWriter(tmp_path, total_steps=300, tensorboard=False, line_interval=3600) as w:
+    w.update(200, 0)                                      # a resumed run starts at step 200
+    for step in (220, 240, 260, 280, 300):
+      w.write(step, {"loss": 0.5})
+  lines = sys.stdout.getvalue().splitlines()
+  assert [line.split()[1] for line in lines] == ["220/300", "300/300"]
+
+
+def test_no_progress_lines_on_a_terminal_or_when_disabled(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "stdout", _Tty())
+  monkeypatch.setattr(sys, "stderr", _Tty())
+  with MetricWriter(tmp_path / "a", total_steps=10, tensorboard=False, line_interval=0) as w:
+    w.write(10, {"loss": 0.5})                            # the bar shows it
+  assert sys.stdout.getvalue() == ""
+  monkeypatch.setattr(sys, "stdout", io.StringIO())
+  with MetricWriter(tmp_path / "b", total_steps=10, tensorboard=False, progress=False) as w:
+    w.write(10, {"loss": 0.5})
+  assert sys.stdout.getvalue() == ""
