@@ -5,22 +5,47 @@ each device runs the per-device code below on its shard of the global batch, and
 communication is explicit (``pmean`` of gradients, metrics and batch statistics). The same step runs on
 one CPU, N local devices, GPUs, or a multi-host pod after ``prox.distributed.initialize``.
 
-Per device the batch is split into ``K`` micro-batches of ``micro_batch_size`` examples; the gradient is
-accumulated in a loop inside the compiled step,
+How the reduction works. The state enters the ``shard_map`` replicated (``P()``), i.e. as values that are
+*invariant* over the ``data`` axis. Differentiating a per-device loss with respect to an invariant value
+makes JAX insert a ``psum`` in the transpose (the cotangent of a broadcast is a sum), which would give
+the sum of the D device gradients instead of this device's. The step therefore first casts the
+parameters to *varying* (``lax.pcast(params, 'data', to='varying')``): every gradient computed inside
+the ``shard_map`` (each micro-batch's, hence ``GradStats`` and the group gradients) is this device's own,
+and the one reduction over devices is the explicit ``pmean`` (``psum`` for group statistics, which are
+sums). Code that differentiates inside a ``shard_map`` of its own must do the same.
+
+Groups. Per device the batch is split into ``K`` micro-batches of ``micro_batch_size`` examples; the
+gradient is accumulated in a loop inside the compiled step,
 
     g = 1/(D n) sum_{d=1..D} sum_{k=1..n} grad L(w; B_{d,k}),      n <= K (dynamic)
 
 so that a growing batch only changes the dynamic ``num_micro_batches`` argument, not the compiled shapes:
-a batch buffer padded to K micro-batches serves every batch size up to ``D K micro_batch_size``.
+a batch buffer padded to K micro-batches serves every batch size up to ``D K micro_batch_size``. A *group*
+is one micro-batch on one device; group ``(d, k)`` is the ``(d K + k)``-th block of the global buffer.
+Everything a group computes depends only on its rows, its index and the state at the start of the step:
+its random key is ``fold_in(step_key, d K + k)`` and its model-state update (batch-norm statistics)
+starts from the step's ``model_state``; the step's new ``model_state`` is the mean of the groups' (floating
+leaves; integer leaves take the maximum). So 1 device with 4 micro-batches, 2 devices with 2 and 4 devices
+with 1 compute the same step, bit for bit up to float summation order.
+
+After the reduction, at the level of the jitted function (global arrays, replicated parameters):
+
+    updates, opt_state = tx.update(g, opt_state, params, value=loss)
+    params = params + updates
+    state = transition(state, StepInfo(...))        # state machines, consolidations, controllers
 
 The step knows no method by name. It composes
-- ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``;
-- an optax transform, called as ``tx.update(g, opt_state, params, value=loss)`` (plain transforms are
-  wrapped with ``optax.with_extra_args_support``);
+- ``loss_fn(params, model_state, batch, ctx) -> (loss, (metrics, new_model_state))``: the mean loss of one
+  micro-batch; ``ctx`` is a :class:`LossContext` (the micro-batch's rng, the step, samples seen,
+  ``TrainState.extra`` and the step's metadata) so a loss can read e.g. distillation targets or stage
+  weights from ``extra``;
+- an optax transform, called as ``tx.update(g, opt_state, params, value=loss, samples=samples)`` (plain
+  transforms are wrapped with ``optax.with_extra_args_support``, which drops what they do not take);
 - optional hooks: ``forward_fn(params, state)`` for the weights used in the forward pass (e.g. sparse
   masks from the optimizer state, with gradients flowing to the dense ``params``), ``group_stats_fn`` for
-  statistics of the per-group gradients, and ``extra_update(extra, info)`` for state transitions outside
-  the gradient (batch-size controllers, teachers, penalties) that live in ``TrainState.extra``.
+  statistics of the per-group gradients, and ``transition(state, info) -> state`` for state machines
+  outside the gradient (batch-size controllers, detectors, teachers, EWC consolidation), which may change
+  any part of the state, ``opt_state`` included, under ``lax.cond`` when they fire.
 """
 from __future__ import annotations
 
@@ -35,7 +60,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, tuple[Metrics, PyTree]]]
 
 DATA_AXIS = "data"
 
@@ -49,8 +73,10 @@ class TrainState(NamedTuple):
     opt_state: the optax state of the composed transform.
     model_state: non-trainable model variables (batch-norm statistics); ``{}`` if none.
     extra: the slot for state machines outside the gradient (batch-size controllers, teachers,
-      penalties); any pytree, ``()`` if none.
+      detectors); any pytree, ``()`` if none; by convention a dict of machine states by name.
     rng: a ``jax.random.key_data`` uint32 key array, split once per step.
+    samples: int32 scalar, number of training examples consumed so far (the clock of sample-budgeted
+      schedules).
   """
   step: jax.Array
   params: PyTree
@@ -58,6 +84,19 @@ class TrainState(NamedTuple):
   model_state: PyTree
   extra: PyTree
   rng: jax.Array
+  samples: jax.Array = np.int32(0)
+
+
+class LossContext(NamedTuple):
+  """What a loss function sees besides parameters, model state and the micro-batch."""
+  rng: jax.Array          # this group's key: fold_in(step key, global group index)
+  step: jax.Array         # TrainState.step at the start of the step
+  samples: jax.Array      # TrainState.samples at the start of the step
+  extra: PyTree           # TrainState.extra at the start of the step
+  meta: PyTree            # the step's metadata (``meta`` argument of the step), e.g. a task id
+
+
+LossFn = Callable[[PyTree, PyTree, PyTree, LossContext], tuple[jax.Array, tuple[Metrics, PyTree]]]
 
 
 class GradStats(NamedTuple):
@@ -76,31 +115,95 @@ class GradStats(NamedTuple):
 
 
 class StepInfo(NamedTuple):
-  """What an ``extra_update`` hook sees (all values already reduced across the data axis)."""
+  """What a ``transition`` sees: the step just taken, all values reduced over devices (global arrays).
+
+  Attributes:
+    step, samples: the counters at the start of the step (``state.step``/``state.samples`` minus this
+      step's increments).
+    batch_size: real examples in this step (``D n micro_batch_size``).
+    rng: a key for the transition's own sampling, independent of the loss keys.
+    meta: the step's metadata (as passed to the step).
+    params, opt_state: parameters and optimizer state *before* this step's update.
+    grads: the mean gradient; loss: the mean loss; metrics: the loss function's metrics and ``loss``.
+    grad_stats, group_stats: as in :class:`StepOutput` (``None`` unless asked for).
+    batch: the global batch buffer (sharded over ``data``); ``valid``: bool per row, True for the real
+      rows (the buffer may be padded, see ``pack_micro_batches``).
+  """
   step: jax.Array
-  params: PyTree          # parameters before this step's update
-  grads: PyTree           # the mean gradient
+  samples: jax.Array
+  batch_size: jax.Array
+  rng: jax.Array
+  meta: PyTree
+  params: PyTree
+  opt_state: PyTree
+  grads: PyTree
   loss: jax.Array
   metrics: Metrics
   grad_stats: GradStats | None
   group_stats: PyTree | None
-  opt_state: PyTree = None  # optimizer state before this step's update (e.g. AdaGrad's accumulator)
+  batch: PyTree
+  valid: jax.Array
 
 
 class StepOutput(NamedTuple):
+  """What the step returns beside the new state.
+
+  ``finite`` is False when the loss, the gradient or the updated parameters are not finite; with
+  ``skip_nonfinite=True`` such a step leaves params, opt_state, model_state and extra unchanged.
+  """
   metrics: Metrics        # 'loss' and the loss function's metrics, averaged over the global batch
   grad_stats: GradStats | None
   group_stats: PyTree | None
+  finite: jax.Array
+
+
+Transition = Callable[[TrainState, StepInfo], TrainState]
 
 
 def stateless(loss: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Metrics]]) -> LossFn:
   """Adapts ``loss(params, batch, rng) -> (loss, metrics)`` for models without ``model_state``."""
 
-  def loss_fn(params, model_state, batch, rng):
-    value, metrics = loss(params, batch, rng)
+  def loss_fn(params, model_state, batch, ctx):
+    value, metrics = loss(params, batch, ctx.rng)
     return value, (metrics, model_state)
 
   return loss_fn
+
+
+def in_extra(name: str, update: Callable[[PyTree, StepInfo], PyTree]) -> Transition:
+  """A transition that updates ``state.extra[name]`` with ``update(state.extra[name], info)``.
+
+  ``extra`` is a dict of state-machine states by name; each machine sees the step (``info``) and its
+  own state, e.g. ``in_extra("controller", lambda s, i: controller.update(s, norm_test(i.grad_stats)))``.
+  """
+
+  def transition(state: TrainState, info: StepInfo) -> TrainState:
+    return state._replace(extra={**state.extra, name: update(state.extra[name], info)})
+
+  return transition
+
+
+def chain_transitions(*transitions: Transition | None) -> Transition:
+  """Runs transitions one after the other (``None`` entries are skipped)."""
+  transitions = tuple(t for t in transitions if t is not None)
+
+  def transition(state: TrainState, info: StepInfo) -> TrainState:
+    for t in transitions:
+      state = t(state, info)
+    return state
+
+  return transition
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, *, model_state: PyTree = None,
+               extra: PyTree = (), seed: int | jax.Array = 0) -> TrainState:
+  """A host ``TrainState`` at step 0: ``tx.init(params)``, the rng of ``seed``; place it with ``replicate``."""
+  params = jax.device_get(params)
+  key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+  return TrainState(step=np.int32(0), params=params, opt_state=jax.device_get(tx.init(params)),
+                    model_state=jax.device_get({} if model_state is None else model_state),
+                    extra=jax.device_get(extra), rng=np.asarray(jax.random.key_data(key)),
+                    samples=np.int32(0))
 
 
 def data_mesh(devices: Any = None) -> Mesh:
@@ -157,14 +260,17 @@ def _tree_zeros(tree: PyTree, dtype: Any = None) -> PyTree:
   return jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
 
 
-def _pmean_floats(tree: PyTree, axis_name: str) -> PyTree:
-  """Averages floating leaves over the axis; other leaves (counters) take their maximum."""
-  def reduce(x):
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      return lax.pmean(x, axis_name)
-    return lax.pmax(x, axis_name)
+def _is_float(x: jax.Array) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
 
-  return jax.tree.map(reduce, tree)
+
+def _all_finite(*trees: PyTree) -> jax.Array:
+  """True when every floating leaf is finite (one fused reduction per leaf)."""
+  ok = jnp.asarray(True)
+  for x in jax.tree.leaves(trees):
+    if _is_float(x):
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
 
 
 def make_train_step(
@@ -176,15 +282,17 @@ def make_train_step(
     grad_stats: bool = False,
     group_stats_fn: Callable[[PyTree, jax.Array, PyTree], PyTree] | None = None,
     forward_fn: Callable[[PyTree, TrainState], PyTree] | None = None,
-    extra_update: Callable[[PyTree, StepInfo], PyTree] | None = None,
+    transition: Transition | None = None,
+    skip_nonfinite: bool = False,
     donate: bool = True,
 ) -> Callable[..., tuple[TrainState, StepOutput]]:
-  """Builds ``step(state, batch, num_micro_batches=None) -> (state, StepOutput)``, jitted.
+  """Builds ``step(state, batch, num_micro_batches=None, meta=None) -> (state, StepOutput)``, jitted.
 
   Args:
-    loss_fn: ``(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``, the mean loss
-      of one micro-batch (see ``stateless`` for models without state).
-    tx: the optax transform; receives ``params`` and ``value=loss`` as extra arguments.
+    loss_fn: ``(params, model_state, batch, ctx) -> (loss, (metrics, new_model_state))``, the mean loss
+      of one micro-batch (see ``stateless`` for ``loss(params, batch, rng)``).
+    tx: the optax transform; receives ``params``, ``value=loss`` and ``samples`` (examples consumed
+      before this step) as extra arguments.
     mesh: a mesh with a ``data`` axis (default: ``data_mesh()``). The batch is split over it.
     micro_batch_size: examples per micro-batch per device; ``None`` means one micro-batch of the whole
       per-device batch. The per-device batch must be a multiple of it.
@@ -194,12 +302,17 @@ def make_train_step(
       global mean gradient; the result is summed over devices and returned as ``group_stats``. Keeping
       the group gradients costs K copies of the gradient; only asked for when this hook is given.
     forward_fn: ``(params, state) -> params`` used in the forward pass; gradients flow to ``params``.
-    extra_update: ``(extra, StepInfo) -> extra``, a state transition applied once per step.
+    transition: ``(state, info) -> state`` applied after the update (see :func:`in_extra`,
+      :func:`chain_transitions`); it sees the updated state and the step's :class:`StepInfo`.
+    skip_nonfinite: when the step is not finite (see :class:`StepOutput`), keep the state's params,
+      opt_state, model_state and extra (the counters and rng still advance), like
+      ``optax.apply_if_finite``; the loop counts such steps from ``StepOutput.finite``.
     donate: donate the state's buffers to the step (the old state must not be used afterwards).
 
-  ``num_micro_batches`` (an int32 scalar, replicated) says how many of the buffer's per-device
-  micro-batches are real (see ``pack_micro_batches``); ``None`` uses all. Changing its value never
-  recompiles.
+  ``num_micro_batches`` (an int32 scalar) says how many of the buffer's per-device micro-batches are real
+  (see ``pack_micro_batches``); ``None`` uses all. ``meta`` is a small replicated pytree of the step's
+  metadata (e.g. a task id) passed to the loss and the transition; its structure is part of the compiled
+  signature, its values are not. Changing either value never recompiles.
   """
   mesh = data_mesh() if mesh is None else mesh
   if DATA_AXIS not in mesh.axis_names:
@@ -210,7 +323,8 @@ def make_train_step(
   tx = optax.with_extra_args_support(tx)
   want_groups = group_stats_fn is not None
 
-  def per_device(state: TrainState, batch: PyTree, num_micro: jax.Array | None):
+  def per_device(state: TrainState, batch: PyTree, num_micro: jax.Array | None, meta: PyTree,
+                 step_key: jax.Array):
     local_rows = jax.tree.leaves(batch)[0].shape[0]
     m = local_rows if micro_batch_size is None else micro_batch_size
     if local_rows % m:
@@ -219,26 +333,27 @@ def make_train_step(
     k_max = local_rows // m
     micro = jax.tree.map(lambda x: x.reshape((k_max, m) + x.shape[1:]), batch)
     n = jnp.asarray(k_max if num_micro is None else num_micro, jnp.int32)
+    first_group = lax.axis_index(DATA_AXIS) * k_max
 
-    key = jax.random.wrap_key_data(state.rng)
-    next_key, step_key = jax.random.split(key)
-    device_key = jax.random.fold_in(step_key, lax.axis_index(DATA_AXIS))
-
-    def micro_loss(params, model_state, mb, rng):
+    def micro_loss(params, mb, k):
       fwd = params if forward_fn is None else forward_fn(params, state)
-      return loss_fn(fwd, model_state, mb, rng)
+      ctx = LossContext(rng=jax.random.fold_in(step_key, first_group + k), step=state.step,
+                        samples=state.samples, extra=state.extra, meta=meta)
+      return loss_fn(fwd, state.model_state, mb, ctx)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # Per-device gradients: see the module docstring (the parameters are invariant over the data axis;
+    # the gradient with respect to an invariant value would already be summed over devices).
+    params = lax.pcast(state.params, (DATA_AXIS,), to="varying")
     zeros = _tree_zeros(state.params)
-    _, (metrics_shape, _) = jax.eval_shape(
-        micro_loss, state.params, state.model_state,
-        jax.tree.map(lambda x: x[0], micro), device_key)
+    _, (metrics_shape, model_state_shape) = jax.eval_shape(
+        micro_loss, state.params, jax.tree.map(lambda x: x[0], micro), 0)
 
     carry = dict(
         grad=zeros,
         loss=jnp.zeros((), jnp.float32),
         metrics=jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metrics_shape),
-        model_state=state.model_state,
+        model_state=jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), model_state_shape),
     )
     if grad_stats:
       carry["sq"] = zeros
@@ -250,13 +365,14 @@ def make_train_step(
 
     def body(k, c):
       mb = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False), micro)
-      (loss, (metrics, model_state)), g = grad_fn(
-          state.params, c["model_state"], mb, jax.random.fold_in(device_key, k))
+      (loss, (metrics, model_state)), g = grad_fn(params, mb, k)
       out = dict(
           grad=jax.tree.map(jnp.add, c["grad"], g),
           loss=c["loss"] + loss.astype(jnp.float32),
           metrics=jax.tree.map(lambda a, b: a + b.astype(jnp.float32), c["metrics"], metrics),
-          model_state=model_state,
+          # Floating leaves (batch-norm statistics) are summed and averaged below; counters keep the max.
+          model_state=jax.tree.map(lambda a, b: a + b if _is_float(b) else jnp.maximum(a, b),
+                                   c["model_state"], model_state),
       )
       if grad_stats:
         out["sq"] = jax.tree.map(lambda a, b: a + b * b, c["sq"], g)
@@ -275,7 +391,9 @@ def make_train_step(
     loss = lax.pmean(c["loss"] * inv_n, DATA_AXIS)
     metrics = lax.pmean(scale(c["metrics"]), DATA_AXIS)
     metrics = {"loss": loss, **metrics}
-    model_state = _pmean_floats(c["model_state"], DATA_AXIS)
+    model_state = jax.tree.map(
+        lambda x: lax.pmean(x * inv_n, DATA_AXIS).astype(x.dtype) if _is_float(x)
+        else lax.pmax(x, DATA_AXIS), c["model_state"])
 
     stats = None
     if grad_stats:
@@ -285,23 +403,42 @@ def make_train_step(
     if want_groups:
       valid = jnp.arange(k_max) < n
       group_stats = lax.psum(group_stats_fn(c["groups"], valid, grads), DATA_AXIS)
+    valid_rows = jnp.arange(local_rows) < n * m
+    return grads, loss, metrics, model_state, stats, group_stats, n * m * num_devices, valid_rows
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P(), P()),
+                          out_specs=(P(), P(), P(), P(), P(), P(), P(), P(DATA_AXIS)))
+
+  def step(state: TrainState, batch: PyTree, num_micro_batches: jax.Array | None = None,
+           meta: PyTree = None):
+    key = jax.random.wrap_key_data(state.rng)
+    next_key, step_key, transition_key = jax.random.split(key, 3)
+    num_micro = None if num_micro_batches is None else jnp.asarray(num_micro_batches, jnp.int32)
+    grads, loss, metrics, model_state, stats, group_stats, batch_size, valid = sharded(
+        state, batch, num_micro, meta, step_key)
+    samples = jnp.asarray(state.samples, jnp.int32)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, samples=samples)
     params = optax.apply_updates(state.params, updates)
-    extra = state.extra
-    if extra_update is not None:
-      info = StepInfo(step=state.step, params=state.params, grads=grads, loss=loss, metrics=metrics,
-                      grad_stats=stats, group_stats=group_stats, opt_state=state.opt_state)
-      extra = extra_update(extra, info)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           model_state=model_state, extra=extra,
-                           rng=jax.random.key_data(next_key))
-    return new_state, StepOutput(metrics=metrics, grad_stats=stats, group_stats=group_stats)
-
-  def step(state: TrainState, batch: PyTree, num_micro_batches: jax.Array | None = None):
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                            out_specs=P())
-    return sharded(state, batch, num_micro_batches)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
+                     extra=state.extra, rng=jax.random.key_data(next_key),
+                     samples=samples + batch_size.astype(jnp.int32))
+    if transition is not None:
+      info = StepInfo(step=state.step, samples=samples, batch_size=batch_size, rng=transition_key,
+                      meta=meta, params=state.params, opt_state=state.opt_state, grads=grads, loss=loss,
+                      metrics=metrics, grad_stats=stats, group_stats=group_stats, batch=batch,
+                      valid=valid)
+      new = transition(new, info)
+    # The state stays replicated (a transition reducing over the sharded batch could leave XLA free to
+    # choose another layout; the next step and the checkpoint expect this one).
+    new = jax.lax.with_sharding_constraint(new, NamedSharding(mesh, P()))
+    finite = _all_finite(loss, grads, new.params)
+    if skip_nonfinite:
+      keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+      new = new._replace(params=keep(new.params, state.params),
+                         opt_state=keep(new.opt_state, state.opt_state),
+                         model_state=keep(new.model_state, state.model_state),
+                         extra=keep(new.extra, state.extra))
+    return new, StepOutput(metrics=metrics, grad_stats=stats, group_stats=group_stats, finite=finite)
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 
@@ -313,7 +450,8 @@ def make_eval_step(eval_fn: Callable[[PyTree, PyTree, PyTree], dict[str, jax.Arr
   summed over the ``data`` axis."""
   mesh = data_mesh() if mesh is None else mesh
 
-  def per_device(state: TrainState, batch: PyTree):
-    return lax.psum(eval_fn(state.params, state.model_state, batch), DATA_AXIS)
+  def per_device(params: PyTree, model_state: PyTree, batch: PyTree):
+    return lax.psum(eval_fn(params, model_state, batch), DATA_AXIS)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P()))
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P())
+  return jax.jit(lambda state, batch: sharded(state.params, state.model_state, batch))

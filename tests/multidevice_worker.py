@@ -1,7 +1,23 @@
-"""Trains a small MLP with prox's step for a few steps and saves the parameters (a test helper).
+"""Runs prox's step in several scenarios and saves every number they produce (a test helper).
 
 Run as a subprocess so that the device count (``--devices``, fake CPU devices) and the multi-process
 set-up (``--num-processes``/``--process-id``/``--port``, gloo collectives) are fixed before JAX starts.
+``tests/test_multidevice.py`` runs it on several layouts and compares the outputs.
+
+Every scenario is scale-sensitive on purpose (plain SGD, no clipping, no Adam): a step that applied the
+sum of the device gradients instead of their mean, or built statistics from sums over devices, changes
+every saved number.
+
+Scenarios (global batch 32, 20 steps):
+- ``sgd``: an MLP with plain SGD; params after steps 1 and 20, loss and accuracy of every step. Its
+  micro-batch size is ``--sgd-micro`` (0: the whole per-device batch).
+- ``stats``: AdaGradNorm, micro-batches of 8 on every layout (4 groups of 8 in all), ``GradStats``, the
+  group inner-product statistics, the norm test and a batch-size controller updated in the step;
+  AdaGradNorm's accumulator, the controller's decisions and the statistics of every step.
+- ``continual``: SGD under EWC and GPM; at step 10 a transition consolidates EWC with the Fisher of the
+  step's own batch and extends the GPM bases with the layer inputs of that batch, in the step.
+- ``batchnorm``: an MLP with batch norm (statistics per micro-batch of 8), SGD; params, running
+  statistics and metrics.
 """
 import argparse
 import os
@@ -12,8 +28,8 @@ parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
-parser.add_argument("--micro-batch", type=int, default=0)
-parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--sgd-micro", type=int, default=0)
+parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -23,9 +39,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax import lax  # noqa: E402
 
 from prox import distributed  # noqa: E402
-from prox import step as prox_step  # noqa: E402
+from prox import optim  # noqa: E402
+from prox import step as S  # noqa: E402
+from prox.transforms import ewc as ewc_lib  # noqa: E402
+from prox.transforms import gpm as gpm_lib  # noqa: E402
 
 if args.num_processes > 1:
   distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
@@ -33,39 +53,128 @@ if args.num_processes > 1:
 GLOBAL_BATCH = 32
 rng = np.random.default_rng(0)
 x_all = rng.normal(size=(args.steps * GLOBAL_BATCH, 20)).astype(np.float32)
-y_all = (x_all[:, :3].sum(1) > 0).astype(np.int32) + (x_all[:, 3] > 1).astype(np.int32)
-
-
-def init_params(key):
-  k1, k2 = jax.random.split(key)
-  return {"h": {"w": jax.random.normal(k1, (20, 64)) * 0.2, "b": jnp.zeros(64)},
-          "o": {"w": jax.random.normal(k2, (64, 3)) * 0.2, "b": jnp.zeros(3)}}
-
-
-def loss(params, batch, rng):
-  h = jax.nn.relu(batch["x"] @ params["h"]["w"] + params["h"]["b"])
-  logits = h @ params["o"]["w"] + params["o"]["b"]
-  value = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-  return value, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"])}
-
-
-mesh = prox_step.data_mesh()
-tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
-params = jax.device_get(init_params(jax.random.key(42)))
-state = prox_step.TrainState(step=np.int32(0), params=params, opt_state=jax.device_get(tx.init(params)),
-                             model_state={}, extra=(),
-                             rng=np.asarray(jax.random.key_data(jax.random.key(1))))
-state = prox_step.replicate(state, mesh)
-train_step = prox_step.make_train_step(prox_step.stateless(loss), tx, mesh=mesh,
-                                       micro_batch_size=args.micro_batch or None)
+y_all = ((x_all[:, :3].sum(1) > 0).astype(np.int32) + (x_all[:, 3] > 1).astype(np.int32)).astype(np.int32)
+mesh = S.data_mesh()
 per_process = GLOBAL_BATCH // jax.process_count()
 lo = jax.process_index() * per_process
-for i in range(args.steps):
+saved: dict[str, np.ndarray] = {}
+
+
+def host(x):
+  """A replicated global array as a numpy array (every process holds a full copy)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def save(prefix, tree):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    saved[prefix + jax.tree_util.keystr(path)] = host(leaf)
+
+
+def batch(i):
   rows = slice(i * GLOBAL_BATCH + lo, i * GLOBAL_BATCH + lo + per_process)
-  batch = prox_step.shard_batch({"x": x_all[rows], "y": y_all[rows]}, mesh)
-  state, out = train_step(state, batch)
-params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
+  return S.shard_batch({"x": x_all[rows], "y": y_all[rows]}, mesh)
+
+
+def init_params(key, bn=False):
+  k1, k2 = jax.random.split(key)
+  p = {"h": {"w": jax.random.normal(k1, (20, 64)) * 0.2, "b": jnp.zeros(64)},
+       "o": {"w": jax.random.normal(k2, (64, 3)) * 0.2, "b": jnp.zeros(3)}}
+  if bn:
+    p["bn"] = {"scale": jnp.ones(64), "bias": jnp.zeros(64)}
+  return jax.device_get(p)
+
+
+def layer_inputs(params, x):
+  return {"h": x, "o": jax.nn.relu(x @ params["h"]["w"] + params["h"]["b"])}
+
+
+def logits_of(params, x):
+  return layer_inputs(params, x)["o"] @ params["o"]["w"] + params["o"]["b"]
+
+
+def loss(params, b, rng):
+  logits = logits_of(params, b["x"])
+  value = optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+  return value, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == b["y"])}
+
+
+def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, **step_kwargs):
+  state = S.replicate(S.init_state(init_params(jax.random.key(42), bn), tx, model_state=model_state,
+                                   extra=extra, seed=1), mesh)
+  step = S.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=micro or None, **step_kwargs)
+  for i in range(args.steps):
+    state, out = step(state, batch(i))
+    save(f"{name}/metrics/{i}", out.metrics)
+    if out.grad_stats is not None:
+      save(f"{name}/grad_stats/{i}", out.grad_stats._replace(group_size=np.int32(out.grad_stats.group_size)))
+    if out.group_stats is not None:
+      save(f"{name}/group_stats/{i}", out.group_stats)
+    if i == 0:
+      save(f"{name}/params1", state.params)
+  save(f"{name}/params", state.params)
+  save(f"{name}/model_state", state.model_state)
+  save(f"{name}/samples", state.samples)
+  return state
+
+
+# sgd: the plain step.
+train("sgd", optax.sgd(0.5), S.stateless(loss), micro=args.sgd_micro)
+
+# stats: AdaGradNorm, GradStats, group statistics, the norm test and a batch-size controller in the step.
+def control(extra, info):
+  wanted = optim.norm_test_from_stats(info.grad_stats, 0.1)
+  return {"controller": optim.batch_size_update(extra["controller"], wanted), "norm_test": wanted}
+
+
+st = train("stats", optim.adagrad_norm(0.5), S.stateless(loss), micro=8, grad_stats=True,
+           group_stats_fn=lambda g, v, m: optim.group_inner_stats(g, m, valid=v),
+           extra={"controller": optim.batch_size_init(32, 1 << 20, multiple_of=8),
+                  "norm_test": np.float32(0)},
+           transition=lambda s, i: s._replace(extra=control(s.extra, i)))
+save("stats/opt_state", st.opt_state)
+save("stats/extra", st.extra)
+
+
+# continual: EWC consolidated and GPM bases extended inside the step at step 10, from the step's batch.
+def logprob(params, example):
+  logits = logits_of(params, example["x"][None])[0]
+  return jax.nn.log_softmax(logits)[example["y"]]
+
+
+def consolidate_at_10(state, info):
+  def fire(s):
+    fisher = ewc_lib.diagonal_fisher(logprob, info.params, info.batch)
+    opt = ewc_lib.consolidate_opt_state(s.opt_state, info.params, fisher)
+    acts = layer_inputs(info.params, info.batch["x"])
+    acts = {"h": {"w": acts["h"], "b": None}, "o": {"w": acts["o"], "b": None}}
+    opt = gpm_lib.gpm_update_opt_state(opt, acts, 0.9)
+    return s._replace(opt_state=opt, extra={"fisher": fisher})
+  return lax.cond(info.step == 9, fire, lambda s: s, state)
+
+
+kernels = {"h": {"w": True, "b": False}, "o": {"w": True, "b": False}}
+tx = optax.chain(ewc_lib.ewc(ewc_lambda=5.0), gpm_lib.gpm(kernels, max_rank=16), optax.sgd(0.2))
+zeros = jax.tree.map(np.zeros_like, init_params(jax.random.key(42)))
+cs = train("continual", tx, S.stateless(loss), micro=args.sgd_micro, extra={"fisher": zeros},
+           transition=consolidate_at_10)
+save("continual/opt_state", cs.opt_state)
+save("continual/fisher", cs.extra["fisher"])
+
+
+# batchnorm: statistics per micro-batch of 8, running averages in model_state.
+def bn_loss(params, model_state, b, ctx):
+  h = b["x"] @ params["h"]["w"] + params["h"]["b"]
+  mu, var = h.mean(0), h.var(0)
+  h = (h - mu) / jnp.sqrt(var + 1e-5) * params["bn"]["scale"] + params["bn"]["bias"]
+  logits = jax.nn.relu(h) @ params["o"]["w"] + params["o"]["b"]
+  value = optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+  new_state = {"mean": 0.9 * model_state["mean"] + 0.1 * mu, "var": 0.9 * model_state["var"] + 0.1 * var}
+  return value, ({"accuracy": jnp.mean(jnp.argmax(logits, -1) == b["y"])}, new_state)
+
+
+train("batchnorm", optax.sgd(0.5), bn_loss, micro=8, bn=True,
+      model_state={"mean": np.zeros(64, np.float32), "var": np.ones(64, np.float32)})
+
 if jax.process_index() == 0:
-  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  np.savez(args.out, loss=np.asarray(out.metrics["loss"].addressable_data(0)), **flat)
+  np.savez(args.out, **saved)
 print("ok", jax.device_count(), jax.process_count(), file=sys.stderr)

@@ -1,10 +1,4 @@
 """Tests of prox.step: the jit(shard_map) data-parallel step."""
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +6,6 @@ import optax
 import pytest
 
 from prox import step as S
-
-WORKER = Path(__file__).with_name("multidevice_worker.py")
-
 
 def _loss(params, batch, rng):
   pred = batch["x"] @ params["w"] + params["b"]
@@ -144,23 +135,25 @@ def test_transform_receives_value_and_params():
       jax.device_get(state.params), _data())["b"], rtol=1e-5)
 
 
-def test_extra_update_hook_and_forward_fn():
+def test_transition_and_forward_fn():
   tx = optax.sgd(1.0)
   mask = {"w": jnp.array([1.0, 0.0, 1.0]), "b": jnp.ones(())}
 
-  def extra_update(extra, info):
-    return {"count": extra["count"] + 1, "last_loss": info.loss, "mask": extra["mask"]}
+  def count(extra, info):
+    return {"count": extra["count"] + 1, "last_loss": info.loss, "batch_size": info.batch_size}
 
   def forward_fn(params, state):
     return jax.tree.map(jnp.multiply, params, state.extra["mask"])
 
-  step = S.make_train_step(S.stateless(_loss), tx, extra_update=extra_update, forward_fn=forward_fn,
-                           donate=False)
-  state = _state(tx, extra={"count": jnp.int32(0), "last_loss": jnp.float32(0), "mask": mask})
+  step = S.make_train_step(S.stateless(_loss), tx, transition=S.in_extra("stats", count),
+                           forward_fn=forward_fn, donate=False)
+  stats = {"count": jnp.int32(0), "last_loss": jnp.float32(0), "batch_size": jnp.int32(0)}
+  state = _state(tx, extra={"stats": stats, "mask": mask})
   data = _data()
   new_state, out = step(state, S.shard_batch(data, S.data_mesh()))
-  assert int(new_state.extra["count"]) == 1
-  np.testing.assert_allclose(new_state.extra["last_loss"], out.metrics["loss"])
+  assert int(new_state.extra["stats"]["count"]) == 1
+  assert int(new_state.extra["stats"]["batch_size"]) == 32 and int(new_state.samples) == 32
+  np.testing.assert_allclose(new_state.extra["stats"]["last_loss"], out.metrics["loss"])
   # Gradient through the masked forward: d/dw (w*m) = m, so the masked coordinate gets no gradient.
   masked = jax.tree.map(jnp.multiply, jax.device_get(state.params), mask)
   g = jax.tree.map(jnp.multiply, _grad(masked, data), mask)
@@ -168,23 +161,82 @@ def test_extra_update_hook_and_forward_fn():
                new_state.params, jax.device_get(state.params), g)
 
 
-def test_model_state_is_threaded_through_micro_batches():
-  def loss_fn(params, model_state, batch, rng):
-    value, metrics = _loss(params, batch, rng)
+def test_transition_may_change_opt_state_and_sees_the_batch():
+  """A transition can rewrite the optimizer state in the step (e.g. a consolidation under lax.cond)."""
+  tx = optax.sgd(0.1, momentum=0.9)
+  data = _data(32)
+
+  def reset_momentum_when_loss_is_high(state, info):
+    fire = info.loss > 0.0
+    trace = jax.tree.map(lambda t: jnp.where(fire, jnp.zeros_like(t), t), state.opt_state[0].trace)
+    rows = jnp.sum(info.valid)
+    y_sum = jnp.sum(jnp.where(info.valid, info.batch["y"], 0.0))
+    return state._replace(opt_state=(state.opt_state[0]._replace(trace=trace),) + state.opt_state[1:],
+                          extra={"rows": rows, "y_sum": y_sum})
+
+  step = S.make_train_step(S.stateless(_loss), tx, micro_batch_size=8,
+                           transition=reset_momentum_when_loss_is_high, donate=False)
+  state = _state(tx, extra={"rows": jnp.int32(0), "y_sum": jnp.float32(0)})
+  new_state, _ = step(state, S.shard_batch(data, S.data_mesh()), jnp.int32(3))
+  jax.tree.map(lambda t: np.testing.assert_array_equal(t, 0.0), new_state.opt_state[0].trace)
+  assert int(new_state.extra["rows"]) == 24
+  np.testing.assert_allclose(new_state.extra["y_sum"], data["y"][:24].sum(), rtol=1e-5)
+
+
+def test_loss_reads_extra_and_meta():
+  def loss_fn(params, model_state, batch, ctx):
+    value, metrics = _loss(params, batch, ctx.rng)
+    return ctx.extra["scale"] * value + ctx.meta["shift"], (metrics, model_state)
+
+  tx = optax.sgd(0.1)
+  step = S.make_train_step(loss_fn, tx, donate=False)
+  state = _state(tx, extra={"scale": jnp.float32(2.0)})
+  batch = S.shard_batch(_data(), S.data_mesh())
+  _, out = step(state, batch, None, {"shift": jnp.float32(1.0)})
+  _, plain = S.make_train_step(S.stateless(_loss), tx, donate=False)(state, batch)
+  np.testing.assert_allclose(out.metrics["loss"], 2 * plain.metrics["loss"] + 1, rtol=1e-6)
+  _, out3 = step(state, batch, None, {"shift": jnp.float32(3.0)})
+  np.testing.assert_allclose(out3.metrics["loss"], 2 * plain.metrics["loss"] + 3, rtol=1e-6)
+  assert step._cache_size() == 1   # meta values are traced
+
+
+def test_model_state_is_the_mean_of_the_groups_updates():
+  """Each micro-batch updates batch statistics from the step's model_state; the step averages them, so
+  the layout (devices x micro-batches) does not change the result."""
+  def loss_fn(params, model_state, batch, ctx):
+    value, metrics = _loss(params, batch, ctx.rng)
     seen = model_state["seen"] + batch["x"].shape[0]
     return value, (metrics, {"seen": seen, "mean": 0.5 * model_state["mean"] + 0.5 * batch["y"].mean()})
 
   tx = optax.sgd(0.1)
   step = S.make_train_step(loss_fn, tx, micro_batch_size=8, donate=False)
-  state = _state(tx)._replace(model_state=S.replicate({"seen": jnp.int32(0), "mean": jnp.float32(0)},
+  state = _state(tx)._replace(model_state=S.replicate({"seen": jnp.int32(0), "mean": jnp.float32(1)},
                                                       S.data_mesh()))
   data = _data(32)
   new_state, _ = step(state, S.shard_batch(data, S.data_mesh()), jnp.int32(3))
-  assert int(new_state.model_state["seen"]) == 24
-  expected = 0.0
-  for i in range(3):
-    expected = 0.5 * expected + 0.5 * data["y"][8 * i: 8 * i + 8].mean()
+  assert int(new_state.model_state["seen"]) == 8
+  expected = np.mean([0.5 * 1.0 + 0.5 * data["y"][8 * i: 8 * i + 8].mean() for i in range(3)])
   np.testing.assert_allclose(new_state.model_state["mean"], expected, rtol=1e-6)
+
+
+def test_nonfinite_steps_are_reported_and_optionally_skipped():
+  tx = optax.sgd(1e37)            # step 1: finite; step 2: the loss of weights ~1e37 overflows
+  batch = S.shard_batch(_data(), S.data_mesh())
+  step = S.make_train_step(S.stateless(_loss), tx, donate=False)
+  one, out = step(_state(tx), batch)
+  assert bool(out.finite)
+  _, out = step(one, batch)
+  assert not bool(out.finite)
+  kept, out = S.make_train_step(S.stateless(_loss), tx, skip_nonfinite=True, donate=False)(one, batch)
+  assert not bool(out.finite) and int(kept.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, kept.params, one.params)
+  jax.tree.map(np.testing.assert_array_equal, kept.opt_state, one.opt_state)
+  _, ok = S.make_train_step(S.stateless(_loss), optax.sgd(0.1), donate=False)(_state(tx), batch)
+  assert bool(ok.finite)
+  nan = dict(_data(), y=np.full(32, np.nan, np.float32))
+  _, bad = S.make_train_step(S.stateless(_loss), optax.sgd(0.1), donate=False)(
+      _state(tx), S.shard_batch(nan, S.data_mesh()))
+  assert not bool(bad.finite)
 
 
 def test_state_buffers_are_donated_and_rng_advances():
@@ -219,46 +271,3 @@ def test_eval_step_sums_over_devices():
   out = S.make_eval_step(eval_fn)(_state(tx), S.shard_batch(data, S.data_mesh()))
   assert float(out["n"]) == 30
   np.testing.assert_allclose(out["y"], data["y"][:30].sum(), rtol=1e-5)
-
-
-# --- several devices and several processes, each in fresh subprocesses -------------------------------
-
-def _run_worker(out, *args, env=None):
-  cmd = [sys.executable, str(WORKER), "--out", str(out), *map(str, args)]
-  return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc, timeout=300):
-  output, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, output
-  return output
-
-
-def _params(path):
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def test_one_device_equals_four_devices_and_two_processes(tmp_path):
-  one = _run_worker(tmp_path / "one.npz", "--devices", 1)
-  micro = _run_worker(tmp_path / "micro.npz", "--devices", 1, "--micro-batch", 8)
-  four = _run_worker(tmp_path / "four.npz", "--devices", 4)
-  for p in (one, micro, four):
-    _finish(p)
-  port = _free_port()
-  hosts = [_run_worker(tmp_path / "hosts.npz", "--devices", 2, "--num-processes", 2,
-                       "--process-id", i, "--port", port) for i in range(2)]
-  outputs = [_finish(p) for p in hosts]
-  assert "ok 4 2" in outputs[0], outputs[0]
-  ref = _params(tmp_path / "four.npz")
-  for name in ("one", "micro", "hosts"):
-    got = _params(tmp_path / f"{name}.npz")
-    for k in ref:
-      np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
