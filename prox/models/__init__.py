@@ -26,6 +26,16 @@ from prox.models._zoo import (
     make_model,
     param_count,
 )
+from prox.models._nnx import (
+    classifier_logprob,
+    masked_module,
+    module_fisher,
+    module_logprob,
+    opt_state_of,
+    params_of,
+    set_opt_state,
+    update_opt_state,
+)
 
 __all__ = [
     "BasicBlock",
@@ -38,4 +48,13 @@ __all__ = [
     "functional",
     "make_model",
     "param_count",
+    # prox's transforms in an NNX loop (nnx.Optimizer / nnx.jit)
+    "classifier_logprob",
+    "masked_module",
+    "module_fisher",
+    "module_logprob",
+    "opt_state_of",
+    "params_of",
+    "set_opt_state",
+    "update_opt_state",
 ]
