@@ -9,6 +9,8 @@
   Sec. 4.2): a 3x3 conv, 3 stages x 3 basic blocks with 16/32/64 channels (stride 2 at the start of
   stages 2 and 3), BatchNorm, identity shortcuts with zero-padded channels (option A), global average
   pooling and a linear head: 0.27M parameters for CIFAR-10.
+* ``cnn1d``: the MNIST-1D CNN of Greydanus and Kobak 2024: three stride-2 1-D convolutions (25 channels)
+  and a linear head; 5,210 parameters on [40, 1] sequences.
 
 ``functional(model)`` splits a model into ``apply(params, model_state, images, *, train)`` and two plain
 pytrees (nested dicts of jax arrays with string keys), which jit, grad, shard_map, optax and orbax all take
@@ -17,6 +19,7 @@ as they are.
 from prox.models._zoo import (
     BasicBlock,
     CNN,
+    CNN1D,
     Functional,
     MLP,
     MODELS,
@@ -40,6 +43,7 @@ from prox.models._nnx import (
 __all__ = [
     "BasicBlock",
     "CNN",
+    "CNN1D",
     "Functional",
     "MLP",
     "MODELS",

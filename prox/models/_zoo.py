@@ -1,14 +1,18 @@
-"""The model zoo: MLP, CNN and ResNet-20 in Flax NNX, and their pure functional form.
+"""The model zoo: MLP, CNN, ResNet-20 and a 1-D CNN in Flax NNX, and their pure functional form.
 
 ``make_model(name, input_shape=..., num_classes=...)`` builds one of ``MODELS``:
 
-* ``mlp``: flatten, then ``hidden`` ReLU dense layers, then a linear head.
+* ``mlp``: flatten, then ``hidden`` ReLU dense layers, then a linear head; any input shape.
 * ``cnn``: two 3x3 conv + ReLU + 2x2 max-pool blocks (``width``, ``2 * width`` channels), a ReLU dense
   layer of ``hidden`` units and a linear head; works on 8x8, 28x28 and 32x32 inputs.
 * ``resnet20``: the CIFAR ResNet of He et al. 2016 ("Deep Residual Learning for Image Recognition",
   Sec. 4.2): a 3x3 conv, 3 stages x 3 basic blocks with 16/32/64 channels (stride 2 at the start of
   stages 2 and 3), BatchNorm, identity shortcuts with zero-padded channels (option A), global average
   pooling and a linear head: 0.27M parameters for CIFAR-10.
+* ``cnn1d``: the CNN of Greydanus and Kobak 2024 ("Scaling Down Deep Learning with MNIST-1D"): three
+  stride-2 1-D convolutions (kernel 5, 3, 3; padding 1; ``width = 25`` channels) with ReLU, flattened into
+  a linear head: 5,210 parameters on MNIST-1D's [40, 1] sequences. Inputs ``[B, *S, C]`` are read as
+  sequences of length ``prod(S)`` (row-major), so images work too (as pixel sequences).
 
 ``functional(model)`` splits a model into ``apply(params, model_state, images, *, train)`` and two plain
 pytrees (nested dicts of jax arrays with string keys), which jit, grad, shard_map, optax and orbax all take
@@ -26,7 +30,7 @@ from flax import nnx
 
 PyTree = Any
 
-MODELS = ("mlp", "cnn", "resnet20")
+MODELS = ("mlp", "cnn", "resnet20", "cnn1d")
 
 # BatchNorm as in the reference CIFAR ResNets (PyTorch defaults): running <- 0.9 running + 0.1 batch.
 _BN_MOMENTUM = 0.9
@@ -128,9 +132,39 @@ class ResNet20(nnx.Module):
     return self.head(x.mean(axis=(1, 2))).astype(jnp.float32)
 
 
+class CNN1D(nnx.Module):
+  """Greydanus and Kobak 2024's MNIST-1D CNN: ``h_1 = relu(conv_5(x))``, ``h_2 = relu(conv_3(h_1))``,
+  ``h_3 = relu(conv_3(h_2))``, ``logits = W flatten(h_3) + b``; every conv has stride 2 and padding 1.
+
+  A sequence of length ``L`` becomes ``L_1 = floor((L - 3) / 2) + 1``, then ``L_2 = floor((L_1 - 1) / 2)
+  + 1``, ``L_3 = floor((L_2 - 1) / 2) + 1`` positions (40 -> 19 -> 10 -> 5), so the head reads
+  ``L_3 * width`` features (125 on MNIST-1D).
+  """
+
+  def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 25,
+               dtype: Any = None, rngs: nnx.Rngs):
+    *spatial, channels = input_shape
+    length = int(np.prod(spatial))
+    conv = dict(strides=2, padding=((1, 1),), dtype=dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(channels, width, (5,), **conv)
+    self.conv2 = nnx.Conv(width, width, (3,), **conv)
+    self.conv3 = nnx.Conv(width, width, (3,), **conv)
+    for kernel in (5, 3, 3):
+      length = (length + 2 - kernel) // 2 + 1
+    self.head = nnx.Linear(length * width, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    del train  # no train/eval difference
+    x = images.reshape(images.shape[0], -1, images.shape[-1])  # [B, L, C]
+    for conv in (self.conv1, self.conv2, self.conv3):
+      x = jax.nn.relu(conv(x))
+    return self.head(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+
+
 _OPTIONS = {"mlp": ("hidden", "dtype"), "cnn": ("width", "hidden", "dtype"),
-            "resnet20": ("width", "dtype")}
-_CLASSES = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20}
+            "resnet20": ("width", "dtype"), "cnn1d": ("width", "dtype")}
+_CLASSES = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20, "cnn1d": CNN1D}
+_CNN1D_MIN_LENGTH = 3  # the first conv (kernel 5, padding 1) needs 3 positions
 
 
 def check_options(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
@@ -142,8 +176,13 @@ def check_options(name: str, *, input_shape: tuple[int, ...], num_classes: int, 
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
   shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
-  if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
-    raise ValueError(f"input_shape must be (H, W, C) of positive ints, got {input_shape!r}")
+  if not shape or not all(_is_int(d) and d > 0 for d in shape):
+    raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+  if name in ("cnn", "resnet20") and len(shape) != 3:
+    raise ValueError(f"model {name!r} takes images: input_shape must be (H, W, C), got {input_shape!r}")
+  if name == "cnn1d" and (len(shape) < 2 or np.prod(shape[:-1]) < _CNN1D_MIN_LENGTH):
+    raise ValueError(f"model 'cnn1d' takes sequences: input_shape must be (L, C) (or (*S, C), read as a "
+                     f"sequence of length prod(S)) with length >= {_CNN1D_MIN_LENGTH}, got {input_shape!r}")
   if not _is_int(num_classes) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   if not _is_int(seed):
@@ -167,15 +206,16 @@ def check_options(name: str, *, input_shape: tuple[int, ...], num_classes: int, 
 
 def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int = 0,
                **kwargs: Any) -> nnx.Module:
-  """Builds one of ``MODELS`` for images of ``input_shape = (H, W, C)``.
+  """Builds one of ``MODELS`` for inputs of ``input_shape``.
 
   Args:
-    name: ``"mlp"``, ``"cnn"`` or ``"resnet20"``.
-    input_shape: ``(H, W, C)`` of one image.
+    name: ``"mlp"``, ``"cnn"``, ``"resnet20"`` or ``"cnn1d"``.
+    input_shape: the shape of one input: ``(H, W, C)`` for ``cnn`` and ``resnet20``; ``(L, C)`` for
+      ``cnn1d`` (which reads ``(*S, C)`` as a sequence of length ``prod(S)``); any shape for ``mlp``.
     num_classes: number of output logits.
     seed: seed of the parameter initialisation.
     **kwargs: model options: mlp ``hidden=(1024, 1024)``; cnn ``width=32, hidden=128``; resnet20
-      ``width=16`` (channels of stage 1). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
+      ``width=16`` (channels of stage 1); cnn1d ``width=25`` (channels of every conv). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
       parameters stay float32, logits are float32).
 
   Returns:

@@ -11,7 +11,8 @@ from flax import nnx
 
 from prox import models
 
-SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar": (32, 32, 3), "mnist1d": (40, 1)}
+IMAGE_ONLY = ("cnn", "resnet20")  # models that take (H, W, C) images only
 
 
 def _abstract(name, shape, num_classes=10, **kwargs):
@@ -23,7 +24,7 @@ def _abstract(name, shape, num_classes=10, **kwargs):
 @pytest.fixture(scope="module")
 def digits_models():
   """Concrete models for 8x8x1 digits, built once for the tests that run them."""
-  options = {"mlp": {"hidden": (256, 256)}, "cnn": {}, "resnet20": {}}
+  options = {"mlp": {"hidden": (256, 256)}, "cnn": {}, "resnet20": {}, "cnn1d": {}}
   return {name: models.functional(models.make_model(name, input_shape=(8, 8, 1), num_classes=10,
                                                     seed=1, **options[name]))
           for name in models.MODELS}
@@ -39,6 +40,8 @@ def _loss(apply, params, model_state, images, labels, *, train=True):
 @pytest.mark.parametrize("data", list(SHAPES))
 def test_output_shapes(name, data):
   shape = SHAPES[data]
+  if name in IMAGE_ONLY and len(shape) != 3:
+    pytest.skip(f"{name} takes images")
   fn = _abstract(name, shape, num_classes=7)
   images = jax.ShapeDtypeStruct((3, *shape), jnp.float32)
   for train in (True, False):
@@ -61,6 +64,45 @@ def test_param_counts():
   # conv 3x3 1->8, conv 3x3 8->16, 28 -> 14 -> 7 after pooling, dense 7*7*16 -> 32, head 32 -> 10.
   expected = (9 * 1 * 8 + 8) + (9 * 8 * 16 + 16) + (7 * 7 * 16 * 32 + 32) + (32 * 10 + 10)
   assert models.param_count(cnn.params) == expected
+  # Greydanus and Kobak 2024's MNIST-1D CNN has 5,210 parameters: conv 5 x 1 -> 25, two conv 3 x 25 -> 25,
+  # 40 -> 19 -> 10 -> 5 positions, head 5 * 25 -> 10.
+  cnn1d = _abstract("cnn1d", (40, 1))
+  assert models.param_count(cnn1d.params) == 5_210
+  assert (5 * 1 * 25 + 25) + 2 * (3 * 25 * 25 + 25) + (125 * 10 + 10) == 5_210
+  assert cnn1d.params["head"]["kernel"].shape == (125, 10) and cnn1d.model_state == {}
+  # The MLP of the same paper's table (two hidden layers of 100) has 15,210, as prox's mlp on [40, 1].
+  assert models.param_count(_abstract("mlp", (40, 1), hidden=(100, 100)).params) == 15_210
+
+
+def _conv1d_reference(x, kernel, bias, stride=2, pad=1):
+  """``y[t, o] = b[o] + sum_{k, c} x_pad[stride * t + k, c] kernel[k, c, o]`` for one sequence [L, C]."""
+  x = np.pad(x, ((pad, pad), (0, 0)))
+  size = kernel.shape[0]
+  steps = (len(x) - size) // stride + 1
+  return np.stack([np.einsum("kc,kco->o", x[stride * t:stride * t + size], kernel)
+                   for t in range(steps)]) + bias
+
+
+def test_cnn1d_matches_hand_written_forward():
+  fn = models.functional(models.make_model("cnn1d", input_shape=(40, 1), num_classes=10, seed=3))
+  params = jax.tree.map(np.asarray, fn.params)
+  x = np.random.default_rng(0).normal(size=(2, 40, 1)).astype(np.float32)
+  logits, _ = jax.jit(fn.apply, static_argnames="train")(fn.params, {}, x, train=False)
+  for row, sample in enumerate(x):
+    h = sample.astype(np.float64)
+    for layer, length in (("conv1", 19), ("conv2", 10), ("conv3", 5)):
+      h = np.maximum(_conv1d_reference(h, params[layer]["kernel"], params[layer]["bias"]), 0.0)
+      assert h.shape == (length, 25)
+    expected = h.reshape(-1) @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(np.asarray(logits[row]), expected, rtol=1e-4, atol=1e-5)
+  # Images are read as sequences in row-major order: an 8x8x1 image is the sequence of its 64 pixels.
+  square = models.functional(models.make_model("cnn1d", input_shape=(8, 8, 1), num_classes=10, seed=3))
+  assert jax.tree.map(np.shape, square.params)["head"]["kernel"] == (8 * 25, 10)
+  image = np.random.default_rng(1).normal(size=(1, 8, 8, 1)).astype(np.float32)
+  as_image, _ = square.apply(square.params, {}, image, train=False)
+  flat = models.functional(models.make_model("cnn1d", input_shape=(64, 1), num_classes=10, seed=3))
+  as_sequence, _ = flat.apply(flat.params, {}, image.reshape(1, 64, 1), train=False)
+  np.testing.assert_allclose(np.asarray(as_image), np.asarray(as_sequence), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -179,11 +221,45 @@ def test_mlp_learns_digits(digits_models):
   assert accuracy > 0.9, accuracy
 
 
+def test_cnn1d_learns_fresh_mnist1d_samples():
+  pytest.importorskip("mnist1d")
+  from prox.tasks import data  # pylint: disable=g-import-not-at-top
+
+  fn = models.functional(models.make_model("cnn1d", input_shape=(40, 1), num_classes=10, seed=0))
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state, images, labels):
+    (loss, _), grads = jax.value_and_grad(
+        functools.partial(_loss, fn.apply), has_aux=True)(params, {}, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params, opt_state, stream = fn.params, tx.init(fn.params), data.stream_init(0)
+  for _ in range(300):
+    batch, stream = data.next_mnist1d_stream_batch(stream, 100)
+    params, opt_state, _ = step(params, opt_state, batch["image"], batch["label"])
+  held_out, _ = data.next_mnist1d_stream_batch(data.stream_init(1), 2000)  # other seed: unseen samples
+  logits, _ = fn.apply(params, {}, held_out["image"], train=False)
+  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == held_out["label"]))
+  assert accuracy > 0.6, accuracy  # chance is 0.1; the paper's linear model reaches 0.32
+
+
 def test_bad_arguments():
-  with pytest.raises(ValueError, match="unknown model 'vit'; known models: mlp, cnn, resnet20"):
+  with pytest.raises(ValueError, match="unknown model 'vit'; known models: mlp, cnn, resnet20, cnn1d"):
     models.make_model("vit", input_shape=(8, 8, 1), num_classes=10)
-  with pytest.raises(ValueError, match=r"input_shape must be \(H, W, C\)"):
-    models.make_model("mlp", input_shape=(64,), num_classes=10)
+  with pytest.raises(ValueError, match="input_shape must be a tuple of positive ints, got 64"):
+    models.make_model("mlp", input_shape=64, num_classes=10)
+  with pytest.raises(ValueError, match=r"input_shape must be a tuple of positive ints, got \(8, 0, 1\)"):
+    models.make_model("mlp", input_shape=(8, 0, 1), num_classes=10)
+  with pytest.raises(ValueError, match=r"model 'cnn' takes images: input_shape must be \(H, W, C\)"):
+    models.make_model("cnn", input_shape=(40, 1), num_classes=10)
+  with pytest.raises(ValueError, match=r"model 'cnn1d' takes sequences.*length >= 3, got \(2, 1\)"):
+    models.make_model("cnn1d", input_shape=(2, 1), num_classes=10)
+  with pytest.raises(ValueError, match=r"model 'cnn1d' takes sequences"):
+    models.make_model("cnn1d", input_shape=(40,), num_classes=10)
+  with pytest.raises(TypeError, match="unknown option.*hidden for model 'cnn1d'"):
+    models.make_model("cnn1d", input_shape=(40, 1), num_classes=10, hidden=8)
   with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
     models.make_model("cnn", input_shape=(8, 8, 1), num_classes=0)
   with pytest.raises(TypeError, match="unknown option.*depth for model 'resnet20'"):
