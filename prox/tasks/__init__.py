@@ -1,15 +1,31 @@
 """Data, task streams, teachers and other pure state machines."""
+from prox.tasks._sources import Batch, EpochSource, StreamSource, TaskSource
 from prox.tasks._stages import Stage, StageMachine, StageState, ernie_tiny_stages, orca_stages, stage_machine
 from prox.tasks._teachers import TeacherBank, stacked_teacher_bank, switched_teacher_bank
+from prox.tasks._elastic_sampling import GapSamplerState, ProgressiveShrinking, RobustGapSampler, ShrinkingState
+from prox.tasks._elastic_sampling import Subnet, progressive_shrinking, robust_gap_sampler, stack_subnets, take_subnet
 
 __all__ = [
+    "Batch",
+    "EpochSource",
+    "StreamSource",
+    "TaskSource",
+    "GapSamplerState",
+    "ProgressiveShrinking",
+    "RobustGapSampler",
+    "ShrinkingState",
     "Stage",
     "StageMachine",
     "StageState",
+    "Subnet",
     "TeacherBank",
     "ernie_tiny_stages",
     "orca_stages",
+    "progressive_shrinking",
+    "robust_gap_sampler",
+    "stack_subnets",
     "stacked_teacher_bank",
     "stage_machine",
     "switched_teacher_bank",
+    "take_subnet",
 ]
