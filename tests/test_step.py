@@ -7,6 +7,7 @@ import pytest
 
 from prox import step as S
 
+
 def _loss(params, batch, rng):
   pred = batch["x"] @ params["w"] + params["b"]
   value = jnp.mean((pred - batch["y"]) ** 2)
