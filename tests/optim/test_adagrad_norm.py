@@ -92,3 +92,100 @@ def test_adagrad_accumulator_needs_exactly_one_adagrad():
   two = optax.chain(optax.adagrad(0.1), optax.adagrad(0.1)).init({"w": jnp.zeros(2)})
   with pytest.raises(ValueError, match="found 2"):
     optim.adagrad_accumulator(two)
+
+
+# --------------------------------------------------------------------------------- layout="row"
+
+
+def _row_params_and_grads(steps=5, seed=1):
+  """A dense kernel [in, out], its bias, a conv kernel [h, w, in, out] and a scalar, in JAX layout."""
+  rng = np.random.default_rng(seed)
+  shapes = {"dense": {"kernel": (3, 4), "bias": (4,)}, "conv": {"kernel": (3, 3, 2, 5)}, "scale": ()}
+  params = jax.tree.map(lambda s: rng.normal(size=s), shapes, is_leaf=lambda s: isinstance(s, tuple))
+  grads = [jax.tree.map(lambda p, t=t: rng.normal(size=np.shape(p)) * 10.0 ** -t, params)
+           for t in range(steps)]
+  return params, grads
+
+
+def _torch_layout_accumulator(g):
+  """The reference code's per-row sum of squares, computed in PyTorch's layout: the output axis first
+  (dense [out, in], conv [out, in, h, w]), then ``view(out, -1).norm(dim=1) ** 2``; per entry for 1-D
+  and 0-D tensors."""
+  g = np.asarray(g)
+  if g.ndim < 2:
+    return g ** 2
+  torch_layout = np.moveaxis(g, -1, 0)                  # [out, ...]
+  if g.ndim == 4:                                       # HWIO -> OIHW, as PyTorch stores convs
+    torch_layout = np.transpose(g, (3, 2, 0, 1))
+  return np.linalg.norm(torch_layout.reshape(torch_layout.shape[0], -1), axis=1) ** 2
+
+
+@pytest.mark.parametrize("b0,eps", [(0.1, 1e-10), (0.0, 1e-3)])
+def test_adagrad_norm_row_layout_float64_matches_hand_loop(b0, eps):
+  params, grads = _row_params_and_grads()
+  lr = lambda t: 0.5 / (1.0 + t)
+  with jax.enable_x64(True):
+    tx = optim.adagrad_norm(lr, b0=b0, eps=eps, layout="row")
+    got = jax.tree.map(jnp.asarray, params)
+    state = tx.init(got)
+    update = jax.jit(tx.update)
+    acc = jax.tree.map(lambda p: np.full(np.shape(p)[-1:], b0 ** 2), params)
+    want = params
+    for t, g in enumerate(grads):
+      acc = jax.tree.map(lambda a, x: a + _torch_layout_accumulator(x), acc, g)
+      # Each output unit j (the last axis) divides by its own root; 1-D/0-D leaves entry by entry.
+      want = jax.tree.map(lambda w, x, a: w - lr(t) * x / (np.sqrt(a) + eps), want, g, acc)
+      updates, state = update(jax.tree.map(jnp.asarray, g), state, got)
+      got = optax.apply_updates(got, updates)
+      stored = state[0].sum_of_squares
+      assert jax.tree.structure(stored) == jax.tree.structure(acc)
+      for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(acc)):
+        assert a.dtype == jnp.float64 and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-14)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-13, atol=1e-15)
+  assert jax.tree.map(np.shape, stored) == {"conv": {"kernel": (5,)},
+                                           "dense": {"bias": (4,), "kernel": (4,)}, "scale": ()}
+
+
+def test_adagrad_norm_row_layout_with_one_output_unit_is_the_scalar_layout():
+  rng = np.random.default_rng(2)
+  grads = [{"w": jnp.asarray(rng.normal(size=(6, 1)))} for _ in range(3)]
+  with jax.enable_x64(True):
+    row, scalar = optim.scale_by_adagrad_norm(layout="row"), optim.scale_by_adagrad_norm()
+    params = {"w": jnp.zeros((6, 1))}
+    row_state, scalar_state = row.init(params), scalar.init(params)
+    for g in grads:
+      row_updates, row_state = row.update(g, row_state)
+      scalar_updates, scalar_state = scalar.update(g, scalar_state)
+      np.testing.assert_array_equal(np.asarray(row_updates["w"]), np.asarray(scalar_updates["w"]))
+    np.testing.assert_array_equal(np.asarray(row_state.sum_of_squares["w"]),
+                                  [np.asarray(scalar_state.sum_of_squares)])
+
+
+def test_adagrad_norm_row_layout_dtypes_jit_and_inject_hyperparams():
+  params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones((3,), jnp.float32)}
+  scale = optim.scale_by_adagrad_norm(layout="row")
+  state = scale.init(params)
+  assert state.sum_of_squares["w"].dtype == jnp.float32 and state.sum_of_squares["w"].shape == (3,)
+  np.testing.assert_allclose(np.asarray(state.sum_of_squares["b"]), 0.01, rtol=1e-6)
+  scaled, _ = scale.update(params, state)
+  assert scaled["w"].dtype == jnp.bfloat16 and scaled["b"].dtype == jnp.float32  # the gradients' dtypes
+  tx = optax.inject_hyperparams(optim.adagrad_norm)(learning_rate=0.1, layout="row")  # layout: static
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for seed in range(3):
+    g = jax.tree.map(lambda p, s=seed: jnp.full(p.shape, s + 1.0, p.dtype), params)
+    updates, state = update(g, state, params)
+  assert update._cache_size() == 1  # pylint: disable=protected-access
+  # Column j of w: b^2 = 0.01 + 4 (1 + 4 + 9) = 56.01 after three steps of all-(s+1) gradients.
+  np.testing.assert_allclose(np.asarray(state.inner_state[0].sum_of_squares["w"]), 56.01, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["w"], np.float32), -0.1 * 3 / np.sqrt(56.01), rtol=1e-2)
+
+
+def test_adagrad_norm_bad_layout():
+  with pytest.raises(ValueError, match="layout must be one of scalar, row, got 'column'"):
+    optim.scale_by_adagrad_norm(layout="column")
+  with pytest.raises(ValueError, match="layout must be one of scalar, row"):
+    optim.adagrad_norm(0.1, layout="per-row")
