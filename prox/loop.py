@@ -174,6 +174,7 @@ def run(
     record: dict | None = None,
     on_nonfinite: str = "stop",
     compile_cache: CompileCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoopResult:
   """Trains ``state`` with ``step`` on batches of ``source`` until the budget is used.
 
@@ -198,6 +199,8 @@ def run(
     on_nonfinite: ``"stop"`` (raise :class:`Diverged`) or ``"skip"`` (count; for a step with
       ``skip_nonfinite=True``).
     compile_cache: executables shared with other runs of the same step (default: a fresh cache).
+    progress: ``(step, batch_size) -> None`` called after every step (a progress bar); it sees no
+      state, so it never waits for the device.
 
   Returns:
     A :class:`LoopResult`.
@@ -306,6 +309,8 @@ def run(
         pending = None
       train_seconds += time.perf_counter() - started - (cache.seconds - compile_before)
       ctx.train_seconds = train_seconds
+      if progress is not None:
+        progress(ctx.step, b)
       for i, ((_, action), now) in enumerate(zip(actions, due)):
         if now:
           fire(i, action)

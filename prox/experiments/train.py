@@ -32,8 +32,7 @@ from prox.tasks import data as data_lib
 PyTree = Any
 
 
-class ConfigError(ValueError):
-  """A bad flag or config value; ``main`` prints it as one line and exits with status 2."""
+from prox.experiments.common import ConfigError  # noqa: E402  (one definition; this module is going away)
 
 
 # --- optimizers named in configs ------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Losses as pure functions on arrays: distillation (logit, hidden-state), loss-mix schedules,
+"""Losses as pure functions on arrays: classification (weighted, masked heads, soft targets), distillation (logit, hidden-state), loss-mix schedules,
 weak-to-strong preference learning and progressive (boosted) students.
 
 Each loss returns one value per example, like optax's losses; imports only jax, optax and numpy.
 """
+from prox.losses._classification import classification_eval, classification_loss, mask_logits
 from prox.losses._distillation import (
     PreferencePairs,
     agreement_mask,
@@ -25,6 +26,9 @@ from prox.losses._distillation import (
 )
 
 __all__ = [
+    "classification_eval",
+    "classification_loss",
+    "mask_logits",
     "PreferencePairs",
     "agreement_mask",
     "boosted_distillation_loss",
