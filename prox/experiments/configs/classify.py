@@ -12,6 +12,7 @@ MODEL_KWARGS = {
     "mlp": {"hidden": (256, 256)},
     "cnn": {"width": 32, "hidden": 128},
     "resnet20": {"width": 16},
+    "cnn1d": {"width": 25},
 }
 
 
