@@ -26,10 +26,12 @@ Ready tables: :func:`ernie_tiny_stages` (Su et al. 2021) and :func:`orca_stages`
     machine = stage_machine(ernie_tiny_stages(general_steps=..., general_enhanced_steps=...,
                                               task_adaptive_steps=...))
     stage = machine.init()
-    # inside the jitted step:
-    logits_t = bank.apply(teachers, machine.teacher(stage), x[machine.source(stage)] ...)
-    w = machine.weights(stage)                       # [K] in machine.loss_names order
-    stage = machine.update(stage, step=state.step + 1, samples=samples_seen, metric=loss)
+    # inside the jitted step (one compile for every stage):
+    t = bank.apply(teachers, machine.teacher(stage), batch["x"])   # prox.tasks.stacked_teacher_bank
+    w = machine.weight_dict(stage)                                 # {"latent": w0, "soft": w1, "hard": w2}
+    loss = w["latent"] * latent + w["soft"] * soft + w["hard"] * hard
+    stage = machine.update(stage, step=step + 1, samples=samples_seen, metric=loss)
+    # on the host, the loop draws the next batch from data source int(machine.source(stage))
 """
 from __future__ import annotations
 
@@ -218,11 +220,11 @@ def stage_machine(stages: Sequence[Stage], *, loss_names: Sequence[str] | None =
   decay = jnp.float32(metric_decay)
 
   def init(step: Any = 0, samples: Any = 0) -> StageState:
-    zero = jnp.zeros((), jnp.int32)
-    return StageState(stage=zero, start_step=jnp.asarray(step, jnp.int32),
-                      start_samples=jnp.asarray(samples, jnp.int32), steps_in_stage=zero,
-                      samples_in_stage=zero, metric_ema=jnp.zeros((), jnp.float32), metric_count=zero,
-                      switched=jnp.zeros((), bool))
+    zero = lambda dtype=jnp.int32: jnp.zeros((), dtype)   # one buffer per field: the state can be donated
+    return StageState(stage=zero(), start_step=jnp.array(step, jnp.int32),
+                      start_samples=jnp.array(samples, jnp.int32), steps_in_stage=zero(),
+                      samples_in_stage=zero(), metric_ema=zero(jnp.float32), metric_count=zero(),
+                      switched=zero(bool))
 
   def smoothed_metric(state: StageState) -> jax.Array:
     n = state.metric_count

@@ -214,6 +214,13 @@ def test_checkpoint_round_trip_resumes_exactly(orbax_round_trip):
   assert int(a.stage) == int(b.stage) == 2
 
 
+def test_init_state_can_be_donated():
+  machine = stage_machine([Stage(steps=1), Stage()])
+  update = jax.jit(lambda s, i: machine.update(s, step=i), donate_argnums=0)
+  state = update(machine.init(), jnp.int32(1))   # fields sharing one buffer could not be donated
+  assert int(state.stage) == 1
+
+
 def test_wrapping_int32_counters():
   machine = stage_machine([Stage(steps=5), Stage()])
   start = 2**31 - 3
