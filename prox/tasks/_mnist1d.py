@@ -31,6 +31,7 @@ import functools
 import importlib.metadata
 import os
 import tempfile
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -251,8 +252,8 @@ def standard_arrays() -> dict[str, np.ndarray]:
       arrays = {k: stored[k] for k in _ARRAYS}
     if all(arrays[k].shape == shape for k, shape in _ARRAYS.items()):
       return arrays
-  except (OSError, KeyError, ValueError):
-    pass  # absent, partial or from another layout: generate it again
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+    pass  # absent, damaged or from another layout: generate it again
   arrays = _generate_standard()
   _write_atomic(path, arrays)
   return arrays

@@ -96,15 +96,25 @@ def test_cache_hit_reads_identical_arrays_without_generating(cache, monkeypatch)
   np.testing.assert_array_equal(again.labels, train.labels)
 
 
-def test_damaged_cache_is_regenerated(tmp_path, monkeypatch, package_dataset):
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape"])
+def test_damaged_cache_is_regenerated(tmp_path, monkeypatch, package_dataset, cache, damage):
+  arrays = {k: package_dataset[k] for k in ("x", "y", "x_test", "y_test")}
+  monkeypatch.setenv(_mnist1d.CACHE_ENV, str(cache[0]))
+  with open(_mnist1d.cache_path(), "rb") as f:
+    good = f.read()
   monkeypatch.setenv(_mnist1d.CACHE_ENV, str(tmp_path))
   with open(_mnist1d.cache_path(), "wb") as f:
-    f.write(b"not an npz file")
+    if damage == "garbage":
+      f.write(b"not an npz file")
+    elif damage == "truncated":
+      f.write(good[:len(good) // 2])
+    else:
+      np.savez(f, **{**arrays, "x": arrays["x"][:10]})
   calls = []
 
   def generate():
     calls.append(1)
-    return {k: package_dataset[k] for k in ("x", "y", "x_test", "y_test")}
+    return arrays
 
   monkeypatch.setattr(_mnist1d, "_generate_standard", generate)
   test = data.load("mnist1d", "test")
