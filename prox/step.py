@@ -58,6 +58,8 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prox import taps as taps_lib
+
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
@@ -114,6 +116,9 @@ class GradStats(NamedTuple):
   group_size: int
 
 
+ExampleStats = taps_lib.ExampleStats
+
+
 class StepInfo(NamedTuple):
   """What a ``transition`` sees: the step just taken, all values reduced over devices (global arrays).
 
@@ -143,6 +148,7 @@ class StepInfo(NamedTuple):
   group_stats: PyTree | None
   batch: PyTree
   valid: jax.Array
+  example_stats: ExampleStats | None = None
 
 
 class StepOutput(NamedTuple):
@@ -155,6 +161,7 @@ class StepOutput(NamedTuple):
   grad_stats: GradStats | None
   group_stats: PyTree | None
   finite: jax.Array
+  example_stats: ExampleStats | None = None
 
 
 Transition = Callable[[TrainState, StepInfo], TrainState]
@@ -284,6 +291,7 @@ def make_train_step(
     forward_fn: Callable[[PyTree, TrainState], PyTree] | None = None,
     transition: Transition | None = None,
     skip_nonfinite: bool = False,
+    example_stats: tuple[str, ...] = (),
     donate: bool = True,
 ) -> Callable[..., tuple[TrainState, StepOutput]]:
   """Builds ``step(state, batch, num_micro_batches=None, meta=None) -> (state, StepOutput)``, jitted.
@@ -307,6 +315,13 @@ def make_train_step(
     skip_nonfinite: when the step is not finite (see :class:`StepOutput`), keep the state's params,
       opt_state, model_state and extra (the counters and rng still advance), like
       ``optax.apply_if_finite``; the loop counts such steps from ``StepOutput.finite``.
+    example_stats: per-example gradient moments to compute from layer taps (:class:`ExampleStats`):
+      any of ``"norm"`` (``sum_i ||G_i||^2``: the norm test), ``"inner"`` (``<G_i, g>``: inner-product and
+      orthogonality tests; needs one micro-batch per device) and ``"diag"`` (``sum_i G_i**2``: the
+      coordinate-wise test). The model must tap its layers (``prox.models.functional`` does) and the loss
+      must be the unweighted mean over the micro-batch of losses of examples that do not interact (no
+      batch norm in train mode). Cost: one ordinary pass, plus O(examples x layer widths) for ``"norm"``
+      and one matrix product per layer for ``"inner"`` and ``"diag"``.
     donate: donate the state's buffers to the step (the old state must not be used afterwards).
 
   ``num_micro_batches`` (an int32 scalar) says how many of the buffer's per-device micro-batches are real
@@ -322,6 +337,10 @@ def make_train_step(
   num_devices = mesh.shape[DATA_AXIS]
   tx = optax.with_extra_args_support(tx)
   want_groups = group_stats_fn is not None
+  example_stats = tuple(example_stats)
+  unknown = sorted(set(example_stats) - {"norm", "inner", "diag"})
+  if unknown:
+    raise ValueError(f"example_stats {unknown} unknown; known: 'norm', 'inner', 'diag'")
 
   def per_device(state: TrainState, batch: PyTree, num_micro: jax.Array | None, meta: PyTree,
                  step_key: jax.Array):
@@ -341,13 +360,17 @@ def make_train_step(
                         samples=state.samples, extra=state.extra, meta=meta)
       return loss_fn(fwd, state.model_state, mb, ctx)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     # Per-device gradients: see the module docstring (the parameters are invariant over the data axis;
     # the gradient with respect to an invariant value would already be summed over devices).
     params = lax.pcast(state.params, (DATA_AXIS,), to="varying")
     zeros = _tree_zeros(state.params)
-    _, (metrics_shape, model_state_shape) = jax.eval_shape(
-        micro_loss, state.params, jax.tree.map(lambda x: x[0], micro), 0)
+    first_mb = jax.tree.map(lambda x: x[0], micro)
+    _, (metrics_shape, model_state_shape) = jax.eval_shape(micro_loss, state.params, first_mb, 0)
+    if example_stats:
+      grad_fn = taps_lib.value_and_grad(micro_loss, has_aux=True, axis_name=DATA_AXIS)
+    else:
+      plain_grad = jax.value_and_grad(micro_loss, has_aux=True)
+      grad_fn = lambda params, mb, k: (*plain_grad(params, mb, k), None)
 
     carry = dict(
         grad=zeros,
@@ -359,13 +382,22 @@ def make_train_step(
       carry["sq"] = zeros
     if want_groups:
       carry["groups"] = jax.tree.map(lambda x: jnp.zeros((k_max,) + x.shape, x.dtype), state.params)
+    if "norm" in example_stats:
+      carry["ex_sq"] = jnp.zeros((), jnp.float32)
+    if "diag" in example_stats:
+      carry["ex_diag"] = _tree_zeros(state.params, jnp.float32)
+    single = k_max == 1 and num_micro is None
+    if "inner" in example_stats and not single:
+      raise ValueError("example_stats 'inner' needs one micro-batch per device (micro_batch_size=None "
+                       "and no num_micro_batches): the inner products need the step's mean gradient")
+    kept = {}
 
     # Per-device accumulators differ between devices: mark them as varying over the data axis.
     carry = jax.tree.map(lambda x: lax.pcast(x, (DATA_AXIS,), to="varying"), carry)
 
     def body(k, c):
       mb = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False), micro)
-      (loss, (metrics, model_state)), g = grad_fn(params, mb, k)
+      (loss, (metrics, model_state)), g, tapped = grad_fn(params, mb, k)
       out = dict(
           grad=jax.tree.map(jnp.add, c["grad"], g),
           loss=c["loss"] + loss.astype(jnp.float32),
@@ -379,9 +411,18 @@ def make_train_step(
       if want_groups:
         out["groups"] = jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, k, 0),
                                      c["groups"], g)
+      if example_stats:
+        sums = taps_lib.example_stats(tapped, state.params, [w for w in example_stats if w != "inner"])
+        if sums.sq_norm_sum is not None:
+          out["ex_sq"] = c["ex_sq"] + sums.sq_norm_sum
+        if sums.diag_sum is not None:
+          out["ex_diag"] = jax.tree.map(jnp.add, c["ex_diag"], sums.diag_sum)
+        kept["covered"] = sums.covered
+        if single:
+          kept["tapped"] = tapped
       return out
 
-    if k_max == 1 and num_micro is None:
+    if single:
       c = body(0, carry)   # one micro-batch: no loop (XLA:CPU runs convolutions ~8x slower in one)
     else:
       c = lax.fori_loop(0, n, body, carry)
@@ -404,17 +445,28 @@ def make_train_step(
       valid = jnp.arange(k_max) < n
       group_stats = lax.psum(group_stats_fn(c["groups"], valid, grads), DATA_AXIS)
     valid_rows = jnp.arange(local_rows) < n * m
-    return grads, loss, metrics, model_state, stats, group_stats, n * m * num_devices, valid_rows
+    ex = None
+    if example_stats:
+      psum = lambda x: None if x is None else lax.psum(x, DATA_AXIS)
+      inner = inner_sq = None
+      if "inner" in example_stats:
+        found = taps_lib.example_stats(kept["tapped"], state.params, ("inner",), direction=grads)
+        inner, inner_sq = found.inner_sum, found.inner_sq_sum
+      ex = ExampleStats(count=n * m * num_devices, sq_norm_sum=psum(c.get("ex_sq")), inner_sum=psum(inner),
+                        inner_sq_sum=psum(inner_sq),
+                        diag_sum=None if "ex_diag" not in c else lax.psum(c["ex_diag"], DATA_AXIS),
+                        covered=kept["covered"])
+    return grads, loss, metrics, model_state, stats, group_stats, n * m * num_devices, valid_rows, ex
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P(), P()),
-                          out_specs=(P(), P(), P(), P(), P(), P(), P(), P(DATA_AXIS)))
+                          out_specs=(P(), P(), P(), P(), P(), P(), P(), P(DATA_AXIS), P()))
 
   def step(state: TrainState, batch: PyTree, num_micro_batches: jax.Array | None = None,
            meta: PyTree = None):
     key = jax.random.wrap_key_data(state.rng)
     next_key, step_key, transition_key = jax.random.split(key, 3)
     num_micro = None if num_micro_batches is None else jnp.asarray(num_micro_batches, jnp.int32)
-    grads, loss, metrics, model_state, stats, group_stats, batch_size, valid = sharded(
+    grads, loss, metrics, model_state, stats, group_stats, batch_size, valid, ex = sharded(
         state, batch, num_micro, meta, step_key)
     samples = jnp.asarray(state.samples, jnp.int32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, samples=samples)
@@ -426,7 +478,7 @@ def make_train_step(
       info = StepInfo(step=state.step, samples=samples, batch_size=batch_size, rng=transition_key,
                       meta=meta, params=state.params, opt_state=state.opt_state, grads=grads, loss=loss,
                       metrics=metrics, grad_stats=stats, group_stats=group_stats, batch=batch,
-                      valid=valid)
+                      valid=valid, example_stats=ex)
       new = transition(new, info)
     # The state stays replicated (a transition reducing over the sharded batch could leave XLA free to
     # choose another layout; the next step and the checkpoint expect this one).
@@ -438,7 +490,8 @@ def make_train_step(
                          opt_state=keep(new.opt_state, state.opt_state),
                          model_state=keep(new.model_state, state.model_state),
                          extra=keep(new.extra, state.extra))
-    return new, StepOutput(metrics=metrics, grad_stats=stats, group_stats=group_stats, finite=finite)
+    return new, StepOutput(metrics=metrics, grad_stats=stats, group_stats=group_stats, finite=finite,
+                           example_stats=ex)
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 

@@ -272,3 +272,61 @@ def test_eval_step_sums_over_devices():
   out = S.make_eval_step(eval_fn)(_state(tx), S.shard_batch(data, S.data_mesh()))
   assert float(out["n"]) == 30
   np.testing.assert_allclose(out["y"], data["y"][:30].sum(), rtol=1e-5)
+
+
+def _mlp_problem(n=32, seed=0):
+  from prox import models
+  net = models.functional(models.make_model("mlp", input_shape=(6,), num_classes=3, hidden=(16,), seed=seed))
+  rng = np.random.default_rng(seed)
+  data = {"image": rng.normal(size=(n, 6)).astype(np.float32), "label": rng.integers(0, 3, n).astype(np.int32)}
+
+  def loss(params, batch, rng):
+    logits, _ = net.apply(params, {}, batch["image"], train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+  def per_example(params, x, y):
+    return loss(params, {"image": x[None], "label": y[None]}, None)[0]
+
+  grads = jax.vmap(jax.grad(per_example), in_axes=(None, 0, 0))(net.params, data["image"], data["label"])
+  return net, data, loss, grads
+
+
+def _flat(tree):
+  return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], 1)
+
+
+@pytest.mark.parametrize("micro", [None, 8])
+def test_example_stats_equal_the_per_example_gradients(micro):
+  net, data, loss, grads = _mlp_problem()
+  tx = optax.sgd(0.1)
+  stats = ("norm", "diag") if micro else ("norm", "inner", "diag")
+  step = S.make_train_step(S.stateless(loss), tx, micro_batch_size=micro, example_stats=stats, donate=False)
+  state = S.replicate(S.init_state(net.params, tx), S.data_mesh())
+  _, out = step(state, S.shard_batch(data, S.data_mesh()))
+  ex = out.example_stats
+  g = _flat(grads).astype(np.float64)
+  mean = g.mean(0)
+  assert int(ex.count) == 32 and float(ex.covered) == 1.0
+  np.testing.assert_allclose(ex.sq_norm_sum, np.sum(g ** 2), rtol=1e-5)
+  np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[None], ex.diag_sum))[0], np.sum(g ** 2, 0),
+                             rtol=1e-4, atol=1e-7)
+  if not micro:
+    np.testing.assert_allclose(ex.inner_sum, np.sum(g @ mean), rtol=1e-5)
+    np.testing.assert_allclose(ex.inner_sq_sum, np.sum((g @ mean) ** 2), rtol=1e-5)
+  else:
+    assert ex.inner_sum is None
+
+
+def test_example_stats_refuse_inner_products_with_micro_batches_and_untapped_models():
+  net, data, loss, _ = _mlp_problem()
+  tx = optax.sgd(0.1)
+  state = S.replicate(S.init_state(net.params, tx), S.data_mesh())
+  step = S.make_train_step(S.stateless(loss), tx, micro_batch_size=8, example_stats=("inner",))
+  with pytest.raises(ValueError, match="one micro-batch per device"):
+    step(state, S.shard_batch(data, S.data_mesh()))
+  state = _state(tx)
+  step = S.make_train_step(S.stateless(_loss), tx, example_stats=("norm",))
+  with pytest.raises(ValueError, match="tapped"):
+    step(state, S.shard_batch(_data(), S.data_mesh()))
+  with pytest.raises(ValueError, match="unknown"):
+    S.make_train_step(S.stateless(_loss), tx, example_stats=("nrom",))

@@ -250,9 +250,12 @@ def functional(model: nnx.Module) -> Functional:
   ``jax.grad`` and ``shard_map``; ``train`` must be a Python bool (static).
 
   Variables that are neither ``nnx.Param`` nor ``nnx.BatchStat`` (none in ``MODELS``) are held fixed at
-  their current values.
+  their current values. The ``nnx.Linear`` and ``nnx.Conv`` layers are tapped (``tap_layers``): inside a
+  ``prox.taps`` recording they report their inputs, so a step with ``example_stats`` gets per-example
+  gradient moments; otherwise they are the plain layers.
   """
-  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  from prox.models._taps import tap_layers  # pylint: disable=g-import-not-at-top
+  graphdef, params, batch_stats, rest = nnx.split(tap_layers(model), nnx.Param, nnx.BatchStat, ...)
 
   def apply(params: PyTree, model_state: PyTree, images: jax.Array, *,
             train: bool) -> tuple[jax.Array, PyTree]:

@@ -381,3 +381,147 @@ def coordinate_wise_test_from_stats(stats: GradStatsLike, step_size: PyTree, eta
   num = _total(jnp.sum(w * v) for w, v in zip(steps, var))
   den = _total(jnp.sum(w * jnp.square(m.astype(dtype))) for w, m in zip(steps, jax.tree.leaves(stats.mean)))
   return num / (jnp.square(eta) * den)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact estimators from per-example moments (prox.taps.ExampleStats: the step's ``example_stats``)
+
+
+class ExampleStatsLike(Protocol):
+  count: Any
+  sq_norm_sum: Any
+  inner_sum: Any
+  inner_sq_sum: Any
+  diag_sum: Any
+
+
+def _example_parts(ex: ExampleStatsLike, mean: PyTree, need: str):
+  value = getattr(ex, need)
+  if value is None:
+    raise ValueError(f"these statistics have no {need}: ask the step for the right example_stats "
+                     f"('norm' -> sq_norm_sum, 'inner' -> inner_sum/inner_sq_sum, 'diag' -> diag_sum)")
+  dtype = _dtype(mean)
+  n = jnp.asarray(ex.count).astype(dtype)
+  return dtype, n, _sq_norm(mean, dtype)
+
+
+def gradient_variance_from_examples(ex: ExampleStatsLike, mean: PyTree) -> jax.Array:
+  """``sum_j Var_i(G_ij) = (sum_i ||G_i||^2 - N ||gbar||^2) / (N - 1)``, exactly (``nan`` for N < 2)."""
+  dtype, n, s = _example_parts(ex, mean, "sq_norm_sum")
+  var = (jnp.asarray(ex.sq_norm_sum).astype(dtype) - n * s) / (n - 1)
+  return jnp.where(n > 1, jnp.maximum(var, 0), jnp.nan)
+
+
+def norm_test_from_examples(ex: ExampleStatsLike, mean: PyTree, eta: float = 0.1) -> jax.Array:
+  """The norm test from per-example moments (equal to :func:`norm_test` on the same batch)."""
+  _check_constant("eta", eta)
+  _, _, s = _example_parts(ex, mean, "sq_norm_sum")
+  return gradient_variance_from_examples(ex, mean) / (jnp.square(eta) * s)
+
+
+def _inner_variance(ex: ExampleStatsLike, mean: PyTree):
+  dtype, n, s = _example_parts(ex, mean, "inner_sum")
+  a = jnp.asarray(ex.inner_sum).astype(dtype)
+  a2 = jnp.asarray(ex.inner_sq_sum).astype(dtype)
+  return dtype, n, s, a, jnp.where(n > 1, jnp.maximum((a2 - a * a / n) / (n - 1), 0), jnp.nan)
+
+
+def inner_product_test_from_examples(ex: ExampleStatsLike, mean: PyTree, theta: float = 0.1) -> jax.Array:
+  """The inner-product test from per-example moments: ``Var_i(<G_i, gbar>) / (theta^2 S^2)``."""
+  _check_constant("theta", theta)
+  _, _, s, _, var = _inner_variance(ex, mean)
+  return var / (jnp.square(theta) * jnp.square(s))
+
+
+def orthogonality_test_from_examples(ex: ExampleStatsLike, mean: PyTree, nu: float = 0.1) -> jax.Array:
+  """The orthogonality test from per-example moments.
+
+  With ``h_i = G_i - c_i gbar``, ``c_i = <G_i, gbar> / S``: ``||h_i||^2 = ||G_i||^2 - <G_i, gbar>^2 / S``
+  and ``mean_i h_i = (1 - cbar) gbar``, so ``sum_j Var_i(h_ij) = (sum_i ||G_i||^2 - sum_i <G_i, gbar>^2 / S
+  - N S (1 - cbar)^2) / (N - 1)``.
+  """
+  _check_constant("nu", nu)
+  dtype, n, s, a, _ = _inner_variance(ex, mean)
+  _example_parts(ex, mean, "sq_norm_sum")
+  a2 = jnp.asarray(ex.inner_sq_sum).astype(dtype)
+  q = jnp.asarray(ex.sq_norm_sum).astype(dtype)
+  cbar = _safe_div(a, n * s)
+  var = (q - _safe_div(a2, s) - n * s * jnp.square(1 - cbar)) / (n - 1)
+  return jnp.where(n > 1, jnp.maximum(var, 0), jnp.nan) / (jnp.square(nu) * s)
+
+
+def augmented_inner_product_test_from_examples(ex: ExampleStatsLike, mean: PyTree, theta: float = 0.1,
+                                               nu: float = 0.1) -> jax.Array:
+  """The max of the inner-product and orthogonality tests from per-example moments."""
+  return jnp.maximum(inner_product_test_from_examples(ex, mean, theta),
+                     orthogonality_test_from_examples(ex, mean, nu))
+
+
+def coordinate_wise_test_from_examples(ex: ExampleStatsLike, mean: PyTree, step_size: PyTree,
+                                       eta: float = 0.1) -> jax.Array:
+  """The coordinate-wise test from per-example moments: ``Var_i(G_ij) = (sum_i G_ij^2 - N gbar_j^2)/(N-1)``."""
+  _check_constant("eta", eta)
+  dtype, n, _ = _example_parts(ex, mean, "diag_sum")
+  steps = [jnp.asarray(w).astype(dtype) for w in jax.tree.leaves(step_size)]
+  means = [jnp.asarray(m).astype(dtype) for m in jax.tree.leaves(mean)]
+  diag = [jnp.asarray(d).astype(dtype) for d in jax.tree.leaves(ex.diag_sum)]
+  num = _total(jnp.sum(w * jnp.maximum(d - n * m * m, 0)) for w, d, m in zip(steps, diag, means)) / (n - 1)
+  den = _total(jnp.sum(w * jnp.square(m)) for w, m in zip(steps, means))
+  return jnp.where(n > 1, num, jnp.nan) / (jnp.square(eta) * den)
+
+
+def gradient_noise_scale(ex: ExampleStatsLike, mean: PyTree) -> jax.Array:
+  """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish, Kaplan, Amodei et al.
+  2018, "An Empirical Model of Large-Batch Training"), with ``tr(Sigma) = sum_j Var_i(G_ij)`` the
+  per-example gradient variance and ``G`` estimated by the batch mean ``gbar``: the batch size around
+  which doubling it stops halving the steps. Noisy from one batch: smooth it (``noise_scale_ema``).
+
+  ``|gbar|^2`` overestimates ``|G|^2`` by ``tr(Sigma) / N``; this uses the unbiased
+  ``|G|^2 ~= |gbar|^2 - tr(Sigma) / N`` (clipped at a tiny positive value).
+  """
+  dtype, n, s = _example_parts(ex, mean, "sq_norm_sum")
+  trace = gradient_variance_from_examples(ex, mean)
+  g2 = jnp.maximum(s - trace / n, jnp.finfo(dtype).tiny)
+  return trace / g2
+
+
+class NoiseScaleState(NamedTuple):
+  """Exponential moving averages of ``tr(Sigma)`` and ``|G|^2`` (bias-corrected by ``weight``)."""
+  trace: jax.Array
+  sq_norm: jax.Array
+  weight: jax.Array
+
+
+class NoiseScaleEMA(NamedTuple):
+  """A state machine: ``init() -> state``, ``update(state, ex, mean) -> state``, ``value(state)``."""
+  init: Any
+  update: Any
+  value: Any
+
+
+def noise_scale_ema(decay: float = 0.95) -> NoiseScaleEMA:
+  """``B_simple`` as the ratio of exponential moving averages of ``tr(Sigma)`` and ``|G|^2``.
+
+  McCandlish et al. 2018 average numerator and denominator separately (the ratio of averages is far less
+  noisy than the average of ratios). ``value(state)`` is ``EMA(tr Sigma) / EMA(|G|^2)``.
+  """
+  if not 0 <= decay < 1:
+    raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+
+  def init() -> NoiseScaleState:
+    zero = jnp.zeros((), jnp.float32)
+    return NoiseScaleState(zero, zero, zero)
+
+  def update(state: NoiseScaleState, ex: ExampleStatsLike, mean: PyTree) -> NoiseScaleState:
+    _, n, s = _example_parts(ex, mean, "sq_norm_sum")
+    trace = gradient_variance_from_examples(ex, mean).astype(jnp.float32)
+    g2 = (s - trace / n).astype(jnp.float32)
+    return NoiseScaleState(decay * state.trace + (1 - decay) * trace,
+                           decay * state.sq_norm + (1 - decay) * g2,
+                           decay * state.weight + (1 - decay))
+
+  def value(state: NoiseScaleState) -> jax.Array:
+    return state.trace / jnp.maximum(state.sq_norm, jnp.finfo(jnp.float32).tiny)
+
+  return NoiseScaleEMA(init, update, value)
+
