@@ -39,6 +39,18 @@ from prox.models._nnx import (
     set_opt_state,
     update_opt_state,
 )
+from prox.models._elastic import (
+    BlockSpec,
+    ElasticConfig,
+    elastic_apply,
+    elastic_flops,
+    extract_subnet,
+    init_elastic,
+    reorder_channels,
+    sandwich_loss,
+    transformed_kernel,
+)
+from prox.models._structure import sliced_functional, structure_of
 
 __all__ = [
     "BasicBlock",
@@ -61,4 +73,16 @@ __all__ = [
     "params_of",
     "set_opt_state",
     "update_opt_state",
+    # elastic networks (Once-for-All) and the zoo's channel structure (structured pruning)
+    "BlockSpec",
+    "ElasticConfig",
+    "elastic_apply",
+    "elastic_flops",
+    "extract_subnet",
+    "init_elastic",
+    "reorder_channels",
+    "sandwich_loss",
+    "sliced_functional",
+    "structure_of",
+    "transformed_kernel",
 ]

@@ -12,6 +12,10 @@ from prox.transforms.unfreeze import progressive_unfreezing
 from prox.transforms.ewc import EWCState, consolidate, consolidate_opt_state, diagonal_fisher
 from prox.transforms.ewc import ewc_penalty, find_ewc_state
 from prox.transforms.gpm import GPMState, gpm_threshold, gpm_update_bases, gpm_update_opt_state
+from prox.transforms._structured import ChannelAxis, ChannelGroup, ChannelPruningState, LinearOp, Structure
+from prox.transforms._structured import apply_channel_masks, channel_importance, channel_pruning, check_structure
+from prox.transforms._structured import expand_channel_masks, flops_budget_schedule, full_channel_masks, full_flops
+from prox.transforms._structured import masked_flops, masked_param_count, slice_params
 
 # The factories `sara`, `ewc` and `gpm` share their modules' names; they are not re-exported here, so
 # that `prox.transforms.sara` etc. stay the modules: `from prox.transforms.ewc import ewc`.
