@@ -21,9 +21,9 @@ standard deviation: ``x' = (x - mean) / std``; the first 4,000 are the train spl
   its default arguments (about 2-5 s) and then read from a per-user cache.
 * :func:`render` is the same transformation for a whole batch at once, bit for bit the package's result
   for the same random parameters (:class:`SampleParams`); :func:`stream_samples` draws those parameters
-  i.i.d. (label uniform on the ten classes) from a seeded counter-based scheme, so that sample ``k`` of a
-  stream depends on ``(seed, k)`` only, and standardises with the standard split's constants
-  (``RAW_MEAN``, ``RAW_STD``), so stream samples and the standard split share one scale.
+  i.i.d. (label uniform on the ten classes) from numpy generators seeded by ``(seed, k // 256)``, so that
+  sample ``k`` of a stream depends on ``(seed, k)`` only, and standardises with the standard split's
+  constants (``RAW_MEAN``, ``RAW_STD``), so stream samples and the standard split share one scale.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import functools
 import importlib.metadata
 import os
 import tempfile
+import types
 import zipfile
 from typing import NamedTuple
 
@@ -299,7 +300,7 @@ def _package_version() -> str:
     raise ValueError("dataset 'mnist1d' needs the mnist1d package: pip install mnist1d") from None
 
 
-def _package_data():
+def _package_data() -> types.ModuleType:
   """``mnist1d.data``, or a ``ValueError`` saying how to install it."""
   _package_version()
   import mnist1d.data  # pylint: disable=g-import-not-at-top

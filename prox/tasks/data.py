@@ -373,8 +373,9 @@ def next_mnist1d_stream_batch(state: StreamState, global_batch_size: int, *, pro
   by Gaussian-filtered noise ``G_2 * 0.25 z``, plus ``0.02 z'`` i.i.d. noise, sheared by
   ``0.75 (u' - 1/2) (i/71 - 1/2)`` and resampled to 40 points; then standardised with the standard
   split's constants, ``x' = (x - mean) / std``, so it matches ``load("mnist1d")``. The transformation is
-  the package's, bit for bit for the same random parameters, computed for the whole batch at once (about
-  40x the package's per-sample rate); the parameters come from numpy generators seeded by
+  the package's, bit for bit for the same random parameters, computed for the whole batch at once
+  (measured: 30x the package's samples per second at batches of 100, about 90x at 1,000 and more); the
+  parameters come from numpy generators seeded by
   ``(seed, k // 256)``, so a sample depends only on ``(seed, k)``: not on batch sizes or the process
   split. The stream never repeats a sample, so it is i.i.d. data for as many steps as needed.
 
