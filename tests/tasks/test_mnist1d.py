@@ -302,3 +302,16 @@ def test_epoch_loader_and_eval_batches_take_sequences(cache):
   assert [b["image"].shape for b in batches] == [(3000, 40, 1)] * 2
   assert batches[1]["mask"].sum() == 1000 and np.all(batches[1]["image"][~batches[1]["mask"]] == 0)
   np.testing.assert_array_equal(batches[1]["image"][:1000], train.images[3000:])
+
+
+def test_missing_package_is_one_clear_line(monkeypatch):
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+
+  def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, "version", not_installed)
+  with pytest.raises(ValueError, match=r"^dataset 'mnist1d' needs the mnist1d package: pip install mnist1d$"):
+    data.load("mnist1d", "train")
+  with pytest.raises(ValueError, match="pip install mnist1d"):
+    _mnist1d.templates.__wrapped__()
