@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one prox experiment on this machine (CPU, or the local GPU/TPU JAX finds).
 #
-#   launch/local.sh [flags...]        e.g. launch/local.sh --config.steps=200 --workdir=runs/try
+#   launch/local.sh [flags...]        e.g. launch/local.sh --config.num_steps=200 --workdir=runs/try
 #
 # Extra flags go to `python -m prox.experiments.main` after the defaults; absl keeps the last value of a
 # repeated flag, so `--workdir=...` or `--config=...` given here replaces the default.

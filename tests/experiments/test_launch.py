@@ -29,12 +29,26 @@ def test_syntax_and_strict_mode(script):
 
 
 def test_local_dry_run_defaults_and_extra_args(tmp_path):
-  result = run("local.sh", {"PROX_DRY_RUN": "1"}, ["--config.steps=5", ODD_ARG], cwd=tmp_path)
+  result = run("local.sh", {"PROX_DRY_RUN": "1"}, ["--config.num_steps=5", ODD_ARG], cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert shlex.split(result.stdout) == [
       "python", *MAIN, f"--config={LAUNCH.parent}/prox/experiments/configs/classify.py",
-      "--workdir=runs/local", "--config.steps=5", ODD_ARG]
+      "--workdir=runs/local", "--config.num_steps=5", ODD_ARG]
   assert not (tmp_path / "runs").exists()   # nothing ran
+
+
+def test_local_header_names_real_config_fields():
+  """The usage examples in local.sh's header override fields its default config has (it named
+  ``--config.steps``; the field is ``num_steps``)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from prox.experiments import main  # pylint: disable=g-import-not-at-top
+  config = main.load_config(str(LAUNCH.parent / "prox" / "experiments" / "configs" / "classify.py"))
+  header = "".join(line for line in (LAUNCH / "local.sh").read_text().splitlines(True)
+                   if line.startswith("#"))
+  named = re.findall(r"--config\.([\w.]+)=", header)
+  assert named, header
+  for field in named:
+    assert main._lookup(config, field)[0], f"local.sh names --config.{field}, not a field"
 
 
 def test_local_dry_run_fake_devices_and_overrides():
