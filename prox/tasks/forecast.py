@@ -1,4 +1,4 @@
-"""Learning-curve forecasting (Vilares et al.; METHODS.md section 5): fit a saturating curve family to the
+"""Learning-curve forecasting (after Vilares et al.): fit a saturating curve family to the
 accuracy observed so far (against epochs, steps or training-set size x), predict the value at a final x
 with an interval, and stop when the predicted remaining gain falls under a threshold.
 

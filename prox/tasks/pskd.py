@@ -1,24 +1,37 @@
 """Progressive self-knowledge distillation (PS-KD; Kim, Ji, Yoon, Hwang 2021, "Self-Knowledge Distillation
-with Progressive Refinement of Targets"; ref lgcnsai/PS-KD-Pytorch) as a per-sample prediction store and a
-pure target transition, usable with any classifier, plus the expected calibration error.
+with Progressive Refinement of Targets", ICCV) as a per-sample prediction store and a pure target
+transition, usable with any classifier, plus the expected calibration error.
 
-Rule (METHODS.md section 5), epoch t = 0..T-1 of T:
+Rule, epoch t = 0..T-1 of T:
 
     alpha_t  = alpha_T (t + 1) / T,                                   alpha_T = 0.8
     target_i = (1 - alpha_t) onehot(y_i) + alpha_t P[i]
     P[i]    <- softmax(f(x_i))   after the example's forward pass (so the next epoch sees it)
 
 where P[i] is the model's prediction for example i from the previous epoch; before example i has been
-seen P[i] = onehot(y_i) (the reference fills P with one-hot labels during epoch 0).
+seen P[i] = onehot(y_i) (the authors' code fills P with one-hot labels during epoch 0).
+
+With any optax/Flax code::
 
     store = pskd.init(num_examples, num_classes)
     targets = pskd.targets(store, idx, labels, epoch=t, num_epochs=T)
     loss = optax.softmax_cross_entropy(logits, targets).mean()
-    store = pskd.store(store, idx, logits)          # inside the step, or after it with the logits
+    store = pskd.store(store, idx, logits)          # after the step, with the logits it computed
+
+With ``prox.step`` the store lives in ``TrainState.extra[name]``: the loss reads it through its context
+(:func:`targets_fn`) and a step transition writes the batch's predictions into it inside the compiled
+step (:func:`transition`), so the result does not depend on how the batch is split over devices::
+
+    loss = prox.losses.classification_loss(apply, targets_fn=pskd.targets_fn(num_epochs=T))
+    step = prox.step.make_train_step(loss, tx, transition=pskd.transition(apply))
+    state = prox.step.init_state(params, tx, extra={"pskd": pskd.init(N, C)})
+
+The batches carry each example's ``index`` into the store and the step's metadata its ``epoch`` (e.g.
+``prox.tasks.irt.SubsetSource``).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +92,54 @@ def store(state: PSKDState, indices, logits, valid=None) -> PSKDState:
     indices = jnp.where(jnp.asarray(valid), indices, state.predictions.shape[0])
   return PSKDState(state.predictions.at[indices].set(probs.astype(state.predictions.dtype), mode="drop"),
                    state.seen.at[indices].set(True, mode="drop"))
+
+
+def targets_fn(*, num_epochs: int, alpha_T: float = 0.8, name: str = "pskd",
+               ) -> Callable[[jax.Array, Any, Any], jax.Array]:
+  """PS-KD soft targets for ``prox.losses.classification_loss(apply, targets_fn=...)``.
+
+  Returns ``fn(logits, batch, ctx) -> [B, C]``: :func:`targets` of the store ``ctx.extra[name]`` (the
+  predictions written in earlier steps, i.e. the previous epoch's for an example seen once per epoch)
+  for the rows ``batch["index"]`` with labels ``batch["label"]`` at epoch ``ctx.meta["epoch"]``, in the
+  dtype of ``logits``. The loss stops their gradient.
+  """
+  alpha(0, num_epochs=num_epochs, alpha_T=alpha_T)   # argument checks, at build time
+
+  def fn(logits: jax.Array, batch: Any, ctx: Any) -> jax.Array:
+    t = targets(ctx.extra[name], batch["index"], batch["label"], epoch=ctx.meta["epoch"],
+                num_epochs=num_epochs, alpha_T=alpha_T)
+    return t.astype(logits.dtype)
+
+  return fn
+
+
+def transition(apply: Callable[..., tuple[jax.Array, Any]], *, name: str = "pskd") -> Callable[[Any, Any], Any]:
+  """A ``prox.step`` transition writing the step's predictions into the store ``state.extra[name]``.
+
+  ``P[index_i] <- softmax(apply(w, s, x_i, train=True))`` for the real rows of the step's global batch
+  (``info.valid``), with ``w = info.params``, the parameters the step's loss was evaluated at: the
+  prediction PS-KD stores is the one of the example's training forward pass. The forward pass is
+  recomputed on the whole global batch at the level of the jitted step, so the stored values do not
+  depend on how the batch is split over devices and micro-batches (batch norm in training mode
+  normalises with the statistics of the whole batch here, not of each micro-batch; its running
+  statistics ``s = state.model_state`` are neither used nor changed).
+
+  Args:
+    apply: ``apply(params, model_state, images, train=True) -> (logits, model_state)``
+      (``prox.models.functional(model).apply``); the batch has ``image`` and ``index``.
+    name: the store's key in ``TrainState.extra``.
+
+  Returns:
+    ``(state, info) -> state`` (for ``make_train_step(transition=...)``; combine with others with
+    ``prox.step.chain_transitions``).
+  """
+
+  def fn(state: Any, info: Any) -> Any:
+    logits, _ = apply(info.params, state.model_state, info.batch["image"], train=True)
+    written = store(state.extra[name], info.batch["index"], logits, info.valid)
+    return state._replace(extra={**state.extra, name: written})
+
+  return fn
 
 
 def ece(probs, labels, num_bins: int = 15) -> jax.Array:

@@ -1,4 +1,8 @@
-"""Tests for prox.tasks.pskd: the PS-KD prediction store, target transition and ECE."""
+"""Tests for prox.tasks.pskd: the PS-KD prediction store, target transition and ECE; on the loop, the same
+result on 1 device, 1 device with micro-batches and 4 devices (subprocesses with fake CPU devices)."""
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +88,64 @@ def test_bad_input_is_one_line_error():
       (lambda: pskd.store(pskd.init(3, 2), jnp.array([0]), jnp.zeros((1, 3))), "logits"),
       (lambda: pskd.ece(np.zeros(3), np.zeros(3)), "probs"),
   ]:
+    with pytest.raises(ValueError, match=match) as e:
+      call()
+    assert "\n" not in str(e.value)
+
+
+# --- PS-KD on prox.step / prox.loop: the store in TrainState.extra, written by a transition -------------
+
+_LAYOUT_RUN = r"""
+import os, sys
+devices, micro, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np, optax
+from prox import loop, models, step as S
+from prox.losses import classification_loss
+from prox.tasks import data, irt, pskd
+assert jax.device_count() == devices
+rng = np.random.default_rng(0)
+x = rng.normal(size=(40, 8, 8, 1)).astype(np.float32)
+ds = data.ArrayDataset(x, rng.integers(0, 4, size=40).astype(np.int32), 4, "toy")
+net = models.functional(models.make_model("mlp", input_shape=(8, 8, 1), num_classes=4, seed=0, hidden=(16,)))
+tx = optax.sgd(0.5)                    # plain SGD: a wrongly scaled reduction changes every number
+mesh = S.data_mesh()
+loss = classification_loss(net.apply, targets_fn=pskd.targets_fn(num_epochs=3))
+step = S.make_train_step(loss, tx, mesh=mesh, micro_batch_size=micro or None, transition=pskd.transition(net.apply))
+state = S.replicate(S.init_state(net.params, tx, extra={"pskd": pskd.init(40, 4)}, seed=0), mesh)
+losses = []
+result = loop.run(step, state, irt.SubsetSource(ds, 1, num_epochs=3), mesh=mesh, batch_size=16, num_steps=100,
+                  actions=((loop.Every(steps=1), lambda c: losses.append(float(c.out.metrics["loss"]))),))
+final = jax.device_get(result.state)
+np.savez(out, *jax.tree.leaves(final.params), predictions=final.extra["pskd"].predictions,
+         seen=final.extra["pskd"].seen, losses=np.asarray(losses), steps=int(final.step))
+"""
+
+
+def test_pskd_on_the_loop_is_layout_independent(tmp_path):
+  """1 device == 1 device x 4 micro-batches == 4 devices: parameters, every loss and the whole store."""
+  layouts = {"1 device": (1, 0), "1 device x 4 micro-batches": (1, 4), "4 devices": (4, 0)}
+  procs = {name: subprocess.Popen([sys.executable, "-c", _LAYOUT_RUN, str(d), str(m), str(tmp_path / f"{i}.npz")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i, (name, (d, m)) in enumerate(layouts.items())}
+  outs = {}
+  for i, (name, proc) in enumerate(procs.items()):
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    with np.load(tmp_path / f"{i}.npz") as f:
+      outs[name] = {k: f[k] for k in f.files}
+  ref = outs["1 device"]
+  assert int(ref["steps"]) == 9 and ref["seen"].all()   # 3 epochs of ceil(40 / 16) = 3 steps; all stored
+  for name, got in outs.items():
+    assert got.keys() == ref.keys(), name
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=f"{name}: {k}")
+
+
+def test_targets_fn_and_transition_check_their_arguments():
+  for call, match in [(lambda: pskd.targets_fn(num_epochs=0), "num_epochs"),
+                      (lambda: pskd.targets_fn(num_epochs=3, alpha_T=-0.1), "alpha_T")]:
     with pytest.raises(ValueError, match=match) as e:
       call()
     assert "\n" not in str(e.value)
