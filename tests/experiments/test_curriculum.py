@@ -1,6 +1,7 @@
-"""The `curriculum` experiment: the PS-KD loss against a hand-written reference, bad config values as
-one-line errors through the CLI (before anything compiles) and from ``validate``; marked slow (about
-23 s of CPU): a quick end-to-end run of every part (plus its reuse when run again)."""
+"""The `curriculum` experiment: the PS-KD loss against a hand-written float64 reference, the PS-KD store
+written inside the compiled step, bad config values as one-line errors through the CLI (before anything
+compiles) and from ``validate``; marked slow: a quick end-to-end run of every part on ``prox.loop`` (plus
+its reuse when run again)."""
 import json
 import os
 import subprocess
@@ -10,29 +11,39 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from prox import models
 from prox import step as step_lib
 from prox.experiments import curriculum
 from prox.experiments.configs import curriculum as curriculum_config
+from prox.losses import classification_loss
+from prox.tasks import pskd
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "prox" / "experiments" / "configs" / "curriculum.py"
 
 
+def _quick_config():
+  cfg = curriculum_config.get_config()
+  cfg.update_from_flattened_dict(curriculum.QUICK)   # what ``--config.quick=True`` does in ``prox``
+  cfg.progress = False
+  return cfg
+
+
 def _cli(workdir, *overrides):
-  cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}:quick", f"--workdir={workdir}",
-         *overrides]
+  cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}", f"--workdir={workdir}",
+         "--config.quick=True", *overrides]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 BAD_CLI = [
-    (("--config.parts=alp_gmm,teacher",), "unknown part 'teacher' in parts; known: alp_gmm, pudf, pskd, forecast"),
+    (("--config.parts=alp_gmm,teacher",), "parts: unknown 'teacher'; known: alp_gmm, pudf, pskd, forecast"),
     (("--config.alp_gmm.bounds=((0.0, 0.5), (1.0, 0.5))",),
      "alp_gmm: bounds need low < high in every dimension, got low=[0.0, 0.5] high=[1.0, 0.5]"),
-    (("--config.alp_gmm.fit_rate=0",), "alp_gmm.fit_rate must be a positive integer, got 0"),
+    (("--config.alp_gmm.fit_rate=0",), "alp_gmm.fit_rate must be an integer >= 1, got 0"),
 ]
 
 
@@ -47,25 +58,31 @@ def test_bad_config_values_are_one_line_cli_errors_before_compilation(tmp_path):
 
 
 BAD = [
-    ({"alp_gmm__fit_rate": -5}, "alp_gmm.fit_rate must be a positive integer, got -5"),
+    ({"alp_gmm__fit_rate": -5}, "alp_gmm.fit_rate must be an integer >= 1, got -5"),
     ({"alp_gmm__fit_rate": 5}, "alp_gmm: ks must lie in 1..fit_rate=5, got [2, 3, 4, 5, 6, 7, 8, 9, 10]"),
     ({"alp_gmm__bounds": ((0.0,), (1.0,))},
      "alp_gmm.bounds must be a pair (low, high) of 2-vectors (the toy env is 2-D), got ((0.0,), (1.0,))"),
     ({"alp_gmm__episodes": 1100}, "alp_gmm.episodes (1100) must be a multiple of alp_gmm.score_every (250)"),
-    ({"parts": ""}, "parts names no part; known: alp_gmm, pudf, pskd, forecast"),
+    ({"parts": ""}, "parts is empty"),
+    ({"parts": "pudf,pudf"}, "parts names a part twice: 'pudf,pudf'"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"parts": "pudf", "pudf__bump": 0.0}, "pudf: bump must be > 0, got 0.0"),
     ({"parts": "pudf", "pudf__crowd_size": 1}, "pudf.crowd_size must be an integer >= 2, got 1"),
+    ({"parts": "pudf", "pudf__crowd_hidden": (0,)},
+     "pudf.crowd_hidden: hidden must be a tuple of positive ints, got (0,)"),
     ({"parts": "pskd", "pskd__alpha_T": 1.5}, "pskd: alpha_T must be in [0, 1], got 1.5"),
-    ({"parts": "pskd", "model": "vit"}, "unknown model 'vit'; known: mlp, cnn, resnet20"),
+    ({"parts": "pskd", "batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"parts": "pskd", "model": "vit"}, "unknown model 'vit'; known: mlp, cnn, resnet20, cnn1d"),
     ({"parts": "forecast", "forecast__fractions": (0.5, 1.0)},
      "forecast.fractions must lie in (0, 1), got (0.5, 1.0)"),
-    ({"parts": "forecast", "forecast__min_gain": -0.1}, "forecast.min_gain must be >= 0, got -0.1"),
+    ({"parts": "forecast", "forecast__min_gain": -0.1},
+     "forecast.min_gain must be a finite number in [0, inf], got -0.1"),
 ]
 
 
 @pytest.mark.parametrize("fields,message", BAD)
 def test_bad_config_values_raise_config_errors(tmp_path, fields, message):
-  cfg = curriculum_config.get_config("quick")
+  cfg = _quick_config()
   for dotted, value in fields.items():
     *parents, leaf = dotted.split("__")
     node = cfg
@@ -77,53 +94,85 @@ def test_bad_config_values_raise_config_errors(tmp_path, fields, message):
   assert str(e.value) == message
 
 
-def test_pskd_loss_uses_soft_targets_and_writes_the_store():
-  net = models.functional(models.make_model("mlp", input_shape=(8, 8, 1), num_classes=4, seed=0, hidden=(8,)))
-  loss_fn = curriculum._classifier_loss(net.apply, num_classes=4, use_pskd=True, num_epochs=4, alpha_T=0.8)
+def _toy_net(num_classes=4):
+  return models.functional(models.make_model("mlp", input_shape=(8, 8, 1), num_classes=num_classes, seed=0,
+                                             hidden=(8,)))
+
+
+def _softmax64(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_pskd_loss_matches_a_float64_hand_reference():
+  # the experiment's loss: classification_loss with PS-KD targets read from ctx.extra / ctx.meta
+  net, n, c, T = _toy_net(), 10, 4, 4
+  loss_fn = classification_loss(net.apply, targets_fn=pskd.targets_fn(num_epochs=T, alpha_T=0.8))
   rng = np.random.default_rng(0)
-  n = 10
-  stored = rng.dirichlet(np.ones(4), size=n).astype(np.float32)
-  seen = np.array([1, 0] * 5, np.float32)
-  batch = {"image": rng.normal(size=(4, 8, 8, 1)).astype(np.float32), "label": np.array([0, 1, 2, 3], np.int32),
-           "index": np.array([2, 3, 7, 2], np.int32), "valid": np.array([True, True, True, False]),
-           "epoch": np.full(4, 1, np.int32)}
-  model_state = {"net": {}, "pskd": {"predictions": stored, "seen": seen}}
-  # the loss reads the data-axis size, so evaluate it under a one-device shard_map as the step does
+  stored = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+  seen = np.array([True, False] * 5)
+  batch = {"image": rng.normal(size=(5, 8, 8, 1)).astype(np.float32), "label": np.array([0, 1, 2, 3, 1], np.int32),
+           "index": np.array([2, 3, 7, 2, 4], np.int32)}
+  ctx = step_lib.LossContext(rng=None, step=0, samples=0, extra={"pskd": pskd.PSKDState(stored, seen)},
+                             meta={"epoch": np.int32(1)})
+  loss, (metrics, _) = jax.jit(loss_fn)(net.params, net.model_state, batch, ctx)
+
+  logits = np.asarray(net.apply(net.params, net.model_state, batch["image"], train=True)[0], np.float64)
+  a = 0.8 * (1 + 1) / T                                  # alpha_t = alpha_T (t + 1) / T at epoch t = 1
+  ref = []
+  for z, y, i in zip(logits, batch["label"], batch["index"]):
+    onehot = np.eye(c)[y]
+    target = (1 - a) * onehot + a * (stored[i] if seen[i] else onehot)   # unseen: one-hot
+    ref.append(-np.sum(target * np.log(_softmax64(z))))
+  np.testing.assert_allclose(float(loss), np.mean(ref), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(logits.argmax(-1) == batch["label"]))
+  # epoch 0 with an empty store is plain cross-entropy
+  ctx0 = ctx._replace(extra={"pskd": pskd.init(n, c)}, meta={"epoch": np.int32(0)})
+  ce = np.mean([-np.log(_softmax64(z)[y]) for z, y in zip(logits, batch["label"])])
+  np.testing.assert_allclose(float(jax.jit(loss_fn)(net.params, net.model_state, batch, ctx0)[0]), ce, rtol=1e-5)
+
+
+def test_pskd_store_is_written_inside_the_step():
+  net, n, c = _toy_net(), 12, 4
+  tx = optax.sgd(0.1)
   mesh = step_lib.data_mesh(jax.devices()[:1])
-  run = jax.jit(jax.shard_map(lambda p, m, b: loss_fn(p, m, b, None), mesh=mesh,
-                              in_specs=(jax.P(), jax.P(), jax.P()), out_specs=jax.P(), check_vma=False))
-  loss, (metrics, new_state) = run(net.params, model_state, batch)
+  step = curriculum.pskd_steps(net.apply, tx, mesh, num_epochs=3, alpha_T=0.8)["pskd"]
+  rng = np.random.default_rng(1)
+  previous = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+  seen = np.zeros(n, bool)
+  seen[[0, 5]] = True
+  state = step_lib.replicate(step_lib.init_state(net.params, tx, model_state=net.model_state,
+                                                 extra={"pskd": pskd.PSKDState(previous, seen)}, seed=0), mesh)
+  batch = {"image": rng.normal(size=(4, 8, 8, 1)).astype(np.float32), "label": np.array([0, 1, 2, 3], np.int32),
+           "index": np.array([5, 1, 9, 3], np.int32)}
+  before = jax.device_get(state.params)
+  new, out = step(state, step_lib.shard_batch(batch, mesh), None, {"epoch": np.int32(2)})
+  store = jax.device_get(new.extra["pskd"])
 
-  logits = np.asarray(net.apply(net.params, {}, batch["image"], train=False)[0], np.float64)
-  a = 0.8 * (1 + 1) / 4
-  ref_loss, probs = [], []
-  for z, y, i, v in zip(logits, batch["label"], batch["index"], batch["valid"]):
-    onehot = np.eye(4)[y]
-    past = stored[i] if seen[i] else onehot
-    target = (1 - a) * onehot + a * past
-    logp = z - np.log(np.sum(np.exp(z)))
-    probs.append(np.exp(logp))
-    if v:
-      ref_loss.append(-np.sum(target * logp))
-  np.testing.assert_allclose(loss, np.mean(ref_loss), rtol=1e-5)
-  expected = stored.copy()
-  expected_seen = seen.copy()
-  for row, i in enumerate(batch["index"][:3]):   # the padded 4th row writes nothing
-    expected[i] = probs[row]
-    expected_seen[i] = 1.0
-  np.testing.assert_allclose(new_state["pskd"]["predictions"], expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(new_state["pskd"]["seen"], expected_seen)
+  probs = _softmax64(net.apply(before, net.model_state, batch["image"], train=True)[0])   # the step's forward
+  expected = previous.copy()
+  expected[batch["index"]] = probs
+  np.testing.assert_allclose(store.predictions, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(store.seen, np.isin(np.arange(n), [0, 5, 1, 9, 3]))
+  # the step's loss read the store as it was before the step (row 5 seen, the others one-hot)
+  a = 0.8
+  targets = (1 - a) * np.eye(c)[batch["label"]] + a * np.where(seen[batch["index"]][:, None],
+                                                               previous[batch["index"]], np.eye(c)[batch["label"]])
+  ref = np.mean(-np.sum(targets * np.log(probs), -1))
+  np.testing.assert_allclose(float(out.metrics["loss"]), ref, rtol=1e-5)
+  changed = [not np.allclose(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params)))]
+  assert any(changed)   # the update happened (the store was written from the parameters before it)
 
 
-@pytest.mark.slow   # about 23 s of CPU
+@pytest.mark.slow   # about 60 s of CPU (every part, compiles included)
 def test_quick_run_of_every_part_end_to_end_and_reuse(tmp_path):
-  cfg = curriculum_config.get_config("quick")
-  cfg.progress = False
+  cfg = _quick_config()
   summary = curriculum.run(cfg, str(tmp_path))
-  with open(tmp_path / "results.json") as fh:
-    saved = json.load(fh)
+  saved = json.loads((tmp_path / "results.json").read_text())
   results = saved["results"]
   assert set(results) == {"alp_gmm", "pudf", "pskd", "forecast"}
+  assert saved["summary"] == summary
   for name in ("alp_gmm_mastery.png", "alp_gmm_samples.png", "pudf_accuracy.png", "pskd_accuracy.png",
                "forecast.png", "results.md"):
     assert (tmp_path / name).stat().st_size > 0, name
@@ -133,22 +182,29 @@ def test_quick_run_of_every_part_end_to_end_and_reuse(tmp_path):
     scores = np.asarray(t["scores"])
     assert scores.shape == (2, 1_000 // 250 + 1)
     assert np.all(np.diff(scores, axis=1) >= 0) and scores.max() <= 100   # mastery never falls
-  assert np.asarray(a["alp_gmm_tasks_seed0"]).shape == (1_000, 2)
+  tasks = json.loads((tmp_path / "alp_gmm" / "result.json").read_text())["alp_gmm_tasks_seed0"]
+  assert np.asarray(tasks).shape == (1_000, 2)
   assert summary["alp_gmm/alp_gmm_mastered_mean"] == np.asarray(a["teachers"]["alp_gmm"]["scores"])[:, -1].mean()
 
   p = results["pudf"]
-  pudf, rand, plain = (p["runs"][k][0] for k in ("pudf", "random", "plain"))
-  assert len(pudf["accuracy"]) == 3 and all(0 <= x <= 1 for x in pudf["accuracy"])
-  assert all(cfg.batch_size <= c <= p["num_items"] for c in pudf["items"])
-  assert rand["items"] == pudf["items"] and plain["items"] == [p["num_items"]] * 3
-  assert np.all(np.diff(pudf["theta"]) >= 0)                      # the PUDF threshold never falls
-  assert len(p["difficulties"]) == p["num_items"]
-  steps = -(-p["num_items"] // cfg.batch_size)
-  assert plain["steps"] == [steps, 2 * steps, 3 * steps]
+  pudf_run, rand, plain = (p["runs"][k][0] for k in ("pudf", "random", "plain"))
+  n = p["num_items"]
+  assert len(pudf_run["accuracy"]) == 3 and all(0 <= x <= 1 for x in pudf_run["accuracy"])
+  assert all(cfg.batch_size <= c <= n for c in pudf_run["items"])
+  assert rand["items"] == pudf_run["items"] and plain["items"] == [n] * 3
+  assert np.all(np.diff(pudf_run["theta"]) >= 0)                  # the PUDF threshold never falls
+  assert len(pudf_run["theta"]) == len(pudf_run["theta_hat"]) == 3
+  assert len(p["difficulties"]) == n
+  per_epoch = -(-n // cfg.batch_size)                             # every epoch's last batch is completed
+  assert plain["steps"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+  assert np.diff([0] + pudf_run["steps"]).tolist() == [-(-c // cfg.batch_size) for c in pudf_run["items"]]
 
   s = results["pskd"]["runs"]
   for method in ("ce", "pskd"):
     assert len(s[method][0]["accuracy"]) == 3 and 0 <= s[method][0]["ece"] <= 1
+  # cross-entropy trains exactly like PUDF's "plain" run (same seed, initialisation, batches and step)
+  assert s["ce"][0]["accuracy"] == plain["accuracy"]
+  assert s["pskd"][0]["accuracy"] != s["ce"][0]["accuracy"]
 
   f = results["forecast"]
   assert f["steps"][-1] == 200 and len(f["steps"]) == 10
@@ -156,7 +212,7 @@ def test_quick_run_of_every_part_end_to_end_and_reuse(tmp_path):
   for x in f["at_fraction"]:
     assert x["lower"] <= x["predicted"] <= x["upper"]
 
-  started = time.perf_counter()   # the same command again reuses every finished part
+  started = time.perf_counter()   # the same command again reuses every finished run
   again = curriculum.run(cfg, str(tmp_path))
   assert again == summary
-  assert time.perf_counter() - started < 10
+  assert time.perf_counter() - started < 15

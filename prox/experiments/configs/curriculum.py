@@ -1,9 +1,8 @@
-"""Curriculum and self-distillation (METHODS.md section 5): ALP-GMM vs random on the toy env, PUDF vs
-random order vs plain training on digits, PS-KD vs cross-entropy on digits, learning-curve forecasting of
-the ``classify`` accuracy curves.
+"""Curriculum and self-distillation: ALP-GMM vs random on the toy env, PUDF vs random order vs plain
+training on digits, PS-KD vs cross-entropy on digits, learning-curve forecasting of a ``classify`` run.
 
   prox --config=prox/experiments/configs/curriculum.py --workdir=runs/curriculum
-  prox --config=prox/experiments/configs/curriculum.py:quick --workdir=runs/quick
+  prox --config=prox/experiments/configs/curriculum.py --workdir=runs/quick --config.quick=True
   prox --config=prox/experiments/configs/curriculum.py --workdir=runs/c --config.parts=alp_gmm,pskd
 
 ``parts`` (comma-separated) selects any of alp_gmm, pudf, pskd, forecast.
@@ -11,30 +10,8 @@ the ``classify`` accuracy curves.
 import ml_collections
 
 
-# ``--config=prox/experiments/configs/curriculum.py:quick``: a tiny run of every part (tests, smoke checks).
-QUICK = {
-    "num_seeds": 1,
-    "model_kwargs.hidden": (32,),
-    "alp_gmm.episodes": 1_000,
-    "alp_gmm.seeds": 2,
-    "alp_gmm.score_every": 250,
-    "alp_gmm.fit_rate": 100,
-    "pudf.epochs": 3,
-    "pudf.crowd_size": 3,
-    "pudf.crowd_steps": 10,
-    "pudf.num_probe": 200,
-    "pskd.epochs": 3,
-    "forecast.num_steps": 200,
-    "forecast.eval_every": 20,
-    "forecast.fractions": (0.5, 0.75),
-    "forecast.num_bootstrap": 10,
-}
-
-
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """The default experiment; ``variant="quick"`` applies ``QUICK``."""
-  if variant not in ("", "quick"):
-    raise ValueError(f"unknown config variant {variant!r}; known: '' (default), 'quick'")
+def get_config() -> ml_collections.ConfigDict:
+  """The default experiment (``--config.quick=True``: the experiment's ``QUICK`` fields, a tiny run)."""
   c = ml_collections.ConfigDict()
   c.experiment = "curriculum"
   c.parts = "alp_gmm,pudf,pskd,forecast"
@@ -45,7 +22,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.model = "mlp"
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (128, 128)})
-  c.learning_rate = 1e-3               # Adam
+  c.learning_rate = 1e-3               # Adam, constant
   c.batch_size = 32
   c.eval_batch_size = 512
   # ALP-GMM vs random on the toy env (Portelas et al. 2019): all seeds of a teacher in one jitted call.
@@ -60,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # PUDF: IRT difficulties from an artificial crowd, ability-based selection each epoch.
   c.pudf = ml_collections.ConfigDict({
       "epochs": 20,
-      "crowd_size": 10,                # crowd members: small MLPs on bootstrap subsets
+      "crowd_size": 10,                # crowd members: small MLPs on bootstrap resamples
       "crowd_hidden": (16,),
       "crowd_steps": 300,              # member j trains crowd_steps * (j + 1) / crowd_size Adam steps (>= 1)
       "num_probe": 1000,               # items probed for the ability estimate each epoch
@@ -79,7 +56,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "num_bootstrap": 100,
       "level": 0.9,
   })
-  c.progress = True                    # one line per finished piece on stdout
-  if variant == "quick":
-    c.update_from_flattened_dict(QUICK)
+  c.progress = True                    # one line per finished run on stdout
+  c.quick = False                      # the experiment's QUICK fields: a tiny run of every part (tests)
   return c
