@@ -1,0 +1,172 @@
+"""A distillation step with prox's teacher bank, stage machine and KD loss, jitted as one function, vs
+the same work written by hand as two jitted calls (teacher forward, then student step).
+
+Teacher: MLP 64-512-512-10 (digits-sized, 301,066 parameters); student: MLP 64-90-90-10 (14,950
+parameters, 1/20 of the teacher); Adam; Hinton loss ``alpha T^2 KL + (1 - alpha) CE`` with T = 4,
+alpha = 0.9.
+
+* prox (one ``jax.jit``): the teacher's logits from a ``prox.tasks.stacked_teacher_bank`` of two
+  teachers indexed by a ``prox.tasks.stage_machine`` (the stage switches teachers half-way through the
+  timed steps), ``prox.losses.distillation_loss``, the Adam update and the stage-machine update.
+* hand-written baseline (jax/optax, what a user writes first): ``teacher_forward = jax.jit(mlp)`` and
+  ``student_step = jax.jit(...)`` taking the teacher's logits; a step is the two calls.
+* also printed, for reference: the same hand-written code fused into one ``jax.jit`` (no prox), and the
+  two calls made serial (``block_until_ready`` after each), which removes the overlap that asynchronous
+  dispatch allows between the next step's teacher forward and the current student step.
+
+Prints, per batch size, time(prox one jit) / time(hand-written two calls) (target <= 1.1). The steps
+alternate within each repeat so that machine noise hits them alike; medians are reported, and the ratio
+of the fastest repeats beside them (on a shared machine the median swings with other processes' load,
+printed before and after).
+
+  python benchmarks/distill_step.py [--batches 128 256 512 1024] [--repeats 15] [--steps 50]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prox import losses, tasks
+from _timing import timed  # benchmarks/_timing.py
+
+TEACHER = (64, 512, 512, 10)
+STUDENT = (64, 90, 90, 10)
+TEMPERATURE, ALPHA = 4.0, 0.9
+
+
+def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict]:
+  params = []
+  for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+    params.append({"w": jax.random.normal(k, (n_in, n_out)) / np.sqrt(n_in), "b": jnp.zeros(n_out)})
+  return params
+
+
+def mlp(params: list[dict], x: jax.Array) -> jax.Array:
+  for layer in params[:-1]:
+    x = jax.nn.relu(x @ layer["w"] + layer["b"])
+  return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def hand_loss(student: list[dict], x: jax.Array, y: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """Hinton's loss written out in jax/optax, as a user would."""
+  s = mlp(student, x)
+  soft_t = jax.nn.softmax(teacher_logits / TEMPERATURE)
+  kl = jnp.sum(soft_t * (jax.nn.log_softmax(teacher_logits / TEMPERATURE) - jax.nn.log_softmax(s / TEMPERATURE)), -1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(s, y)
+  return jnp.mean(ALPHA * TEMPERATURE**2 * kl + (1 - ALPHA) * ce)
+
+
+def param_count(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def measure(batch: int, repeats: int, steps: int) -> tuple[float, float, float]:
+  tx = optax.adam(1e-3)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, TEACHER[0])), jnp.float32)
+  y = jnp.asarray(rng.integers(0, TEACHER[-1], size=batch), jnp.int32)
+  teachers = [init_mlp(k, TEACHER) for k in jax.random.split(jax.random.key(1), 2)]
+  student0 = init_mlp(jax.random.key(2), STUDENT)
+
+  # --- hand-written: two jitted calls
+  teacher_forward = jax.jit(mlp)
+
+  def student_step(params, opt_state, x, y, teacher_logits):
+    loss, grads = jax.value_and_grad(hand_loss)(params, x, y, teacher_logits)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  student_step = jax.jit(student_step, donate_argnums=(0, 1))
+  two = [jax.tree.map(jnp.copy, student0), tx.init(student0)]
+
+  def run_two():
+    t = teacher_forward(teachers[0], x)
+    two[0], two[1], loss = student_step(two[0], two[1], x, y, t)
+    return loss
+
+  def run_serial():
+    t = jax.block_until_ready(teacher_forward(teachers[0], x))
+    two[0], two[1], loss = jax.block_until_ready(student_step(two[0], two[1], x, y, t))
+    return loss
+
+  # --- hand-written fused (reference only)
+  def fused_step(params, opt_state, teacher, x, y):
+    return student_step.__wrapped__(params, opt_state, x, y, mlp(teacher, x))
+
+  fused_step = jax.jit(fused_step, donate_argnums=(0, 1))
+  fused = [jax.tree.map(jnp.copy, student0), tx.init(student0)]
+
+  def run_fused():
+    fused[0], fused[1], loss = fused_step(fused[0], fused[1], teachers[0], x, y)
+    return loss
+
+  # --- prox: teacher bank + stage machine + distillation_loss in one jit
+  bank = tasks.stacked_teacher_bank(mlp)
+  bank_state = bank.init(teachers)
+  switch_at = 3 + repeats * steps // 2          # warm-up calls + half of the timed steps
+  machine = tasks.stage_machine([tasks.Stage(teacher=0, steps=switch_at), tasks.Stage(teacher=1)])
+
+  def prox_step(params, opt_state, stage, step, bank_state, x, y):
+    t = bank.apply(bank_state, machine.teacher(stage), x)
+
+    def loss_fn(p):
+      return losses.distillation_loss(mlp(p, x), t, y, temperature=TEMPERATURE, alpha=ALPHA).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    stage = machine.update(stage, step=step + 1, samples=None, metric=loss)
+    return optax.apply_updates(params, updates), opt_state, stage, step + 1, loss
+
+  prox_step = jax.jit(prox_step, donate_argnums=(0, 1, 2, 3))
+  one = [jax.tree.map(jnp.copy, student0), tx.init(student0), machine.init(), jnp.int32(0)]
+
+  def run_prox():
+    one[0], one[1], one[2], one[3], loss = prox_step(one[0], one[1], one[2], one[3], bank_state, x, y)
+    return loss
+
+  for fn in (run_two, run_serial, run_fused, run_prox):
+    timed(fn, 3)
+  times = {"two": [], "serial": [], "fused": [], "prox": []}
+  for _ in range(repeats):
+    times["two"].append(timed(run_two, steps))
+    times["prox"].append(timed(run_prox, steps))
+    times["fused"].append(timed(run_fused, steps))
+    times["serial"].append(timed(run_serial, steps))
+  if int(one[2].stage) != 1 or prox_step._cache_size() != 1:
+    raise RuntimeError("the stage machine did not switch teachers once without recompiling")
+  return ({k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024])
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--steps", type=int, default=50)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  t_params = param_count(init_mlp(jax.random.key(0), TEACHER))
+  s_params = param_count(init_mlp(jax.random.key(0), STUDENT))
+  print(f"device: {device.device_kind} ({device.platform}); teacher MLP {'-'.join(map(str, TEACHER))} "
+        f"({t_params:,} params), student MLP {'-'.join(map(str, STUDENT))} ({s_params:,} params, "
+        f"1/{t_params / s_params:.1f}), Adam, T={TEMPERATURE}, alpha={ALPHA}")
+  print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+  print("per step, median over repeats (ratios also from the fastest repeat, less sensitive to a busy machine)")
+  print(f"{'batch':>6} {'two calls':>11} {'two serial':>11} {'fused (hand)':>13} {'prox (1 jit)':>13} "
+        f"{'prox/two':>9} {'fused/two':>10} {'prox/serial':>12} {'prox/two (min)':>15}")
+  for batch in args.batches:
+    t, fastest = measure(batch, args.repeats, args.steps)
+    print(f"{batch:>6} {t['two'] * 1e3:>9.3f}ms {t['serial'] * 1e3:>9.3f}ms {t['fused'] * 1e3:>11.3f}ms "
+          f"{t['prox'] * 1e3:>11.3f}ms {t['prox'] / t['two']:>9.3f} {t['fused'] / t['two']:>10.3f} "
+          f"{t['prox'] / t['serial']:>12.3f} {fastest['prox'] / fastest['two']:>15.3f}")
+  print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+  print("target: prox/two <= 1.1 (prox's one-jit distillation step vs the hand-written two jitted calls)")
+
+
+if __name__ == "__main__":
+  main()
