@@ -48,6 +48,8 @@ def _config_error(message: str) -> Exception:
 def _plain(value: Any) -> Any:
   """``value`` as strict-JSON-able values; what JSON cannot hold (a callable, say) as its ``repr``."""
   from prox.experiments import writers  # pylint: disable=g-import-not-at-top
+  if hasattr(value, "to_dict"):   # a ConfigDict (not a Mapping), anywhere in the tree
+    value = value.to_dict()
   if isinstance(value, Mapping):
     return {str(k): _plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -61,8 +63,7 @@ def _plain(value: Any) -> Any:
 def record(experiment: str, config: Any) -> dict[str, Any]:
   """The record of a run of ``experiment`` with ``config`` (a ``ConfigDict`` or a mapping), as it reads
   back from ``config.json`` (tuples become lists)."""
-  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return json.loads(json.dumps({"experiment": experiment, "config": _plain(as_dict)}, allow_nan=False))
+  return json.loads(json.dumps({"experiment": experiment, "config": _plain(config)}, allow_nan=False))
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any] | None:

@@ -385,8 +385,10 @@ def test_real_experiment_refuses_a_changed_config_before_training(tmp_path):
 def test_check_config_unit(tmp_path):
   from prox.experiments import _runs  # pylint: disable=g-import-not-at-top
   from prox.experiments.common import ConfigError  # pylint: disable=g-import-not-at-top
-  rec = _runs.record("x", {"lr": 0.1, "nested": {"a": 1, "b": (1, 2)}, "num_steps": 5, "k": {}})
-  assert rec["config"]["nested"]["b"] == [1, 2]
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  rec = _runs.record("x", {"lr": 0.1, "nested": ml_collections.ConfigDict({"a": 1, "b": (1, 2)}),
+                           "num_steps": 5, "k": {}, "bad": float("nan")})
+  assert rec["config"]["nested"] == {"a": 1, "b": [1, 2]} and rec["config"]["bad"] == "NaN"
   _runs.check_config(tmp_path, rec, main_process=True)                 # first: written
   _runs.check_config(tmp_path, rec, main_process=True)                 # same: fine
   _runs.check_config(tmp_path, _runs.record("x", {**rec["config"], "num_steps": 9}),
@@ -397,7 +399,8 @@ def test_check_config_unit(tmp_path):
     _runs.check_config(tmp_path, nested, main_process=True)
   _runs.check_config(tmp_path, nested, ["nested", "num_steps"], main_process=True)  # containing
   many = _runs.record("x", {f"f{i}": i for i in range(9)})
-  with pytest.raises(ConfigError, match=r"f5=\(unset\) \(now 5\) and 6 more fields; use") as info:
+  with pytest.raises(ConfigError, match=r"with bad=NaN \(now \(unset\)\), f0=\(unset\) \(now 0\), "
+                                        r".* and 7 more fields; use") as info:
     _runs.check_config(tmp_path, many, main_process=True)
   assert "\n" not in str(info.value)
   assert _runs.is_resumable("a.b.c", ["a.b"]) and not _runs.is_resumable("a.bc", ["a.b"])
@@ -406,3 +409,27 @@ def test_check_config_unit(tmp_path):
     _runs.read_record(tmp_path)
   _runs.check_config(tmp_path / "other", rec, main_process=False)     # not the main process
   assert not (tmp_path / "other" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path):
+  """End to end: a truncated array file in the newest checkpoint costs one warning line, the run
+  resumes from the checkpoint before; when none restores, one error line."""
+  args = ["--config.checkpoint_every=60", "--config.eval_every=60", "--config.progress=false"]
+  assert prox(f"--workdir={tmp_path}", "--config.num_steps=120", *args).returncode == 0
+  ckpts = tmp_path / "checkpoints"
+  for path in (ckpts / "120" / "state" / "d").iterdir():
+    path.write_bytes(path.read_bytes()[:10])
+  resumed = prox(f"--workdir={tmp_path}", "--config.num_steps=180", *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  lines = resumed.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"prox: warning: checkpoint 120 in {ckpts} does not restore (truncated array file "), lines
+  assert lines[0].endswith(f"; using 60; moved to {ckpts / 'corrupt' / '120'}")
+  assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 180
+  assert sorted(p.name for p in ckpts.iterdir()) == ["120", "180", "60", "corrupt"]
+  for step in ("60", "120", "180"):
+    for path in (ckpts / step / "state" / "d").iterdir():
+      path.write_bytes(path.read_bytes()[:10])
+  result = prox(f"--workdir={tmp_path}", "--config.num_steps=180", *args)
+  _assert_one_error_line(result, f"no checkpoint in {ckpts} restores: 180 (truncated array file ")
