@@ -22,7 +22,10 @@ function of the parameters and the optimizer state::
     params = optax.apply_updates(params, updates)
 
 In an epoch loop, ``total_steps=training_steps(num_epochs=E, num_examples=N, batch_size=B)``, and the
-warm-up / fine-tune phases may be given as fractions of it (``warmup_steps=0.1``). By default every leaf with
+warm-up / fine-tune phases may be given as fractions of it (``warmup_steps=0.1``). A run budgeted in
+examples (a growing batch) counts the schedule in samples instead: ``clock="samples"`` with
+``total_samples`` (and ``warmup_samples`` / ``finetune_samples``) reads the ``samples`` extra argument of
+``update`` (examples consumed before the step; ``prox.step`` passes it). By default every leaf with
 ``ndim >= 2`` that can be grouped along ``axis`` is sparse (:func:`nm_filter`); the others, such as a first
 convolution with one input channel, stay dense and ``init`` warns naming them.
 
@@ -39,6 +42,7 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -48,6 +52,7 @@ PyTree = Any
 Stages = tuple[tuple[int, int], ...]
 
 __all__ = [
+    "CLOCKS",
     "METHODS",
     "DECAYS",
     "STATIC_ARGS",
@@ -67,8 +72,12 @@ METHODS = ("dense", "srste", "mdgf", "sdgf")
 # Arguments that fix shapes or the schedule and must stay Python values under optax.inject_hyperparams:
 # ``optax.inject_hyperparams(nm_sparsity, static_args=STATIC_ARGS)(...)``; srste_lambda and decay_coef
 # may be injected.
-STATIC_ARGS = ("n", "m", "total_steps", "warmup_steps", "finetune_steps", "axis", "decay_end", "floor")
+STATIC_ARGS = ("n", "m", "total_steps", "warmup_steps", "finetune_steps", "axis", "decay_end", "floor",
+               "total_samples", "warmup_samples", "finetune_samples")
 DECAYS = ("linear", "exp", "step")
+# What the schedule counts: optimizer updates, or training examples (the ``samples`` extra argument).
+CLOCKS = ("steps", "samples")
+_MAX_SAMPLES = 2**31 - 1   # the sample clock is int32, like ``prox.step.TrainState.samples``
 _IMPLS = ("auto", "count", "select", "sort")
 
 
@@ -282,16 +291,38 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _steps_or_fraction(name: str, v: Any, total_steps: int | None) -> int:
-  """A phase length: an int number of steps, or a float ``f`` in ``[0, 1)``: ``round(f * total_steps)`` steps."""
+def _length_or_fraction(name: str, v: Any, total: int | None, unit: str) -> int:
+  """A phase length in ``unit`` (steps or samples): an int, or a float ``f`` in ``[0, 1)``: ``round(f * total)``."""
   if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)):
     if not 0.0 <= v < 1.0:
-      raise ValueError(f"nm_sparsity: {name}={v!r} is a float, i.e. a fraction of total_steps, and must lie in "
-                       "[0, 1); give an int for a number of steps")
-    if total_steps is None:
-      raise ValueError(f"nm_sparsity: {name}={v!r} is a fraction of training and needs total_steps")
-    return int(round(float(v) * total_steps))
+      raise ValueError(f"nm_sparsity: {name}={v!r} is a float, i.e. a fraction of total_{unit}, and must lie in "
+                       "[0, 1); give an int for a number of " + unit)
+    if total is None:
+      raise ValueError(f"nm_sparsity: {name}={v!r} is a fraction of training and needs total_{unit}")
+    return int(round(float(v) * total))
   return _static_int("nm_sparsity", name, v)
+
+
+def _is_zero(v: Any) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == 0
+
+
+def _clock_phases(clock: str, total_steps: Any, warmup_steps: Any, finetune_steps: Any, total_samples: Any,
+                  warmup_samples: Any, finetune_samples: Any) -> tuple[Any, Any, Any]:
+  """``(total, warmup, finetune)`` of the chosen clock; the other clock's arguments must be left unset."""
+  if clock not in CLOCKS:
+    raise ValueError(f"nm_sparsity: unknown clock {clock!r}; expected one of {CLOCKS}")
+  ours = (total_steps, warmup_steps, finetune_steps) if clock == "steps" else (
+      total_samples, warmup_samples, finetune_samples)
+  other = "samples" if clock == "steps" else "steps"
+  theirs = (total_samples, warmup_samples, finetune_samples) if clock == "steps" else (
+      total_steps, warmup_steps, finetune_steps)
+  for name, v in zip(("total", "warmup", "finetune"), theirs):
+    if not (v is None if name == "total" else _is_zero(v)):
+      hint = (f"give {name}_{clock} (clock={clock!r} counts {clock})" if clock == "samples"
+              else "pass clock='samples'")
+      raise ValueError(f"nm_sparsity: {name}_{other}={v!r} belongs to the {other} clock; {hint}")
+  return ours
 
 
 def training_steps(*, num_epochs: int, steps_per_epoch: int | None = None, num_examples: int | None = None,
@@ -325,55 +356,59 @@ def training_steps(*, num_epochs: int, steps_per_epoch: int | None = None, num_e
 
 
 class NMSchedule(NamedTuple):
-  """The schedule of :func:`nm_sparsity`: phases, N:M stages and the decay of beta (a pure function of the step).
+  """The schedule of :func:`nm_sparsity`: phases, N:M stages and the decay of beta, a pure function of the clock.
 
-  Steps ``count < warmup_steps`` are dense (masks all ones, beta = 1). The sparse phase lasts
-  ``sparse_steps`` steps (``None``: unbounded) and is split evenly into ``len(stages)`` stages. Then a
-  hard-mask fine-tune phase (final stage, beta = 0). With ``t = count - warmup_steps``:
+  The clock ``t`` counts updates (``clock="steps"``) or training examples (``clock="samples"``); every
+  length below is in its unit. Times ``t < warmup`` are dense (masks all ones, beta = 1). The sparse phase
+  lasts ``sparse`` (``None``: unbounded) and is split evenly into ``K = len(stages)`` stages: stage
+  ``k = min(floor(K (t - warmup) / sparse), K - 1)``. Then a hard-mask fine-tune phase (final stage,
+  beta = 0). With ``u = t - warmup``:
 
-  - ``linear``: ``beta_t = max(0, 1 - coef * t)``
-  - ``exp``: ``beta_t = exp(-coef * t)``, set to 0 once below ``floor`` (if ``floor`` is not None)
-  - ``step``: ``beta_t = 0``
+  - ``linear``: ``beta = max(0, 1 - coef * u)``
+  - ``exp``: ``beta = exp(-coef * u)``, set to 0 once below ``floor`` (if ``floor`` is not None)
+  - ``step``: ``beta = 0``
   """
-  warmup_steps: int
-  sparse_steps: int | None
+  warmup: int
+  sparse: int | None
   stages: Stages
   decay: str
   coef: Any
   floor: float | None
+  clock: str = "steps"
 
-  def stage(self, count: jax.Array) -> jax.Array:
-    """Index into ``stages`` at step ``count`` (int32; ``-1`` during the dense warm-up)."""
-    count = jnp.asarray(count, jnp.int32)
-    t = count - self.warmup_steps
-    if len(self.stages) == 1:
-      idx = jnp.zeros([], jnp.int32)
-    else:
-      idx = jnp.clip((t * len(self.stages)) // self.sparse_steps, 0, len(self.stages) - 1).astype(jnp.int32)
-    return jnp.where(t < 0, -1, idx)
+  def stage(self, t: jax.Array) -> jax.Array:
+    """Index into ``stages`` at time ``t`` (int32; ``-1`` during the dense warm-up)."""
+    u = jnp.asarray(t, jnp.int32) - self.warmup
+    k = len(self.stages)
+    idx = jnp.zeros(u.shape, jnp.int32)
+    # floor(k u / sparse) >= i  <=>  u >= ceil(i sparse / k): exact integer boundaries, and no k * u
+    # product that could overflow int32 on a sample clock.
+    for i in range(1, k):
+      idx = idx + (u >= -(-i * self.sparse // k)).astype(jnp.int32)
+    return jnp.where(u < 0, -1, idx)
 
-  def beta(self, count: jax.Array) -> jax.Array:
-    """beta at step ``count`` (float32 scalar): 1 in the warm-up, the decay in the sparse phase, 0 after it."""
-    count = jnp.asarray(count, jnp.int32)
-    t = (count - self.warmup_steps).astype(jnp.float32)
+  def beta(self, t: jax.Array) -> jax.Array:
+    """beta at time ``t`` (float32 scalar): 1 in the warm-up, the decay in the sparse phase, 0 after it."""
+    t = jnp.asarray(t, jnp.int32)
+    u = (t - self.warmup).astype(jnp.float32)
     if self.decay == "linear":
-      b = jnp.maximum(0.0, 1.0 - self.coef * t)
+      b = jnp.maximum(0.0, 1.0 - self.coef * u)
     elif self.decay == "exp":
-      b = jnp.exp(-self.coef * t)
+      b = jnp.exp(-self.coef * u)
       if self.floor is not None:
         b = jnp.where(b < self.floor, 0.0, b)
     else:
       b = jnp.zeros([])
-    b = jnp.where(t < 0, 1.0, b)
-    if self.sparse_steps is not None:
-      b = jnp.where(count >= self.warmup_steps + self.sparse_steps, 0.0, b)
+    b = jnp.where(u < 0, 1.0, b)
+    if self.sparse is not None:
+      b = jnp.where(t >= self.warmup + self.sparse, 0.0, b)
     return b.astype(jnp.float32)
 
-  def in_finetune(self, count: jax.Array) -> jax.Array:
-    """Whether step ``count`` lies after the sparse phase (bool scalar)."""
-    if self.sparse_steps is None:
+  def in_finetune(self, t: jax.Array) -> jax.Array:
+    """Whether time ``t`` lies after the sparse phase (bool scalar)."""
+    if self.sparse is None:
       return jnp.zeros([], jnp.bool_)
-    return jnp.asarray(count, jnp.int32) >= self.warmup_steps + self.sparse_steps
+    return jnp.asarray(t, jnp.int32) >= self.warmup + self.sparse
 
 
 def nm_schedule(
@@ -387,40 +422,52 @@ def nm_schedule(
     floor: float | None = None,
     structure: Union[None, str, Sequence[tuple[int, int]]] = None,
     total_steps: int | None = None,
-    warmup_steps: int = 0,
-    finetune_steps: int = 0,
+    warmup_steps: int | float = 0,
+    finetune_steps: int | float = 0,
+    clock: str = "steps",
+    total_samples: int | None = None,
+    warmup_samples: int | float = 0,
+    finetune_samples: int | float = 0,
 ) -> NMSchedule:
   """Builds and validates the :class:`NMSchedule` of :func:`nm_sparsity` (see there for the arguments)."""
   if method not in METHODS:
     raise ValueError(f"nm_sparsity: unknown method {method!r}; expected one of {METHODS}")
   n, m = _check_nm(n, m, "nm_sparsity")
-  if total_steps is not None:
-    total_steps = _static_int("nm_sparsity", "total_steps", total_steps, 1)
-  warmup_steps = _steps_or_fraction("warmup_steps", warmup_steps, total_steps)
-  finetune_steps = _steps_or_fraction("finetune_steps", finetune_steps, total_steps)
+  total, warmup, finetune = _clock_phases(clock, total_steps, warmup_steps, finetune_steps, total_samples,
+                                          warmup_samples, finetune_samples)
+  unit = clock   # "steps" or "samples": the unit of every length below, and of the argument names
+  if total is not None:
+    total = _static_int("nm_sparsity", f"total_{unit}", total, 1)
+    if total > _MAX_SAMPLES:
+      raise ValueError(f"nm_sparsity: total_{unit}={total} exceeds the int32 clock (at most {_MAX_SAMPLES})")
+  warmup = _length_or_fraction(f"warmup_{unit}", warmup, total, unit)
+  finetune = _length_or_fraction(f"finetune_{unit}", finetune, total, unit)
   for name, v in (("decay_end", decay_end), ("floor", floor)):
     if v is not None and not _is_number(v):
       raise TypeError(f"nm_sparsity: {name} must be a static Python float (with optax.inject_hyperparams pass "
                       f"static_args=prox.transforms.nm.STATIC_ARGS); got {v!r}")
-  if total_steps is not None:
-    sparse_steps = int(total_steps) - int(warmup_steps) - int(finetune_steps)
-    if sparse_steps <= 0:
-      raise ValueError(f"nm_sparsity: total_steps={total_steps} leaves no sparse phase after warmup_steps="
-                       f"{warmup_steps} and finetune_steps={finetune_steps}")
+  if total is not None:
+    sparse = total - warmup - finetune
+    if sparse <= 0:
+      raise ValueError(f"nm_sparsity: total_{unit}={total} leaves no sparse phase after warmup_{unit}="
+                       f"{warmup} and finetune_{unit}={finetune}")
   else:
-    sparse_steps = None
-    if finetune_steps:
-      raise ValueError("nm_sparsity: finetune_steps needs total_steps")
+    sparse = None
+    if finetune:
+      raise ValueError(f"nm_sparsity: finetune_{unit} needs total_{unit}")
+    if warmup > _MAX_SAMPLES:
+      raise ValueError(f"nm_sparsity: warmup_{unit}={warmup} exceeds the int32 clock (at most {_MAX_SAMPLES})")
 
   if method == "sdgf":
     stages = structure_stages(n, m, "stepwise" if structure is None else structure)
     if stages[-1] != (n, m):
       raise ValueError(f"nm_sparsity: the structure stages {stages} must end at {n}:{m}")
-    if len(stages) > 1 and sparse_steps is None:
-      raise ValueError("nm_sparsity: method='sdgf' spreads its stages over the sparse phase and needs total_steps")
-    if sparse_steps is not None and sparse_steps < len(stages):
-      raise ValueError(f"nm_sparsity: the sparse phase of {sparse_steps} steps (total_steps={total_steps} - "
-                       f"warmup_steps={warmup_steps} - finetune_steps={finetune_steps}) is shorter than the "
+    if len(stages) > 1 and sparse is None:
+      raise ValueError(f"nm_sparsity: method='sdgf' spreads its stages over the sparse phase and needs "
+                       f"total_{unit}")
+    if sparse is not None and sparse < len(stages):
+      raise ValueError(f"nm_sparsity: the sparse phase of {sparse} {unit} (total_{unit}={total} - "
+                       f"warmup_{unit}={warmup} - finetune_{unit}={finetune}) is shorter than the "
                        f"{len(stages)} structure stages {stages}; the final {n}:{m} would never be reached")
   else:
     if structure is not None:
@@ -439,16 +486,16 @@ def nm_schedule(
     if decay_coef is not None and decay_end is not None:
       raise ValueError("nm_sparsity: give decay_coef or decay_end, not both")
     if decay_coef is None and decay_end is None:
-      if sparse_steps is None:
-        raise ValueError(f"nm_sparsity: decay={decay!r} needs decay_coef (reference default 2e-4) or total_steps "
-                         "(then beta reaches 0 at the end of the sparse phase)")
+      if sparse is None:
+        raise ValueError(f"nm_sparsity: decay={decay!r} needs decay_coef (reference default 2e-4 per step) or "
+                         f"total_{unit} (then beta reaches 0 at the end of the sparse phase)")
       decay_end = 1.0
     if decay_end is not None:
       if not _is_number(decay_end) or not 0.0 < decay_end <= 1.0:
         raise ValueError(f"nm_sparsity: decay_end must be a fraction in (0, 1] of the sparse phase, got {decay_end!r}")
-      if sparse_steps is None:
-        raise ValueError("nm_sparsity: decay_end is a fraction of the sparse phase and needs total_steps")
-      t_end = decay_end * sparse_steps
+      if sparse is None:
+        raise ValueError(f"nm_sparsity: decay_end is a fraction of the sparse phase and needs total_{unit}")
+      t_end = decay_end * sparse
       if decay == "linear":
         coef = 1.0 / t_end
       else:
@@ -463,7 +510,7 @@ def nm_schedule(
       raise ValueError(f"nm_sparsity: floor applies to decay='exp' only, got decay={decay!r}")
     if not _is_number(floor) or not 0.0 < floor < 1.0:
       raise ValueError(f"nm_sparsity: floor must lie in (0, 1), got {floor!r}")
-  return NMSchedule(int(warmup_steps), sparse_steps, stages, decay, coef, floor)
+  return NMSchedule(int(warmup), sparse, stages, decay, coef, floor, clock)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,11 +527,14 @@ class NMSparsityState(NamedTuple):
     masks: like the parameters: bool N:M masks of the *current* parameters at the selected leaves (all
       ones in the warm-up and for ``method="dense"``), ``None`` elsewhere.
     inner_state: the state of the wrapped transform.
+    clock: int32, the schedule's time of ``beta`` and ``masks``: ``count`` with ``clock="steps"``, the
+      samples of the last update with ``clock="samples"`` (see :func:`nm_sparsity`).
   """
   count: jax.Array
   beta: jax.Array
   masks: PyTree
   inner_state: optax.OptState
+  clock: jax.Array = np.int32(0)
 
 
 def nm_sparsity(
@@ -500,12 +550,16 @@ def nm_sparsity(
     structure: Union[None, str, Sequence[tuple[int, int]]] = None,
     srste_lambda: Any = 2e-4,
     total_steps: int | None = None,
-    warmup_steps: int = 0,
-    finetune_steps: int = 0,
+    warmup_steps: int | float = 0,
+    finetune_steps: int | float = 0,
     finetune_fixed_mask: bool = False,
     axis: int = -2,
     filter: filters_lib.FilterLike = None,
     impl: str = "auto",
+    clock: str = "steps",
+    total_samples: int | None = None,
+    warmup_samples: int | float = 0,
+    finetune_samples: int | float = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` with N:M sparsity and progressive gradient flow (Bambhaniya et al. 2024).
 
@@ -517,7 +571,8 @@ def nm_sparsity(
   - ``"srste"``: ``beta = 0`` and ``g <- g + srste_lambda * (1 - m) * w`` (Zhou et al. 2021; 2e-4).
   - ``"mdgf"``: mask decay, ``beta_t`` linear ``max(0, 1 - c t)``, ``exp(-c t)`` or ``step`` (0).
   - ``"sdgf"``: structure decay, binary masks whose N:M follows :func:`structure_stages` (``structure``,
-    default ``"stepwise"``) evenly over the sparse phase (``decay`` defaults to ``"step"``; a linear/exp decay may be combined with it).
+    default ``"stepwise"``) evenly over the sparse phase (``decay`` defaults to ``"step"``; a linear/exp
+    decay may be combined with it).
 
   The decay is given either as ``decay_coef`` (the reference's ``c``; its default 2e-4 leaves beta near
   0.75 after 1,250 steps) or as ``decay_end``, the fraction of the sparse phase at which beta reaches 0
@@ -527,6 +582,19 @@ def nm_sparsity(
   Phases: ``warmup_steps`` dense steps; the sparse phase; ``finetune_steps`` hard-mask steps (beta = 0;
   the mask is still recomputed each step as in the reference, unless ``finetune_fixed_mask``, which
   freezes it at the start of the phase and trains only the kept weights).
+
+  Clocks. With ``clock="steps"`` the schedule's time is the number of updates: the state an update
+  returns holds ``beta_t`` and the masks of the new parameters at ``t = count + 1``, the time of the forward
+  pass that uses them. With ``clock="samples"`` (a run budgeted in examples, e.g. with a growing batch)
+  ``t`` counts training examples and every length is in examples: ``total_samples``, ``warmup_samples``,
+  ``finetune_samples`` (ints, or fractions of ``total_samples``), ``decay_coef`` per example; ``update``
+  reads the extra arguments ``samples`` (int32: examples consumed *before* the step, as ``prox.step``
+  passes them) and, if given, ``batch_size`` (examples of this step), and evaluates the schedule at
+  ``t = samples + batch_size``: the examples the new parameters have seen, the counterpart of
+  ``count + 1``. On a constant batch ``B``, ``total_samples = T B`` (phases times ``B``) then gives the
+  step clock's schedule exactly. Without ``batch_size`` (``prox.step`` passes only ``samples``) ``t =
+  samples``: the schedule runs one batch behind, i.e. on a constant batch it is the step clock's delayed
+  by one update.
 
   Departures from the reference code: ``t`` restarts at the end of the warm-up (the reference uses the
   global step); SdGf stages are spread over the whole sparse phase so that the final ``n:m`` is reached
@@ -545,6 +613,9 @@ def nm_sparsity(
     total_steps, warmup_steps, finetune_steps, finetune_fixed_mask: the phases (see above). ``warmup_steps``
       and ``finetune_steps`` are ints (steps) or floats in ``[0, 1)``: fractions of ``total_steps``, rounded
       to the nearest step. For an epoch loop, :func:`training_steps` gives ``total_steps``.
+    clock: ``"steps"`` (default) or ``"samples"``: what the schedule counts (see Clocks above).
+    total_samples, warmup_samples, finetune_samples: the phases in examples, with ``clock="samples"``
+      (ints, or fractions of ``total_samples`` for the warm-up and fine-tune; at most ``2**31 - 1``).
     axis: the grouping axis of each selected leaf (default ``-2``: the input dimension of flax kernels).
     filter: which leaves are sparse; see :mod:`filters`. Default :func:`nm_filter`: every leaf with
       ``ndim >= 2`` whose ``axis`` length is divisible by ``M`` (of every stage); ``init`` warns naming the
@@ -554,19 +625,21 @@ def nm_sparsity(
   """
   schedule = nm_schedule(n, m, method=method, decay=decay, decay_coef=decay_coef, decay_end=decay_end,
                          floor=floor, structure=structure, total_steps=total_steps, warmup_steps=warmup_steps,
-                         finetune_steps=finetune_steps)
+                         finetune_steps=finetune_steps, clock=clock, total_samples=total_samples,
+                         warmup_samples=warmup_samples, finetune_samples=finetune_samples)
   if impl not in _IMPLS:
     raise ValueError(f"nm_sparsity: unknown impl {impl!r}; expected one of {_IMPLS}")
   if _is_number(srste_lambda) and srste_lambda < 0:
     raise ValueError(f"nm_sparsity: srste_lambda must be >= 0, got {srste_lambda!r}")
-  if finetune_fixed_mask and not finetune_steps:
-    raise ValueError("nm_sparsity: finetune_fixed_mask needs finetune_steps > 0")
+  total = total_steps if clock == "steps" else total_samples
+  if finetune_fixed_mask and (total is None or schedule.warmup + schedule.sparse >= total):
+    raise ValueError(f"nm_sparsity: finetune_fixed_mask needs finetune_{clock} > 0")
   axis = _static_int("nm_sparsity", "axis", axis, -(2**31))
   stage_ms = tuple(sorted({mi for _, mi in schedule.stages}))
   default_filter = filter is None
   filt = nm_filter(stage_ms, axis=axis) if default_filter else filters_lib.as_filter(filter)
   inner = optax.with_extra_args_support(inner)
-  fixed_start = None if not finetune_fixed_mask else schedule.warmup_steps + schedule.sparse_steps
+  fixed_start = None if not finetune_fixed_mask else schedule.warmup + schedule.sparse
 
   def ones(params: PyTree) -> PyTree:
     return filters_lib.map_selected(lambda p, w: jnp.ones(w.shape, jnp.bool_), params, filt)
@@ -575,36 +648,53 @@ def nm_sparsity(
     ni, mi = schedule.stages[stage]
     return nm_masks(params, ni, mi, axis=axis, filter=filt, impl=impl)
 
-  def masks_at(params: PyTree, count: jax.Array, previous: PyTree | None) -> PyTree:
-    """Masks for the forward pass at step ``count`` with weights ``params``."""
+  def masks_at(params: PyTree, t: jax.Array, previous: PyTree | None = None,
+               previous_t: jax.Array | None = None) -> PyTree:
+    """Masks of ``params`` for the forward pass at time ``t`` (``previous``: the masks at ``previous_t``)."""
     if method == "dense":
       return ones(params)
     branches = [ones] + [lambda p, i=i: stage_masks(p, i) for i in range(len(schedule.stages))]
-    index = schedule.stage(count) + 1
+    index = schedule.stage(t) + 1
     if previous is not None and fixed_start is not None:
+      # The fine-tune's masks are those made at its start: kept once the previous ones were made there.
       branches = [lambda p: previous] + branches
-      index = jnp.where(count > fixed_start, 0, index + 1)
-    if schedule.warmup_steps == 0 and len(branches) == 2:
+      index = jnp.where(previous_t >= fixed_start, 0, index + 1)
+    if schedule.warmup == 0 and len(branches) == 2:
       return branches[1](params)
     return lax.switch(index, branches, params)
+
+  def time_of(count: jax.Array, extra_args: dict[str, Any]) -> jax.Array:
+    """The clock of the state an update returns: ``count`` (updates) or ``samples [+ batch_size]``."""
+    if clock == "steps":
+      return count
+    samples = extra_args.get("samples")
+    if samples is None:
+      raise ValueError("nm_sparsity(clock='samples'): update needs the examples consumed before the step, "
+                       "tx.update(grads, state, params, samples=n) (prox.step passes it)")
+    t = jnp.asarray(samples, jnp.int32)
+    batch_size = extra_args.get("batch_size")
+    return t if batch_size is None else t + jnp.asarray(batch_size, jnp.int32)
 
   def init_fn(params: PyTree) -> NMSparsityState:
     # Tracing every stage's mask here (lax.switch traces all branches) checks each leaf's axis against
     # each stage's M, so a bad shape fails at init, before anything compiles.
     if default_filter:
       _check_default_selection(params, stage_ms, axis)
-    count = jnp.zeros([], jnp.int32)
+    t = jnp.zeros([], jnp.int32)
     return NMSparsityState(
-        count=count,
-        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(count),
-        masks=masks_at(params, count, None),
+        count=t,
+        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(t),
+        masks=masks_at(params, t),
         inner_state=inner.init(params),
+        clock=t,
     )
 
   def update_fn(updates: PyTree, state: NMSparsityState, params: PyTree | None = None,
                 **extra_args: Any) -> tuple[PyTree, NMSparsityState]:
     if params is None:
       raise ValueError("nm_sparsity: update needs params (call tx.update(grads, state, params))")
+    count = optax.safe_increment(state.count)
+    t = time_of(count, extra_args)
     if method == "srste":
       lam = srste_lambda
 
@@ -616,17 +706,17 @@ def nm_sparsity(
       updates = jax.tree.map(reg, updates, params, state.masks)
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     if fixed_start is not None:
-      frozen = state.count >= fixed_start
+      frozen = state.clock >= fixed_start
       new_updates = jax.tree.map(
           lambda u, mk: jnp.where(frozen & jnp.logical_not(mk), jnp.zeros_like(u), u)
           if filters_lib.is_selected(mk) else u, new_updates, state.masks)
-    count = optax.safe_increment(state.count)
     new_params = optax.apply_updates(params, new_updates)
     return new_updates, NMSparsityState(
         count=count,
-        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(count),
-        masks=masks_at(new_params, count, state.masks),
+        beta=jnp.ones([], jnp.float32) if method == "dense" else schedule.beta(t),
+        masks=masks_at(new_params, t, state.masks, state.clock),
         inner_state=inner_state,
+        clock=t,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

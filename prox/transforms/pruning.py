@@ -7,6 +7,12 @@ become 0 and stay 0), and feeds ``g * m`` to the inner optimizer. ``forward_para
 :mod:`prox.transforms.masking`) gives ``w * m`` with a straight-through gradient, which is what RigL needs
 to see the dense gradient of pruned weights.
 
+Clocks. Gradual pruning's schedule counts updates (``clock="steps"``) or, for a run budgeted in examples
+(a growing batch), training examples (``clock="samples"``): ``update`` then reads the extra argument
+``samples`` (int32, examples consumed before the step, as ``prox.step`` passes it) where the step clock
+reads ``count``, so on a constant batch ``B`` the sample clock with every length times ``B`` prunes at the
+same updates to the same sparsities.
+
 Only jax/optax/numpy and the sibling helper files are imported.
 """
 from __future__ import annotations
@@ -27,6 +33,7 @@ from prox.transforms import masking
 PyTree = Any
 
 __all__ = [
+    "CLOCKS",
     "DISTRIBUTIONS",
     "SCORES",
     "PruningState",
@@ -39,6 +46,7 @@ __all__ = [
 ]
 
 SCORES = ("magnitude", "saliency", "random")
+CLOCKS = ("steps", "samples")
 DISTRIBUTIONS = ("uniform", "erk")
 _SCOPES = ("layer", "global")
 
@@ -51,11 +59,14 @@ class PruningState(NamedTuple):
     masks: like the parameters: bool masks at the selected leaves (``True`` = kept), ``None`` elsewhere.
     rng: uint32[2] PRNG key (random scores, random regrowth), folded with ``count`` at each use.
     inner_state: the state of the wrapped transform.
+    clock: int32, the schedule's time at the latest update (``count - 1``, or the ``samples`` it was given
+      with ``clock="samples"``); ``-1`` before the first.
   """
   count: jax.Array
   masks: PyTree
   rng: jax.Array
   inner_state: optax.OptState
+  clock: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,30 +171,45 @@ def _masks_like(params: PyTree, flat_masks: list[Any]) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), flat_masks)
 
 
+def _clock_time(where: str, clock: str, count: jax.Array, extra_args: dict[str, Any]) -> jax.Array:
+  """The schedule's time of an update: ``count`` (updates before it) or the ``samples`` extra argument."""
+  if clock == "steps":
+    return count
+  samples = extra_args.get("samples")
+  if samples is None:
+    raise ValueError(f"{where}(clock='samples'): update needs the examples consumed before the step, "
+                     "tx.update(grads, state, params, samples=n) (prox.step passes it)")
+  return jnp.asarray(samples, jnp.int32)
+
+
 def _masked_wrapper(inner: optax.GradientTransformation, where: str, seed: int, init_masks: Any, new_masks: Any,
-                    is_update_step: Any) -> optax.GradientTransformationExtraArgs:
+                    is_update_step: Any, clock: str = "steps") -> optax.GradientTransformationExtraArgs:
   """The transform shared by the pruning methods.
 
-  ``init_masks(params, key)`` gives the first masks; at steps where ``is_update_step(count)``,
-  ``new_masks(params, grads, state)`` replaces them. The inner transform sees ``g * m``; the returned
+  ``init_masks(params, key)`` gives the first masks; at updates where ``is_update_step(previous_t, t)``
+  (``t``: this update's time on ``clock``, ``previous_t``: the last update's, ``-1`` before the first),
+  ``new_masks(params, grads, state, t)`` replaces them. The inner transform sees ``g * m``; the returned
   updates leave exactly ``m * (w + u)`` after ``optax.apply_updates``.
   """
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: PyTree) -> PruningState:
     key = jax.random.PRNGKey(seed)
-    return PruningState(jnp.zeros([], jnp.int32), init_masks(params, key), key, inner.init(params))
+    return PruningState(jnp.zeros([], jnp.int32), init_masks(params, key), key, inner.init(params),
+                        jnp.full([], -1, jnp.int32))
 
   def update_fn(updates: PyTree, state: PruningState, params: PyTree | None = None,
                 **extra_args: Any) -> tuple[PyTree, PruningState]:
     if params is None:
       raise ValueError(f"{where}: update needs params (call tx.update(grads, state, params))")
-    masks = lax.cond(is_update_step(state.count), lambda: new_masks(params, updates, state), lambda: state.masks)
+    t = _clock_time(where, clock, state.count, extra_args)
+    masks = lax.cond(is_update_step(state.clock, t), lambda: new_masks(params, updates, state, t),
+                     lambda: state.masks)
     grads = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)) if filters_lib.is_selected(m) else g,
                          updates, masks)
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     new_updates = masking.masked_updates(new_updates, params, masks)
-    return new_updates, PruningState(optax.safe_increment(state.count), masks, state.rng, inner_state)
+    return new_updates, PruningState(optax.safe_increment(state.count), masks, state.rng, inner_state, t)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -203,13 +229,37 @@ def _ones_masks(params: PyTree, f: filters_lib.Filter) -> PyTree:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _clock_lengths(where: str, clock: str, steps: dict[str, Any], samples: dict[str, Any],
+                   defaults: dict[str, Any]) -> dict[str, int]:
+  """The schedule lengths of the chosen clock by step-clock name (``start_step``...); the other clock's
+  arguments must be left unset."""
+  if clock not in CLOCKS:
+    raise ValueError(f"{where}: unknown clock {clock!r}; expected one of {CLOCKS}")
+  ours, theirs = (steps, samples) if clock == "steps" else (samples, steps)
+  for name, v in theirs.items():
+    if v is not None:
+      hint = "pass clock='samples'" if clock == "steps" else "clock='samples' counts examples"
+      raise ValueError(f"{where}: {name}={v!r} belongs to the {'samples' if clock == 'steps' else 'steps'} "
+                       f"clock; {hint}")
+  out = {}
+  for (name, v), key in zip(ours.items(), defaults):
+    if v is None:
+      if defaults[key] is None:
+        raise ValueError(f"{where}: clock={clock!r} needs {name}")
+      v = defaults[key]
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= 2**31 - 1:
+      raise ValueError(f"{where}: {name} must be an int in [0, 2**31 - 1], got {v!r}")
+    out[key] = int(v)
+  return out
+
+
 def gradual_pruning(
     inner: optax.GradientTransformation,
     *,
     sparsity: float = 0.9,
-    start_step: int = 0,
-    end_step: int = 1000,
-    frequency: int = 100,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    frequency: int | None = None,
     power: float = 3.0,
     initial_sparsity: float = 0.0,
     score: str = "magnitude",
@@ -218,16 +268,29 @@ def gradual_pruning(
     erk_power_scale: float = 1.0,
     filter: filters_lib.FilterLike = None,
     seed: int = 0,
+    clock: str = "steps",
+    start_samples: int | None = None,
+    end_samples: int | None = None,
+    frequency_samples: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradual pruning (Zhu & Gupta 2017; jaxpruner's magnitude / saliency / random pruning) around ``inner``.
 
-  At steps ``t = start_step + k * frequency <= end_step`` (and at ``end_step``) the mask is recomputed
-  so that each selected leaf has sparsity ``s_l(t) = s_l * P(t) / s``, with ``P`` the
-  :func:`polynomial_sparsity` schedule towards ``s = sparsity`` and ``s_l`` the leaf's target from
-  ``distribution`` (``"uniform"``: ``s_l = s``; ``"erk"``: :func:`erk_sparsities`). The weights with the
-  lowest score are pruned: ``"magnitude"`` ``|w|``, ``"saliency"`` ``|w * g|`` (first-order Taylor),
-  ``"random"``. Pruned weights keep the lowest score, so masks only shrink. ``scope="global"`` ranks all
-  selected leaves together against one threshold (then ``distribution`` must be ``"uniform"``).
+  At the pruning times ``t = start + k * frequency < end`` and ``t = end`` the mask is recomputed so that
+  each selected leaf has sparsity ``s_l(t) = s_l * P(t) / s``, with ``P`` the :func:`polynomial_sparsity`
+  schedule towards ``s = sparsity`` and ``s_l`` the leaf's target from ``distribution`` (``"uniform"``:
+  ``s_l = s``; ``"erk"``: :func:`erk_sparsities`). The weights with the lowest score are pruned:
+  ``"magnitude"`` ``|w|``, ``"saliency"`` ``|w * g|`` (first-order Taylor), ``"random"``. Pruned weights
+  keep the lowest score, so masks only shrink. ``scope="global"`` ranks all selected leaves together
+  against one threshold (then ``distribution`` must be ``"uniform"``).
+
+  Clocks: with ``clock="steps"`` (default) ``t`` is the update count and the lengths are ``start_step``
+  (default 0), ``end_step`` (default 1000) and ``frequency`` (default 100); the masks are recomputed at
+  the updates ``t`` that are pruning times. With ``clock="samples"`` ``t`` is the ``samples`` extra argument
+  of ``update`` (examples consumed before the step) and the lengths are ``start_samples`` (default 0),
+  ``end_samples`` and ``frequency_samples``; the masks are recomputed, with the sparsity ``P(t)``, at each
+  update whose ``t`` reaches a pruning time the previous update had not reached (with a growing batch an
+  update may pass several at once). On a constant batch ``B`` with every length times ``B`` both clocks
+  prune at the same updates to the same sparsities.
 
   Updates: the inner transform receives ``g * m``; the returned updates leave ``m * (w + u)``.
   """
@@ -245,25 +308,38 @@ def gradual_pruning(
   if scope == "global" and distribution != "uniform":
     raise ValueError(f"{where}: scope='global' sets one threshold for all layers; distribution must be 'uniform', "
                      f"got {distribution!r}")
-  if not isinstance(frequency, numbers.Integral) or frequency < 1:
-    raise ValueError(f"{where}: frequency must be an int >= 1, got {frequency!r}")
-  schedule = polynomial_sparsity(sparsity, start_step=start_step, end_step=end_step, power=power,
-                                 initial=initial_sparsity)
+  lengths = _clock_lengths(
+      where, clock, {"start_step": start_step, "end_step": end_step, "frequency": frequency},
+      {"start_samples": start_samples, "end_samples": end_samples, "frequency_samples": frequency_samples},
+      {"start": 0, "end": 1000 if clock == "steps" else None, "frequency": 100 if clock == "steps" else None})
+  start, end, every = lengths["start"], lengths["end"], lengths["frequency"]
+  names = ("start_step", "end_step", "frequency") if clock == "steps" else (
+      "start_samples", "end_samples", "frequency_samples")
+  if every < 1:
+    raise ValueError(f"{where}: {names[2]} must be an int >= 1, got {every!r}")
+  if not start < end:
+    raise ValueError(f"{where}: need ints 0 <= {names[0]} < {names[1]}, got {start!r}, {end!r}")
+  schedule = polynomial_sparsity(sparsity, start_step=start, end_step=end, power=power, initial=initial_sparsity)
   f = _check_common(where, filter, seed)
+  num_regular = -(-(end - start) // every)   # pruning times start + k * every < end
 
-  def is_update_step(count: jax.Array) -> jax.Array:
-    in_range = (count >= start_step) & (count <= end_step)
-    return in_range & (((count - start_step) % frequency == 0) | (count == end_step))
+  def passed(t: jax.Array) -> jax.Array:
+    """The number of pruning times <= t."""
+    regular = jnp.clip((t - start) // every + 1, 0, num_regular)
+    return regular + (t >= end).astype(regular.dtype)
+
+  def is_update_step(previous_t: jax.Array, t: jax.Array) -> jax.Array:
+    return passed(t) > passed(previous_t)
 
   def init_masks(params: PyTree, key: jax.Array) -> PyTree:
     # Validates the distribution now (shapes are static) so that bad input fails before compiling.
     layer_sparsities(params, sparsity, distribution=distribution, filter=f, erk_power_scale=erk_power_scale)
     return _ones_masks(params, f)
 
-  def new_masks(params: PyTree, grads: PyTree, state: PruningState) -> PyTree:
+  def new_masks(params: PyTree, grads: PyTree, state: PruningState, t: jax.Array) -> PyTree:
     targets = jax.tree.leaves(layer_sparsities(params, sparsity, distribution=distribution, filter=f,
                                                erk_power_scale=erk_power_scale))
-    s_t = schedule(state.count)
+    s_t = schedule(t)
     leaves, mleaves, idx = _selected(params, state.masks)
     gleaves = jax.tree.leaves(grads)
     key = jax.random.fold_in(state.rng, state.count)
@@ -291,7 +367,7 @@ def gradual_pruning(
         out[i] = _keep_all_but_lowest(sc, _n_of(frac, sc.size))
     return _masks_like(params, out)
 
-  return _masked_wrapper(inner, where, seed, init_masks, new_masks, is_update_step)
+  return _masked_wrapper(inner, where, seed, init_masks, new_masks, is_update_step, clock)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,13 +420,13 @@ def _drop_and_regrow(
       masks.append(_keep_all_but_lowest(sc, _n_of(s, w.size)))
     return _masks_like(params, masks)
 
-  def is_update_step(count: jax.Array) -> jax.Array:
+  def is_update_step(previous_count: jax.Array, count: jax.Array) -> jax.Array:
     ok = (count > 0) & (count % update_frequency == 0)
     if end_step is not None:
       ok = ok & (count < end_step)
     return ok
 
-  def new_masks(params: PyTree, grads: PyTree, state: PruningState) -> PyTree:
+  def new_masks(params: PyTree, grads: PyTree, state: PruningState, count: jax.Array) -> PyTree:
     leaves, mleaves, idx = _selected(params, state.masks)
     gleaves = jax.tree.leaves(grads)
     key = jax.random.fold_in(state.rng, state.count)

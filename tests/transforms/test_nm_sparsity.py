@@ -518,8 +518,8 @@ def test_phase_fractions_equal_the_rounded_step_counts(total, warm, fine):
   steps = nm.nm_schedule(2, 4, method="mdgf", total_steps=total, warmup_steps=round(warm * total),
                          finetune_steps=round(fine * total))
   assert frac == steps
-  assert frac.warmup_steps == round(warm * total)
-  assert frac.sparse_steps == total - round(warm * total) - round(fine * total)
+  assert frac.warmup == round(warm * total)
+  assert frac.sparse == total - round(warm * total) - round(fine * total)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -532,3 +532,180 @@ def test_phase_fractions_equal_the_rounded_step_counts(total, warm, fine):
 def test_phase_fraction_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="srste", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sample clock: schedules in training examples (a run budgeted in samples, a growing batch)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _schedules(batch, method, warm, fine, total, **kwargs):
+  """The same schedule on the step clock and on the sample clock with every length times ``batch``."""
+  steps = nm.nm_schedule(1, 8, method=method, total_steps=total, warmup_steps=warm, finetune_steps=fine, **kwargs)
+  samples = nm.nm_schedule(1, 8, method=method, clock="samples", total_samples=total * batch,
+                           warmup_samples=warm * batch, finetune_samples=fine * batch, **kwargs)
+  return steps, samples
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.sampled_from([1, 3, 8, 100, 128, 4096]), total=st.integers(12, 120), warm=st.integers(0, 5),
+       fine=st.integers(0, 5), kind=st.sampled_from([("mdgf", "linear"), ("mdgf", "exp"), ("sdgf", None),
+                                                     ("srste", None)]))
+@example(batch=4096, total=120, warm=5, fine=5, kind=("sdgf", None))   # 491,520 samples, 4 stages
+def test_sample_clock_schedule_equals_step_clock_at_samples_equal_step_times_batch(batch, total, warm, fine, kind):
+  method, decay = kind
+  steps, samples = _schedules(batch, method, warm, fine, total, decay=decay)
+  assert (samples.warmup, samples.sparse, samples.clock) == (warm * batch, steps.sparse * batch, "samples")
+  k = np.arange(128)   # one shape for every example (past the end of training too): no recompiles
+  t = jnp.asarray(k * batch, jnp.int32)
+  np.testing.assert_array_equal(np.asarray(samples.stage(t)), np.asarray(steps.stage(jnp.asarray(k))))
+  np.testing.assert_array_equal(np.asarray(samples.in_finetune(t)), np.asarray(steps.in_finetune(jnp.asarray(k))))
+  b_samples, b_steps = np.asarray(samples.beta(t)), np.asarray(steps.beta(jnp.asarray(k)))
+  if batch & (batch - 1) == 0:   # a power of two: coef / B and t * B are exact, so beta is bit for bit equal
+    np.testing.assert_array_equal(b_samples, b_steps)
+  np.testing.assert_allclose(b_samples, b_steps, rtol=2e-6, atol=1e-7)
+  # Between two updates of B examples the stage and the phase follow the clock, not the update count.
+  mid = jnp.asarray(k * batch + batch // 2, jnp.int32)
+  expect = [-1 if s < warm * batch else min((s - warm * batch) * len(steps.stages) // (steps.sparse * batch),
+                                            len(steps.stages) - 1) for s in np.asarray(mid)]
+  np.testing.assert_array_equal(np.asarray(samples.stage(mid)), expect)
+
+
+def test_sample_clock_stage_boundaries_do_not_overflow_int32():
+  # 6 stages over 2**31 - 2 samples: k * t would overflow int32; the boundaries are exact integers.
+  sched = nm.nm_schedule(1, 32, method="sdgf", clock="samples", total_samples=2**31 - 1, finetune_samples=1)
+  sparse = 2**31 - 2
+  for i in range(1, 6):
+    edge = -(-i * sparse // 6)
+    got = np.asarray(sched.stage(jnp.asarray([edge - 1, edge], jnp.int32)))
+    np.testing.assert_array_equal(got, [i - 1, i])
+  assert int(sched.stage(jnp.int32(2**31 - 1))) == 5
+
+
+def _train(tx, params, x, t, steps, extra):
+  """``steps`` updates of the least-squares model through forward_params; ``extra(k)``: update k's extra
+  arguments. Returns the state after every update."""
+
+  @jax.jit
+  def step(p, s, kw):
+    g = jax.grad(lambda q: lsq(forward_params(q, s)["w"], x, t))(p)
+    u, s = tx.update(g, s, p, **kw)
+    return optax.apply_updates(p, u), s
+
+  states = [tx.init(params)]
+  for k in range(steps):
+    params, state = step(params, states[-1], extra(k))
+    states.append(state)
+  return params, states
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("mdgf", dict(decay="linear")),
+    ("mdgf", dict(decay="exp", floor=1e-2)),
+    ("srste", dict(srste_lambda=0.1)),
+    ("sdgf", dict(structure="stepwise", finetune_fixed_mask=True)),
+])
+def test_sample_clock_with_batch_size_is_the_step_clock_on_a_constant_batch(method, kwargs):
+  w0, x, t = data(11, d_in=16)
+  batch, total, warm, fine = 8, 24, 3, 5
+  params = {"w": jnp.asarray(w0, jnp.float32)}
+  by_steps = nm.nm_sparsity(optax.adam(0.05), 1, 4, method=method, total_steps=total, warmup_steps=warm,
+                            finetune_steps=fine, **kwargs)
+  by_samples = nm.nm_sparsity(optax.adam(0.05), 1, 4, method=method, clock="samples", total_samples=total * batch,
+                              warmup_samples=warm * batch, finetune_samples=fine * batch, **kwargs)
+  p1, s1 = _train(by_steps, params, x, t, total + 2, lambda k: {})
+  p2, s2 = _train(by_samples, params, x, t, total + 2,
+                  lambda k: {"samples": jnp.int32(k * batch), "batch_size": jnp.int32(batch)})
+  np.testing.assert_array_equal(np.asarray(p1["w"]), np.asarray(p2["w"]))
+  for k, (a, b) in enumerate(zip(s1, s2)):
+    np.testing.assert_array_equal(np.asarray(a.masks["w"]), np.asarray(b.masks["w"]))
+    assert float(a.beta) == float(b.beta), k
+    assert int(a.clock) == k and int(b.clock) == k * batch and int(a.count) == int(b.count) == k
+  assert bool(s2[warm - 1].masks["w"].all()) and not bool(s2[warm].masks["w"].all())   # the warm-up ends
+  assert float(s2[-1].beta) == 0.0
+
+
+def test_sample_clock_without_batch_size_runs_one_update_behind():
+  # prox.step passes only ``samples`` (before the step): the state of update k is the schedule at k B.
+  w0, x, t = data(12, d_in=16)
+  batch, total = 4, 16
+  params = {"w": jnp.asarray(w0, jnp.float32)}
+  kw = dict(method="mdgf", decay="linear", warmup_steps=2, finetune_steps=4, total_steps=total)
+  by_steps = nm.nm_sparsity(optax.sgd(0.05), 1, 4, **kw)
+  by_samples = nm.nm_sparsity(optax.sgd(0.05), 1, 4, method="mdgf", decay="linear", clock="samples",
+                              total_samples=total * batch, warmup_samples=2 * batch, finetune_samples=4 * batch)
+  _, s1 = _train(by_steps, params, x, t, total, lambda k: {})
+  _, s2 = _train(by_samples, params, x, t, total, lambda k: {"samples": jnp.int32(k * batch)})
+  betas_steps = [float(s.beta) for s in s1]
+  betas_samples = [float(s.beta) for s in s2]
+  assert betas_samples == [betas_steps[0]] + betas_steps[:-1]
+  assert [int(s.clock) for s in s2] == [0] + [k * batch for k in range(total)]
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    ("mdgf", dict(decay="linear", warmup_samples=8, finetune_samples=0.25)),
+    ("sdgf", dict(structure="stepwise")),
+])
+def test_sample_clock_in_prox_step_with_a_growing_batch(method, kwargs):
+  from prox import step as step_lib  # pylint: disable=g-import-not-at-top
+  w0, xs, ts = data(13, d_in=16, batch=32)
+  micro, sizes = 4, [4, 4, 8, 8, 12, 16, 16, 16, 16, 16, 16]    # 132 examples in 11 steps
+  total = 96
+  tx = nm.nm_sparsity(optax.sgd(0.02), 1, 8, method=method, clock="samples", total_samples=total, **kwargs)
+  sched = nm.nm_schedule(1, 8, method=method, clock="samples", total_samples=total, **kwargs)
+  mesh = step_lib.data_mesh(jax.devices()[:1])
+
+  def loss_fn(params, model_state, batch, ctx):
+    return lsq(params["w"], batch["x"], batch["t"]), ({}, model_state)
+
+  step = step_lib.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=micro,
+                                  forward_fn=lambda p, s: forward_params(p, s.opt_state), donate=False)
+  params = {"w": jnp.asarray(w0, jnp.float32)}
+  state = step_lib.replicate(step_lib.init_state(params, tx), mesh)
+  seen = 0
+  for size in sizes:
+    rows = np.arange(seen, seen + size) % len(xs)
+    batch = step_lib.pack_micro_batches({"x": xs[rows].astype(np.float32), "t": ts[rows].astype(np.float32)},
+                                        num_devices=1, micro_batch_size=micro, max_micro_batches=4)
+    before = int(state.samples)
+    state, _ = step(state, step_lib.shard_batch(batch, mesh), np.int32(size // micro))
+    s = state.opt_state
+    assert int(state.samples) == before + size and int(s.clock) == before
+    assert float(s.beta) == float(sched.beta(before))
+    stage = int(sched.stage(before))
+    w = np.asarray(state.params["w"])
+    expect = np.ones(w.shape, bool) if stage < 0 else ref_mask(w, *sched.stages[stage])
+    np.testing.assert_array_equal(np.asarray(s.masks["w"]), expect)
+    seen += size
+  assert float(state.opt_state.beta) == 0.0     # 116 >= 96 samples: the final 1:8 with hard masks
+  np.testing.assert_array_equal(np.asarray(state.opt_state.masks["w"]), ref_mask(np.asarray(state.params["w"]), 1, 8))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(clock="epochs"), r"unknown clock 'epochs'; expected one of \('steps', 'samples'\)"),
+    (dict(clock="samples", total_steps=10), r"total_steps=10 belongs to the steps clock; give total_samples"),
+    (dict(clock="samples", total_samples=100, warmup_steps=3), r"warmup_steps=3 belongs to the steps clock"),
+    (dict(total_samples=100), r"total_samples=100 belongs to the samples clock; pass clock='samples'"),
+    (dict(total_steps=10, finetune_samples=0.2), r"finetune_samples=0.2 belongs to the samples clock"),
+    (dict(clock="samples", total_samples=2**31), r"total_samples=2147483648 exceeds the int32 clock"),
+    (dict(clock="samples", warmup_samples=0.1), r"warmup_samples=0.1 is a fraction of training and needs "
+                                                r"total_samples"),
+    (dict(clock="samples", total_samples=64, warmup_samples=32, finetune_samples=32), r"total_samples=64 leaves "
+                                                                                      r"no sparse phase"),
+    (dict(method="sdgf", clock="samples", total_samples=4), r"sparse phase of 4 samples .* shorter than the 5"),
+    (dict(clock="samples", total_samples=64, finetune_fixed_mask=True), r"finetune_fixed_mask needs "
+                                                                        r"finetune_samples > 0"),
+])
+def test_sample_clock_bad_input(kwargs, match):
+  kw = dict(method="mdgf") | kwargs
+  with pytest.raises(ValueError, match=match) as info:
+    nm.nm_sparsity(optax.sgd(0.1), 1, 16, **kw)
+  assert "\n" not in str(info.value)
+
+
+def test_sample_clock_update_without_samples_names_the_argument():
+  tx = nm.nm_sparsity(optax.sgd(0.1), 2, 4, method="mdgf", clock="samples", total_samples=1000)
+  params = {"w": jnp.ones((8, 3))}
+  with pytest.raises(ValueError, match=r"update needs the examples consumed before the step, "
+                                       r"tx.update\(grads, state, params, samples=n\)"):
+    tx.update(params, tx.init(params), params)

@@ -245,3 +245,98 @@ def test_bfloat16_params_keep_dtype():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((u, params)))
   k = np.asarray(params["l1"]["kernel"].astype(jnp.float32))
   assert (k == 0).sum() == k.size // 2
+
+
+# --- the sample clock: gradual pruning budgeted in training examples ----------------------------------
+
+
+def make_sample_step(tx):
+  @jax.jit
+  def step(p, s, samples):
+    g = jax.grad(lambda q: loss(forward_params(q, s), BATCH))(p)
+    u, s = tx.update(g, s, p, samples=samples)
+    return optax.apply_updates(p, u), s
+  return step
+
+
+@pytest.mark.parametrize("batch,start,span,freq,score,scope", [
+    (3, 1, 7, 3, "magnitude", "layer"),     # end 8 is not a multiple of the frequency after start
+    (16, 0, 5, 2, "random", "global"),
+    (1000, 2, 6, 4, "saliency", "layer"),
+])
+def test_sample_clock_prunes_at_the_same_updates_as_the_step_clock(batch, start, span, freq, score, scope):
+  common = dict(sparsity=0.8, score=score, scope=scope, filter=filters.kernels(), seed=3)
+  by_steps = pruning.gradual_pruning(optax.adam(1e-2), start_step=start, end_step=start + span, frequency=freq,
+                                     **common)
+  by_samples = pruning.gradual_pruning(optax.adam(1e-2), clock="samples", start_samples=start * batch,
+                                       end_samples=(start + span) * batch, frequency_samples=freq * batch, **common)
+  p1 = p2 = params_fixture(4)
+  s1, s2 = by_steps.init(p1), by_samples.init(p2)
+  step1, step2 = make_step(by_steps), make_sample_step(by_samples)
+  for k in range(start + span + 2):
+    p1, s1 = step1(p1, s1)
+    p2, s2 = step2(p2, s2, jnp.int32(k * batch))
+    jax.tree.map(np.testing.assert_array_equal, (p1, s1.masks), (p2, s2.masks))
+    assert int(s1.clock) == k and int(s2.clock) == k * batch
+  assert filters.sparsity_summary(s2.masks)["total"] > 0.75
+
+
+def test_sample_clock_with_a_growing_batch_in_prox_step():
+  from prox import step as step_lib  # pylint: disable=g-import-not-at-top
+  micro, sizes = 4, [4, 4, 8, 4, 12, 16, 16, 16, 4, 16]
+  start, end, every, target = 6, 60, 16, 0.75    # pruning times 6, 22, 38, 54 and 60 (in samples)
+  tx = pruning.gradual_pruning(optax.sgd(0.05), sparsity=target, clock="samples", start_samples=start,
+                               end_samples=end, frequency_samples=every, filter=filters.kernels())
+  sched = pruning.polynomial_sparsity(target, start_step=start, end_step=end)
+  mesh = step_lib.data_mesh(jax.devices()[:1])
+  x, y = (np.asarray(a) for a in BATCH)
+
+  def loss_fn(params, model_state, batch, ctx):
+    return loss(params, (batch["x"], batch["y"])), ({}, model_state)
+
+  step = step_lib.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=micro,
+                                  forward_fn=lambda p, s: forward_params(p, s.opt_state), donate=False)
+  state = step_lib.replicate(step_lib.init_state(params_fixture(5), tx), mesh)
+  previous, masks = -1, state.opt_state.masks
+  times = [6, 22, 38, 54, 60]
+  for size in sizes:
+    rows = np.arange(size) % len(x)
+    batch = step_lib.pack_micro_batches({"x": x[rows], "y": y[rows]}, num_devices=1, micro_batch_size=micro,
+                                        max_micro_batches=4)
+    s = int(state.samples)
+    state, _ = step(state, step_lib.shard_batch(batch, mesh), np.int32(size // micro))
+    new = state.opt_state
+    assert int(new.clock) == s
+    if any(previous < p <= s for p in times):      # a pruning time reached since the last update
+      for name, size_l in (("l1", 48), ("l2", 24)):
+        pruned = int((~np.asarray(new.masks[name]["kernel"])).sum())
+        assert pruned == round(float(sched(s)) * size_l), (s, name)
+    else:
+      jax.tree.map(np.testing.assert_array_equal, masks, new.masks)
+    previous, masks = s, new.masks
+  assert previous >= end and filters.sparsity_summary(masks)["total"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(clock="epochs"), r"unknown clock 'epochs'; expected one of \('steps', 'samples'\)"),
+    (dict(clock="samples", frequency_samples=10), r"clock='samples' needs end_samples"),
+    (dict(clock="samples", end_samples=100), r"clock='samples' needs frequency_samples"),
+    (dict(clock="samples", end_samples=100, frequency_samples=10, end_step=5),
+     r"end_step=5 belongs to the steps clock; clock='samples' counts examples"),
+    (dict(end_samples=100), r"end_samples=100 belongs to the samples clock; pass clock='samples'"),
+    (dict(clock="samples", start_samples=100, end_samples=100, frequency_samples=1),
+     r"need ints 0 <= start_samples < end_samples, got 100, 100"),
+    (dict(clock="samples", end_samples=2**31, frequency_samples=1),
+     r"end_samples must be an int in \[0, 2\*\*31 - 1\]"),
+])
+def test_sample_clock_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match) as info:
+    pruning.gradual_pruning(optax.sgd(0.1), **kwargs)
+  assert "\n" not in str(info.value)
+
+
+def test_sample_clock_update_without_samples_names_the_argument():
+  tx = pruning.gradual_pruning(optax.sgd(0.1), clock="samples", end_samples=100, frequency_samples=10)
+  params = params_fixture(6)
+  with pytest.raises(ValueError, match=r"gradual_pruning\(clock='samples'\): update needs the examples consumed"):
+    tx.update(params, tx.init(params), params)
