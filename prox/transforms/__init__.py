@@ -16,6 +16,10 @@ from prox.transforms._structured import ChannelAxis, ChannelGroup, ChannelPrunin
 from prox.transforms._structured import apply_channel_masks, channel_importance, channel_pruning, check_structure
 from prox.transforms._structured import expand_channel_masks, flops_budget_schedule, full_channel_masks, full_flops
 from prox.transforms._structured import masked_flops, masked_param_count, slice_params
+from prox.transforms._lapp import LAPP, bypass_apply, bypass_flops, bypass_init, lapp, lapp_hard_masks
+from prox.transforms._lapp import lapp_scores, lapp_soft_masks
+from prox.transforms._fedtiny import TopKBuffer, adaptive_bn_selection, adjust_count, grow_and_prune
+from prox.transforms._fedtiny import magnitude_masks, random_layer_densities, topk_accumulate, topk_init
 
 # The factories `sara`, `ewc` and `gpm` share their modules' names; they are not re-exported here, so
 # that `prox.transforms.sara` etc. stay the modules: `from prox.transforms.ewc import ewc`.
