@@ -13,8 +13,8 @@ final ``workdir/metrics.json``. Layout of one run's workdir::
 Every JSON file is strict JSON (RFC 8259, readable by any parser): a non-finite float is written as
 the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` (the spellings Python's ``float()`` reads back;
 ``read_metrics`` returns them as floats again), never as the bare ``NaN``/``Infinity`` tokens
-Python's ``json`` emits by default, which other parsers (``jq``, JavaScript, pandas' strict mode)
-reject. A string keeps what the value was: ``null`` would merge a diverged loss (``inf``) with a
+Python's ``json`` emits by default, which strict parsers (JavaScript's ``JSON.parse``, Go's
+``encoding/json``, Rust's ``serde_json``) reject. A string keeps what the value was: ``null`` would merge a diverged loss (``inf``) with a
 missing one.
 
 Progress: on a terminal (stderr) a tqdm bar; when stdout is not a terminal (CI, SLURM logs) or the bar

@@ -195,7 +195,7 @@ def test_write_summary(tmp_path):
 
 def _strict_loads(text):
   """``json.loads`` that refuses the non-standard NaN / Infinity / -Infinity tokens, as strict
-  parsers (jq, JavaScript, Go) do."""
+  parsers (JavaScript's JSON.parse, Go's encoding/json) do."""
   def refuse(token):
     raise ValueError(f"non-standard JSON token {token}")
   return json.loads(text, parse_constant=refuse)
