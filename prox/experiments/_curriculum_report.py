@@ -67,7 +67,10 @@ def _pudf_tables(r: dict) -> list[str]:
   lines = [f"## PUDF vs random order vs plain training on digits ({len(runs['pudf'])} seeds, {epochs} epochs)", "",
            f"Artificial crowd: {len(r['crowd_accuracy'])} models, training-set accuracy "
            f"{', '.join(f'{a:.3f}' for a in r['crowd_accuracy'])}; 1PL fit in {r['irt_steps']} L-BFGS steps; "
-           f"difficulties range {min(r['difficulties']):.2f} .. {max(r['difficulties']):.2f}.", "",
+           f"difficulties range {min(r['difficulties']):.2f} .. {max(r['difficulties']):.2f} in "
+           f"{len(np.unique(np.round(r['difficulties'], 2)))} levels to 0.01 (a 1PL difficulty depends only on how "
+           f"many members answered the item). PUDF's first epochs train on the {r['first_items']} easiest items "
+           f"(ties by index); their classes (counts of 0..9): {r['first_items_classes']}.", "",
            "Test accuracy (mean ± std over seeds) and optimizer steps so far:", "",
            report.markdown_table(("epoch", "PUDF items", "PUDF theta", "PUDF", "random order", "plain",
                                   "steps PUDF / plain"), rows, align="rrrlllr")]
@@ -79,7 +82,8 @@ def _pudf_tables(r: dict) -> list[str]:
               f"plain training reaches {_ms([x['accuracy'][e_match] for x in runs['plain']])} test accuracy after "
               f"epoch {e_match + 1} ({plain_steps[e_match]:.0f} steps), vs PUDF's final {_ms(_final(runs['pudf']))}.", ""]
   lines += ["Final test accuracy per seed: " + "; ".join(
-      f"{'random order' if k == 'random' else _NAMES[k]} {[round(x, 4) for x in _final(v)]}" for k, v in runs.items()),
+      f"{'random order' if k == 'random' else _NAMES[k]} {[round(float(x), 4) for x in _final(v)]}"
+      for k, v in runs.items()),
       "", "![pudf](pudf_accuracy.png)", ""]
   return lines
 

@@ -30,6 +30,12 @@ Parts (``config.parts``, comma-separated):
 Every epoch of the digits parts visits its items once; its last batch is completed with the epoch's
 first items (``SubsetSource``), so every row of every batch is a real example.
 
+Departures: the crowd is built once per run (seed ``seed``) and its difficulties are shared by all
+training seeds; PUDF never trains on fewer than ``batch_size`` items (the easiest ones, ties by index),
+so an epoch is never empty. With a crowd of J members a 1PL difficulty takes at most J + 1 values, so
+the first epochs' items, and how fast PUDF's ability estimate grows from them, depend on the crowd's
+draw (results.md shows their classes).
+
 Output in ``workdir``: ``results.json``, ``results.md`` (a table per part) and PNG plots. Every run (a
 teacher comparison, the crowd, one method and seed, the forecast) has its own directory under
 ``workdir/<part>/`` with its ``config.json`` and ``result.json``; a run that finished is reused when the
@@ -325,7 +331,11 @@ def run_pudf(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           pudf_run, cfg, method, seed, crowd["difficulties"], sizes, splits, tools)))
     _say(cfg, f"pudf: seed {seed}: final test accuracy PUDF {runs['pudf'][-1]['accuracy'][-1]:.4f}, random order "
               f"{runs['random'][-1]['accuracy'][-1]:.4f}, plain {runs['plain'][-1]['accuracy'][-1]:.4f}")
+  first = irt.select(-np.inf, np.asarray(crowd["difficulties"], np.float32), cfg.batch_size)
+  first_classes = np.bincount(train_ds.labels[np.asarray(first.indices)[:int(first.count)]],
+                              minlength=train_ds.num_classes)
   return {"epochs": int(p.epochs), "num_items": len(train_ds.labels), "crowd_accuracy": responses.mean(1).tolist(),
+          "first_items": int(first.count), "first_items_classes": first_classes.tolist(),
           "difficulties": crowd["difficulties"], "irt_steps": crowd["irt_steps"], "runs": runs,
           "seeds": list(common.seeds(cfg)),
           "seconds": crowd["seconds"] + sum(r["seconds"] for logs in runs.values() for r in logs)}
