@@ -1,5 +1,6 @@
-"""The `nm_sparsity` experiment: a tiny run end to end, exact N:M sparsity of the evaluated weights, the
-logged schedules against their formulas, restart, and bad config values as one-line CLI errors."""
+"""The `nm_sparsity` experiment: a tiny run end to end on the one loop, exact N:M sparsity of the evaluated
+weights, the logged schedules against their formulas, one compiled step per (method, N:M), restart through
+run_once, the paired comparisons, quick mode through main, and bad config values as one-line CLI errors."""
 import json
 import math
 import os
@@ -13,12 +14,10 @@ import numpy as np
 import pytest
 
 from prox import checkpoint as ckpt_lib
-from prox import models
 from prox import step as step_lib
-from prox.experiments import _nm_report as report_lib
+from prox.experiments import common
 from prox.experiments import nm_sparsity as exp
-from prox.experiments import train
-from prox.experiments import writers
+from prox.experiments import report
 from prox.experiments.configs import nm_sparsity as nm_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +28,9 @@ SPARSE = 32
 
 
 def _quick(**fields) -> ml_collections.ConfigDict:
-  """The quick config (QUICK applied, then ``quick`` off) with ``fields`` replaced."""
-  base = nm_config.get_config()
-  base.quick = True
-  cfg = exp.effective_config(base)
-  cfg.quick = False
+  """The default config with ``QUICK`` applied (as main does for --config.quick=True), then ``fields``."""
+  cfg = nm_config.get_config()
+  cfg.update_from_flattened_dict(exp.QUICK)
   cfg.progress = False
   for k, v in fields.items():
     cfg[k] = v
@@ -43,7 +40,7 @@ def _quick(**fields) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("nm_quick"))
-  cfg = _quick(sparsities="1:8", schedule_plot="1:8", keep_run_checkpoints=True)
+  cfg = _quick(sparsities="1:8", schedule_plot="last", keep_run_checkpoints=True)
   summary = exp.run(cfg, workdir)
   return cfg, workdir, summary
 
@@ -75,30 +72,41 @@ def test_quick_run_writes_table_plots_and_every_run(quick_run):
   run = Path(exp.run_dir(workdir, "mlp", "srste", (1, 8), 0))
   assert not (run / "curves.png").exists()                      # plot_curves=False in the runs' config
   assert (run / "checkpoints").exists()                          # keep_run_checkpoints=True
-  assert json.loads((run / "metrics.json").read_text())["beta"] == 0.0    # state_metrics in the final metrics
+  assert json.loads((run / "metrics.json").read_text())["beta"] == 0.0    # state metrics in the final metrics
+  record = json.loads((run / "config.json").read_text())          # run_once's record of the run
+  assert record["experiment"] == "nm_sparsity"
+  assert record["config"]["sparsity"] == {"n": 1, "m": 8, "total_steps": STEPS, "method": "srste",
+                                          "srste_lambda": 2e-4, "warmup_steps": 0.0, "finetune_steps": 0.2,
+                                          "filter": cfg.sparse_filter}
   md = Path(workdir, "results.md").read_text()
   assert "| srste |" in md and "Decaying gradient flow minus SR-STE" in md
   assert {c["method"] for c in data["comparisons"]} == {"mdgf_linear", "mdgf_exp", "sdgf_stepwise"}
+  assert data["schedule_curves"]["nm"] == "1:8"                  # schedule_plot="last"
+
+
+def test_seeds_of_a_method_and_nm_share_one_compiled_step(quick_run):
+  _, workdir, _ = quick_run
+  for method, nm in (("dense", None), ("srste", (1, 8)), ("sdgf_stepwise", (1, 8))):
+    first, second = (json.loads(Path(exp.run_dir(workdir, "mlp", method, nm, s), "result.json").read_text())
+                     for s in (0, 1))
+    assert (first["compiles_this_run"], second["compiles_this_run"]) == (1, 0), method
+    assert second["compile_seconds_this_run"] == 0.0
 
 
 def _template(cfg, method, nm, seed):
-  rc = exp.run_config(cfg, "mlp", seed)
-  net = models.functional(models.make_model(rc.model, input_shape=(8, 8, 1), num_classes=10, seed=seed,
-                                            **dict(rc.model_kwargs)))
-  tx = exp.make_tx(cfg, rc, method, nm)
-  state = step_lib.TrainState(step=np.int32(0), params=net.params, opt_state=tx.init(net.params),
-                              model_state=net.model_state, extra=(),
-                              rng=np.asarray(jax.random.key_data(jax.random.key(seed))))
-  return step_lib.replicate(jax.device_get(state), step_lib.data_mesh())
+  rc = exp.run_config(cfg, "mlp", method, nm, seed)
+  train_ds, _ = common.load_splits(rc)
+  net = common.build_model(rc, train_ds)
+  tx = exp.make_tx(rc, method)
+  return common.replicated_state(net.params, tx, step_lib.data_mesh(), seed=seed, model_state=net.model_state)
 
 
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_evaluated_weights_are_exactly_n_of_m(quick_run, method):
   cfg, workdir, _ = quick_run
   path = exp.run_dir(workdir, "mlp", method, (1, 8), 0)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"))
-  state, _ = checkpointer.restore(_template(cfg, method, (1, 8), 0))
-  checkpointer.close()
+  with ckpt_lib.Checkpointer(os.path.join(path, "checkpoints")) as checkpointer:
+    state, _ = checkpointer.restore(_template(cfg, method, (1, 8), 0))
   assert int(state.step) == STEPS
   hard = jax.device_get(exp.eval_params(state))
   kernels = {"hidden/dense0": hard["hidden"]["dense0"]["kernel"], "hidden/dense1": hard["hidden"]["dense1"]["kernel"],
@@ -115,7 +123,7 @@ def test_evaluated_weights_are_exactly_n_of_m(quick_run, method):
 
 def _train_records(workdir, method, nm):
   path = os.path.join(exp.run_dir(workdir, "mlp", method, nm, 0), "metrics.jsonl")
-  return [r for r in writers.read_metrics(path) if r["split"] == "train"]
+  return [r for r in report.read_metrics(path) if r["split"] == "train"]
 
 
 def test_logged_beta_and_density_follow_the_schedules(quick_run):
@@ -143,8 +151,12 @@ def test_restart_skips_finished_runs_and_rejects_a_changed_config(quick_run):
   before = Path(jsonl).read_text()
   again = exp.run(cfg, workdir)
   assert again["runs"] == summary["runs"] and Path(jsonl).read_text() == before
-  changed = _quick(sparsities="1:8", schedule_plot="1:8", srste_lambda=1e-3)
-  with pytest.raises(train.ConfigError, match="different config"):
+  assert json.loads(Path(workdir, "results.json").read_text())["table"]["mlp"]["srste"]["1:8"]["accuracy"] == \
+      [r["test_accuracy"] for r in (json.loads(Path(exp.run_dir(workdir, "mlp", "srste", (1, 8), s),
+                                                   "result.json").read_text()) for s in (0, 1))]
+  changed = _quick(sparsities="1:8", srste_lambda=1e-3)
+  with pytest.raises(common.ConfigError, match=r"holds a run of nm_sparsity with sparsity.srste_lambda=0.0002 "
+                                               r"\(now 0.001\); use a new --workdir or set it back"):
     exp.run(changed, workdir)
 
 
@@ -155,9 +167,10 @@ def test_paired_comparison_against_hand_computed_interval(ours, verdict):
   results = [{"setting": "s", "method": m, "nm": "1:16", "seed": i, "test_accuracy": a, "eval_sparsity": 0.9375,
               "eval_sparsity_all": 0.9, "beta": 0.0, "seconds": 1.0}
              for m, values in (("srste", srste), ("mdgf_exp", ours)) for i, a in enumerate(values)]
-  c = report_lib.compare(report_lib.aggregate(results), "s", "mdgf_exp", "1:16")
+  [c] = exp.comparisons(exp.aggregate(results), ["srste", "mdgf_exp"], ["1:16"])
   d = np.subtract(ours, srste)
   half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)   # t_{0.975, 2}
+  assert (c["setting"], c["method"], c["nm"], c["num_pairs"]) == ("s", "mdgf_exp", "1:16", 3)
   assert c["diff_mean"] == pytest.approx(d.mean())
   assert c["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
   assert c["verdict"] == verdict
@@ -171,13 +184,32 @@ def test_method_names_map_to_library_arguments():
   assert exp.method_kwargs(cfg, "sdgf_geometric") == {"method": "sdgf", "structure": "geometric"}
   assert exp.method_kwargs(cfg, "srste") == {"method": "srste", "srste_lambda": 2e-4}
   assert exp.parse_sparsities("2:4, 1:32") == [(2, 4), (1, 32)]
+  dense = exp.run_config(cfg, "cnn", "dense", None, 3)
+  assert (dense.seed, dense.model, dense.num_steps, dense.batch_size) == (3, "cnn", 300, 32)
+  assert dense.sparsity.to_dict() == {"n": 1, "m": 2, "total_steps": 300, "filter": cfg.sparse_filter,
+                                      "method": "dense"}
 
 
 def _prox(tmp_path, *overrides):
   cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}", f"--workdir={tmp_path}",
          *overrides]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def test_quick_mode_through_main_trains_the_sparsities_given(tmp_path):
+  # main applies QUICK but keeps the fields given on the command line: 4:8 (QUICK says 2:4,1:8) is trained.
+  result = _prox(tmp_path, "--config.quick=True", "--config.sparsities=4:8", "--config.methods=srste",
+                 "--config.num_seeds=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  runs = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").rglob("result.json"))
+  assert runs == ["mlp/srste/4of8/seed0/result.json"]
+  recorded = json.loads((tmp_path / "runs/mlp/srste/4of8/seed0/config.json").read_text())["config"]
+  assert recorded["num_steps"] == 40 and recorded["model_kwargs"] == {"hidden": [32, 32]}   # from QUICK
+  final = json.loads((tmp_path / "runs/mlp/srste/4of8/seed0/result.json").read_text())
+  assert final["eval_sparsity"] == pytest.approx(0.5, abs=1e-6) and final["step"] == 40
+  assert "| srste | " in (tmp_path / "results.md").read_text()
+  assert json.loads((tmp_path / "results.json").read_text())["schedule_curves"]["nm"] == "4:8"
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -198,12 +230,16 @@ def test_bad_config_is_one_line_before_compiling(tmp_path, override, expected):
 
 
 def test_bad_values_found_by_validate(tmp_path):
-  with pytest.raises(train.ConfigError, match=r"models.mlp, sdgf_geometric at 1:16: .*not divisible by M=256"):
-    exp.validate(_quick(methods="sdgf_geometric", sparsities="1:16", schedule_plot="1:16",
-                        models=nm_config.get_config().models), str(tmp_path))
-  with pytest.raises(train.ConfigError, match="sparse_filter 'nothing' selects no parameter of models.mlp"):
+  with pytest.raises(common.ConfigError, match=r"models.mlp, sdgf_geometric at 1:16: .*not divisible by M=256"):
+    exp.validate(_quick(methods="sdgf_geometric", sparsities="1:16", models=nm_config.get_config().models),
+                 str(tmp_path))
+  with pytest.raises(common.ConfigError, match="sparse_filter 'nothing' selects no parameter of models.mlp"):
     exp.validate(_quick(sparse_filter="nothing"), str(tmp_path))
-  with pytest.raises(train.ConfigError, match="warmup_fraction \\+ finetune_fraction must be < 1"):
+  with pytest.raises(common.ConfigError, match="warmup_fraction \\+ finetune_fraction must be < 1"):
     exp.validate(_quick(warmup_fraction=0.5, finetune_fraction=0.5), str(tmp_path))
-  with pytest.raises(train.ConfigError, match="sparsities: '1-8' is not of the form N:M"):
+  with pytest.raises(common.ConfigError, match="sparsities: '1-8' is not of the form N:M"):
     exp.validate(_quick(sparsities="1-8"), str(tmp_path))
+  with pytest.raises(common.ConfigError, match="schedule_plot '1:16' must be '', 'last' or one of sparsities"):
+    exp.validate(_quick(schedule_plot="1:16"), str(tmp_path))
+  with pytest.raises(common.ConfigError, match=r"models.mlp: learning_rate must be a finite number in \(0, inf\]"):
+    exp.validate(_quick(learning_rate=-1.0), str(tmp_path))

@@ -4,12 +4,14 @@
   prox --config=prox/experiments/configs/nm_sparsity.py --workdir=runs/nm_quick --config.quick=True
 
 Every setting (``settings``: names in ``models``) is trained with every method at every N:M
-(``sparsities``) for ``num_seeds`` seeds with the shared training loop; evaluation always uses hard masks
+(``sparsities``) for ``num_seeds`` seeds on the one training loop; evaluation always uses hard masks
 (beta = 0). Methods: ``dense``, ``srste``, ``mdgf_<decay>`` (decay: linear | exp | step) and
 ``sdgf_<structure>`` (structure: stepwise | geometric). Phases, as fractions of ``num_steps``: a dense
 warm-up (``warmup_fraction``), the sparse phase, and a hard-mask fine-tune (``finetune_fraction``); beta
 reaches 0 (linear) or ``floor`` (exp) at the fraction ``decay_end`` of the sparse phase, and SdGf's stages
 are spread evenly over it. ``mlp_narrow`` is the harder setting, where 1:16 and 1:32 clearly cost accuracy.
+A sweep started again in the same workdir skips its finished runs; ``settings``, ``sparsities``,
+``methods`` and ``num_seeds`` may change then (each run's own config is checked).
 """
 import ml_collections
 
@@ -42,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.floor = 1e-3                       # exp decay: beta is set to 0 below this
   c.warmup_fraction = 0.0              # dense warm-up, fraction of num_steps
   c.finetune_fraction = 0.2            # hard-mask fine-tune at the end, fraction of num_steps
-  c.schedule_plot = "1:16"             # the N:M whose beta / density curves are plotted ("" = none)
-  # Training: the fields of the shared loop (prox/experiments/configs/classify.py); num_steps and
+  c.schedule_plot = "1:16"             # N:M whose beta / density curves are plotted ("last" of sparsities, "" none)
+  # Training: the fields of the one loop (prox/experiments/configs/classify.py); num_steps and
   # batch_size are per setting (models.<setting>).
   c.optimizer = "adam"
   c.optimizer_kwargs = ml_collections.ConfigDict()
@@ -57,6 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 250
   c.checkpoint_every = 0               # 0: only at the end of each run
   c.keep_run_checkpoints = False       # delete a run's checkpoints once its result is recorded
-  c.compilation_cache = True           # reuse compiled steps across seeds (workdir/xla_cache)
   c.progress = True                    # one line per finished run on stdout
   return c
