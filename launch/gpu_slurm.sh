@@ -12,7 +12,7 @@
 # SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID): process 0's node is the coordinator.
 #
 #   sbatch launch/gpu_slurm.sh [flags...]                       # from the repository root
-#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 launch/gpu_slurm.sh --config.steps=10000
+#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 launch/gpu_slurm.sh --config.num_steps=10000
 #
 # Layouts (sbatch options override the #SBATCH lines above):
 #   one task per GPU  (default; JAX's default on SLURM): --ntasks-per-node equal to --gpus-per-node.

@@ -317,7 +317,8 @@ def make_train_step(
       ``optax.apply_if_finite``; the loop counts such steps from ``StepOutput.finite``.
     example_stats: per-example gradient moments to compute from layer taps (:class:`ExampleStats`):
       any of ``"norm"`` (``sum_i ||G_i||^2``: the norm test), ``"inner"`` (``<G_i, g>``: inner-product and
-      orthogonality tests; needs one micro-batch per device) and ``"diag"`` (``sum_i G_i**2``: the
+      orthogonality tests; with several micro-batches it keeps their activations until the mean
+      gradient is known) and ``"diag"`` (``sum_i G_i**2``: the
       coordinate-wise test). The model must tap its layers (``prox.models.functional`` does) and the loss
       must be the unweighted mean over the micro-batch of losses of examples that do not interact (no
       batch norm in train mode). Cost: one ordinary pass, plus O(examples x layer widths) for ``"norm"``
@@ -341,6 +342,8 @@ def make_train_step(
   unknown = sorted(set(example_stats) - {"norm", "inner", "diag"})
   if unknown:
     raise ValueError(f"example_stats {unknown} unknown; known: 'norm', 'inner', 'diag'")
+
+  static = {}   # trace-time facts the per-device code leaves for the step (the taps' coverage)
 
   def per_device(state: TrainState, batch: PyTree, num_micro: jax.Array | None, meta: PyTree,
                  step_key: jax.Array):
@@ -387,9 +390,14 @@ def make_train_step(
     if "diag" in example_stats:
       carry["ex_diag"] = _tree_zeros(state.params, jnp.float32)
     single = k_max == 1 and num_micro is None
+    if example_stats:
+      shapes = jax.eval_shape(grad_fn, state.params, first_mb, 0)[2]
+      static["covered"] = taps_lib.covered_size(shapes.taps) / max(1, sum(
+          x.size for x in jax.tree.leaves(state.params)))
     if "inner" in example_stats and not single:
-      raise ValueError("example_stats 'inner' needs one micro-batch per device (micro_batch_size=None "
-                       "and no num_micro_batches): the inner products need the step's mean gradient")
+      # The inner products need the step's mean gradient: keep every micro-batch's layer inputs and
+      # output cotangents (the activations of the whole per-device batch) until after the reduction.
+      carry["ex_tapped"] = jax.tree.map(lambda x: jnp.zeros((k_max,) + x.shape, x.dtype), shapes)
     kept = {}
 
     # Per-device accumulators differ between devices: mark them as varying over the data axis.
@@ -417,9 +425,11 @@ def make_train_step(
           out["ex_sq"] = c["ex_sq"] + sums.sq_norm_sum
         if sums.diag_sum is not None:
           out["ex_diag"] = jax.tree.map(jnp.add, c["ex_diag"], sums.diag_sum)
-        kept["covered"] = sums.covered
         if single:
           kept["tapped"] = tapped
+        elif "ex_tapped" in c:
+          out["ex_tapped"] = jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, k, 0),
+                                          c["ex_tapped"], tapped)
       return out
 
     if single:
@@ -449,13 +459,18 @@ def make_train_step(
     if example_stats:
       psum = lambda x: None if x is None else lax.psum(x, DATA_AXIS)
       inner = inner_sq = None
-      if "inner" in example_stats:
+      if "inner" in example_stats and single:
         found = taps_lib.example_stats(kept["tapped"], state.params, ("inner",), direction=grads)
         inner, inner_sq = found.inner_sum, found.inner_sq_sum
+      elif "inner" in example_stats:
+        def products(t):
+          return taps_lib.inner_products(t.taps, t.deltas, grads) * m
+        p = jax.vmap(products)(c["ex_tapped"]) * (jnp.arange(k_max) < n)[:, None]
+        inner, inner_sq = jnp.sum(p), jnp.sum(p * p)
       ex = ExampleStats(count=n * m * num_devices, sq_norm_sum=psum(c.get("ex_sq")), inner_sum=psum(inner),
                         inner_sq_sum=psum(inner_sq),
                         diag_sum=None if "ex_diag" not in c else lax.psum(c["ex_diag"], DATA_AXIS),
-                        covered=kept["covered"])
+                        covered=None)
     return grads, loss, metrics, model_state, stats, group_stats, n * m * num_devices, valid_rows, ex
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P(), P()),
@@ -468,6 +483,8 @@ def make_train_step(
     num_micro = None if num_micro_batches is None else jnp.asarray(num_micro_batches, jnp.int32)
     grads, loss, metrics, model_state, stats, group_stats, batch_size, valid, ex = sharded(
         state, batch, num_micro, meta, step_key)
+    if ex is not None:
+      ex = ex._replace(covered=static["covered"])   # known when tracing: not a device value
     samples = jnp.asarray(state.samples, jnp.int32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, samples=samples)
     params = optax.apply_updates(state.params, updates)

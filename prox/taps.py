@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -40,8 +42,11 @@ PyTree = Any
 Path = tuple[str, ...]
 
 
-class Tap(NamedTuple):
-  """One tapped layer call.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["inputs"],
+                   meta_fields=["kind", "kernel_path", "bias_path", "kernel_shape", "conv"])
+@dataclasses.dataclass(frozen=True)
+class Tap:
+  """One tapped layer call (a pytree whose only array is ``inputs``).
 
   Attributes:
     kind: ``"dense"`` or ``"conv"``.
@@ -52,11 +57,14 @@ class Tap(NamedTuple):
       ``lax.conv_general_dilated_patches`` takes them.
   """
   kind: str
-  inputs: jax.Array
+  inputs: Any
   kernel_path: Path
   bias_path: Path | None
   kernel_shape: tuple[int, ...]
   conv: tuple | None = None
+
+  def _replace(self, **changes: Any) -> Tap:
+    return dataclasses.replace(self, **changes)
 
 
 class Recorder:
@@ -218,9 +226,11 @@ class ExampleStats(NamedTuple):
   covered: jax.Array | float = 1.0
 
 
-class Tapped(NamedTuple):
-  """What a tapped backward pass leaves: the taps (with inputs) and their output cotangents, for a loss
-  that is the mean over ``count`` examples."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["taps", "deltas"], meta_fields=["count"])
+@dataclasses.dataclass(frozen=True)
+class Tapped:
+  """What a tapped backward pass leaves (a pytree): the taps (with inputs) and their output cotangents,
+  for a loss that is the mean over ``count`` examples."""
   taps: list[Tap]
   deltas: list[jax.Array]
   count: int
@@ -241,8 +251,8 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False, axis_name: str | Non
 
   def wrapped(params, *args):
     discovery = Recorder()
-    with recording(discovery):
-      jax.eval_shape(fun, params, *args)
+    with recording(discovery):   # a new function object: eval_shape caches traces by function
+      jax.eval_shape(lambda *a: fun(*a), params, *args)
     if not discovery.taps:
       raise ValueError("per-example statistics need a model whose layers are tapped "
                        "(prox.models.functional taps nnx.Linear and nnx.Conv); the loss called none")
@@ -287,7 +297,7 @@ def example_stats(tapped: Tapped, params: PyTree, which: Sequence[str] = ("norm"
     products = inner_products(tapped.taps, tapped.deltas, direction) * m
     out["inner_sum"], out["inner_sq_sum"] = jnp.sum(products), jnp.sum(products * products)
   total = sum(x.size for x in jax.tree.leaves(params))
-  return ExampleStats(count=jnp.int32(m), covered=jnp.float32(covered_size(tapped.taps) / max(total, 1)), **out)
+  return ExampleStats(count=m, covered=covered_size(tapped.taps) / max(total, 1), **out)
 
 
 def tree_from_paths(like: PyTree, values: dict) -> PyTree:

@@ -42,6 +42,7 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 from prox import distributed  # noqa: E402
+from prox import models  # noqa: E402
 from prox import optim  # noqa: E402
 from prox import step as S  # noqa: E402
 from prox.transforms import ewc as ewc_lib  # noqa: E402
@@ -98,9 +99,9 @@ def loss(params, b, rng):
   return value, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == b["y"])}
 
 
-def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, **step_kwargs):
-  state = S.replicate(S.init_state(init_params(jax.random.key(42), bn), tx, model_state=model_state,
-                                   extra=extra, seed=1), mesh)
+def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, params=None, **step_kwargs):
+  params = init_params(jax.random.key(42), bn) if params is None else params
+  state = S.replicate(S.init_state(params, tx, model_state=model_state, extra=extra, seed=1), mesh)
   step = S.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=micro or None, **step_kwargs)
   for i in range(args.steps):
     state, out = step(state, batch(i))
@@ -109,6 +110,8 @@ def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, **s
       save(f"{name}/grad_stats/{i}", out.grad_stats._replace(group_size=np.int32(out.grad_stats.group_size)))
     if out.group_stats is not None:
       save(f"{name}/group_stats/{i}", out.group_stats)
+    if out.example_stats is not None:
+      save(f"{name}/example_stats/{i}", out.example_stats)
     if i == 0:
       save(f"{name}/params1", state.params)
   save(f"{name}/params", state.params)
@@ -120,13 +123,23 @@ def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, **s
 # sgd: the plain step.
 train("sgd", optax.sgd(0.5), S.stateless(loss), micro=args.sgd_micro)
 
-# stats: AdaGradNorm, GradStats, group statistics, the norm test and a batch-size controller in the step.
+# stats: AdaGradNorm, GradStats, group statistics, per-example statistics (layer taps of a prox model),
+# the norm test and a batch-size controller in the step.
+net = models.functional(models.make_model("mlp", input_shape=(20,), num_classes=3, hidden=(64,), seed=42))
+
+
+def mlp_loss(params, b, rng):
+  logits, _ = net.apply(params, {}, b["x"], train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean(), {}
+
+
 def control(extra, info):
   wanted = optim.norm_test_from_stats(info.grad_stats, 0.1)
   return {"controller": optim.batch_size_update(extra["controller"], wanted), "norm_test": wanted}
 
 
-st = train("stats", optim.adagrad_norm(0.5), S.stateless(loss), micro=8, grad_stats=True,
+st = train("stats", optim.adagrad_norm(0.5), S.stateless(mlp_loss), micro=8, grad_stats=True,
+           example_stats=("norm", "inner", "diag"), params=jax.device_get(net.params),
            group_stats_fn=lambda g, v, m: optim.group_inner_stats(g, m, valid=v),
            extra={"controller": optim.batch_size_init(32, 1 << 20, multiple_of=8),
                   "norm_test": np.float32(0)},

@@ -457,6 +457,7 @@ def main(argv: list[str]) -> None:
   from prox import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from prox.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from prox.loop import Diverged  # pylint: disable=g-import-not-at-top
   from prox.experiments import _runs  # pylint: disable=g-import-not-at-top
   from prox.experiments.common import ConfigError  # pylint: disable=g-import-not-at-top
   experiment = _experiment_module(name)
@@ -478,6 +479,9 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   except CheckpointError as e:   # checkpoints in the workdir, none of which restores
     _fail(f"{e}; move them away to start over, or use a new --workdir")
+  except Diverged as e:   # not bad input: the run failed; its last finite checkpoint is kept
+    print(f"prox: error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 
 

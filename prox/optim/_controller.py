@@ -19,8 +19,8 @@
     loop.run(step, state, source, batch_size=lambda s: int(s.extra["batch_size"].size.batch_size), ...)
 
 Estimators. ``estimator="examples"`` (default) computes each test exactly, from per-example gradient
-moments taken from layer taps in the same backward pass (``prox.taps``; one pass, no micro-batch loop
-needed: the inner-product family needs one micro-batch per device). ``estimator="groups"`` is the older
+moments taken from layer taps in the same backward pass (``prox.taps``; no micro-batches of a few
+examples needed). ``estimator="groups"`` is the older
 estimate from the gradients of groups of ``group_size`` examples (micro-batches x devices),
 ``Var_i(G_i) ~= n Var_k(g_k)``, which works for any model (batch norm, untapped layers) but needs the
 micro-batch loop (see ``prox.optim.batch_tests``).
