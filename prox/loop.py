@@ -66,16 +66,19 @@ class Every:
     steps: after every step that is a multiple of ``steps``.
     samples: after a step whose samples seen cross a multiple of ``samples``.
     boundary: after a step whose batch ends this boundary (a name, or a tuple of names).
+    at: after the steps in this collection (e.g. step 1, or a geometric grid).
     start: once before the first step of a fresh run (not on resume).
     end: after the last step (also when a resumed run had nothing left to do).
   """
   steps: int | None = None
   samples: int | None = None
   boundary: str | tuple[str, ...] | None = None
+  at: frozenset[int] = frozenset()
   start: bool = False
   end: bool = False
 
   def __post_init__(self):
+    object.__setattr__(self, "at", frozenset(int(s) for s in self.at))
     for name in ("steps", "samples"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
@@ -85,6 +88,8 @@ class Every:
   def due(self, step: int, samples: int, prev_samples: int, boundary: str | None) -> bool:
     """Whether the action runs after a step (``end`` and ``start`` are handled by the loop)."""
     if self.steps and step % self.steps == 0:
+      return True
+    if step in self.at:
       return True
     if self.samples and samples // self.samples > prev_samples // self.samples:
       return True

@@ -253,13 +253,17 @@ def scalars(tree: dict) -> dict[str, float]:
 
 def train_actions(writer: Any, evaluate_test: Callable[[step_lib.TrainState], dict], *, log_every: int,
                   eval_every: int, state_metrics: Callable | None = None,
-                  log_extra: Callable[[loop_lib.Context], dict] | None = None) -> tuple:
-  """The standard actions: train metrics every ``log_every`` steps (kept in the record as ``last_train``,
+                  log_extra: Callable[[loop_lib.Context], dict] | None = None,
+                  max_loss_ratio: float | None = 1e3) -> tuple:
+  """The standard actions: train metrics after step 1 and every ``log_every`` steps (kept in the record as ``last_train``,
   so a run resumed after its last step still reports them), test metrics every ``eval_every`` steps and
   at the end (the record's ``test``).
 
   ``state_metrics``: jitted ``state -> {name: scalar}`` logged with the train metrics (e.g. a sparsity
   schedule's beta); ``log_extra``: ``ctx -> dict`` more train fields (batch size, samples).
+  ``max_loss_ratio``: a logged training loss above this many times the first logged one means the run
+  diverged without becoming non-finite (Adam at a huge learning rate: finite weights, chance accuracy):
+  ``prox.loop.Diverged`` (one line; the last checkpoint is kept). ``None`` turns the check off.
   """
   state_metrics = None if state_metrics is None else jax.jit(state_metrics)
 
@@ -267,6 +271,14 @@ def train_actions(writer: Any, evaluate_test: Callable[[step_lib.TrainState], di
     if ctx.out is None:
       return
     record = scalars(ctx.out.metrics)
+    if max_loss_ratio is not None and "loss" in record:
+      first = ctx.record.setdefault("first_loss", {"step": ctx.step, "loss": record["loss"]})
+      if record["loss"] > max_loss_ratio * max(first["loss"], 1e-12):
+        writer.write(ctx.step, record)
+        raise loop_lib.Diverged(
+            f"the training loss {record['loss']:.4g} at step {ctx.step} is over {max_loss_ratio:g} times "
+            f"the first logged loss ({first['loss']:.4g} at step {first['step']}): the run diverged "
+            f"(lower the learning rate); it stops")
     if state_metrics is not None:
       record.update(scalars(state_metrics(ctx.state)))
     if log_extra is not None:
@@ -279,7 +291,8 @@ def train_actions(writer: Any, evaluate_test: Callable[[step_lib.TrainState], di
     ctx.record["test"] = {"step": ctx.step, **result}
     writer.write(ctx.step, result, split="test")
 
-  return ((loop_lib.Every(steps=log_every, end=True), log), (loop_lib.Every(steps=eval_every, end=True), test))
+  return ((loop_lib.Every(steps=log_every, at=(1,), end=True), log),
+          (loop_lib.Every(steps=eval_every, end=True), test))
 
 
 def summary(result: loop_lib.LoopResult, **more: Any) -> dict[str, Any]:
