@@ -103,8 +103,9 @@ def test_pudf_step_jits_and_selects_easy_items():
   state, sel, theta_hat = step(irt.pudf_init(), b, probe, correct)
   assert abs(float(theta_hat) - 0.5) < 0.2
   assert int(sel.count) == int(jnp.sum(b <= state.theta))
+  compiled = step._cache_size()   # (jit wrappers of the same function share one cache: count the new entries)
   step(state, b, probe, ~correct)
-  assert step._cache_size() == 1
+  assert step._cache_size() == compiled
 
 
 def test_bad_input_is_one_line_error():
