@@ -165,7 +165,7 @@ def test_pskd_store_is_written_inside_the_step():
   assert any(changed)   # the update happened (the store was written from the parameters before it)
 
 
-@pytest.mark.slow   # about 60 s of CPU (every part, compiles included)
+@pytest.mark.slow   # about 40 s of CPU (every part, compiles included)
 def test_quick_run_of_every_part_end_to_end_and_reuse(tmp_path):
   cfg = _quick_config()
   summary = curriculum.run(cfg, str(tmp_path))
