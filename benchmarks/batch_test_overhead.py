@@ -1,27 +1,26 @@
-"""Cost of AdAdaGrad's batch-size test in the step, and of a batch-size change, measured side by side.
+"""AdAdaGrad's batch-size tests at the cost of a plain step: prox's steps vs a hand-written optax step.
 
-On the model of the ``adadagrad`` experiment (default: the small CNN, width 16, hidden 64, on 8x8x1
-digits-shaped inputs; ``--model logreg`` for logistic regression), AdaGradNorm, per batch size:
+Baseline: the hand-written ``jax.jit`` optax step a user would write (value_and_grad, tx.update,
+apply_updates, buffers donated). Against it, on the same model and batch, one device:
 
-  plain step            prox step, micro-batches of ``--micro`` examples (what the baselines run)
-  norm-test step        the same step with grad_stats=True and the controller update (norm test from the
-                        micro-batch statistics, inside the step), as the experiment's adaptive runs
-  per-sample step       a jitted step that takes per-sample gradients with vmap(grad), updates with their
-                        mean and runs the exact norm test on them (the reference code's estimator)
-  one-micro-batch step  prox plain step with the whole batch as one micro-batch (for scale)
+  prox plain       prox.step.make_train_step, no statistics
+  norm test        + exact per-example gradient norms from layer taps and the controller in the step
+  augmented test   + per-example inner products with the mean gradient (inner-product/orthogonality)
+  coordinate test  AdaGrad, + the per-coordinate second moment (against a hand-written AdaGrad step)
+  groups of 4      the earlier estimator: micro-batches of 4 examples in a loop, GradStats (norm test)
 
-Prints time(norm-test) / time(plain) (target <= 1.10) and time(per-sample) / time(plain). Then the cost
-of a batch-size change: steps whose ``num_micro_batches`` changes every step within one bucket vs a fixed
-one (ratio ~1: no recompilation, nothing rebuilt), and the compile time of a new power-of-two bucket.
-The variants alternate in every repeat so that machine noise hits them alike; medians are printed.
+for the MNIST-1D MLP (40-100-100-10) and 1-D CNN (5,210 parameters), batch sizes 64..4096. Variants
+alternate in every repeat (machine noise hits them alike); medians are printed. Then the error of the
+per-example variance estimators against the exact vmap(grad) value on linear regression with known
+covariance. The last line is ``norm_test_vs_handwritten=<ratio>``, the worst case over models and batch
+sizes (target <= 1.10).
 
-  python benchmarks/batch_test_overhead.py [--model cnn|logreg] [--batches 64 512] [--micro 4]
+  python benchmarks/batch_test_overhead.py [--batches 64 256 1024 4096] [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,131 +30,136 @@ import optax
 from prox import models
 from prox import optim
 from prox import step as S
-from prox.experiments import _adaptive
-from prox.experiments import train
+from prox.losses import classification_loss
 from _timing import timed  # benchmarks/_timing.py
 
-MODELS = {"cnn": ("cnn", {"width": 16, "hidden": 64}), "logreg": ("mlp", {"hidden": ()})}
+MODELS = {"mlp": ("mlp", {"hidden": (100, 100)}), "cnn1d": ("cnn1d", {"width": 25})}
+
+
+def handwritten(net, tx):
+  def loss(params, x, y):
+    logits, _ = net.apply(params, {}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    value, grads = jax.value_and_grad(loss)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  return jax.jit(step.__wrapped__, donate_argnums=(0, 1))
+
+
+def prox_step(net, tx, test=None, **kw):
+  mesh = S.data_mesh(jax.devices()[:1])
+  options, extra, transition = dict(kw), (), None
+  if test is not None:
+    ctrl = optim.adaptive_batch_size(test, b0=8, b_max=1 << 20, **({} if "estimator" not in kw else
+                                                                    {"estimator": kw.pop("estimator")}))
+    options = {**ctrl.step_options, **kw}
+    extra = {"batch_size": ctrl.init()}
+    transition = S.in_extra("batch_size", ctrl.update)
+  step = S.make_train_step(classification_loss(net.apply), tx, mesh=mesh, transition=transition, **options)
+  state = S.replicate(S.init_state(net.params, tx, extra=extra), mesh)
+  return step, state, mesh
+
+
+def bench_model(name, batches, repeats):
+  model, kwargs = MODELS[name]
+  net = models.functional(models.make_model(model, input_shape=(40, 1), num_classes=10, seed=0, **kwargs))
+  rng = np.random.default_rng(0)
+  worst = {}
+  for b in batches:
+    x = rng.normal(size=(b, 40, 1)).astype(np.float32)
+    y = rng.integers(0, 10, b).astype(np.int32)
+    n = max(3, 2048 // b)
+    variants = {}
+    for label, tx, test, kw in (("handwritten", optim.adagrad_norm(1.0), None, None),
+                                ("prox plain", optim.adagrad_norm(1.0), None, {}),
+                                ("norm test", optim.adagrad_norm(1.0), "norm", {}),
+                                ("augmented test", optim.adagrad_norm(1.0), "augmented", {}),
+                                ("handwritten adagrad", optax.adagrad(0.1), None, None),
+                                ("coordinate test", optax.adagrad(0.1), "coordinate", {}),
+                                ("groups of 4", optim.adagrad_norm(1.0), "norm",
+                                 {"estimator": "groups", "micro_batch_size": 4})):
+      if kw is None:
+        fn = handwritten(net, tx)
+        carry = [jax.tree.map(jnp.array, net.params), tx.init(jax.tree.map(jnp.array, net.params))]
+
+        def call(fn=fn, carry=carry):
+          carry[0], carry[1], v = fn(carry[0], carry[1], x, y)
+          return v
+      else:
+        step, state, mesh = prox_step(net, tx, test, **kw)
+        batch = S.shard_batch({"image": x, "label": y}, mesh)
+        holder = [state]
+
+        def call(step=step, holder=holder, batch=batch):
+          holder[0], out = step(holder[0], batch)
+          return out.metrics["loss"]
+      call()   # compile
+      variants[label] = call
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+      for k, call in variants.items():
+        times[k].append(timed(call, n))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base, base_ada = med["handwritten"], med["handwritten adagrad"]
+    ratios = {"prox plain": med["prox plain"] / base, "norm test": med["norm test"] / base,
+              "augmented test": med["augmented test"] / base,
+              "coordinate test": med["coordinate test"] / base_ada, "groups of 4": med["groups of 4"] / base}
+    print(f"{name:6s} b={b:5d}  handwritten {1e3 * base:8.3f} ms | " +
+          "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
+    for k, v in ratios.items():
+      worst[k] = max(worst.get(k, 0.0), v)
+  return worst
+
+
+def estimator_errors():
+  """Relative error of the per-example gradient variance, exact (taps) and groups of 4, on linear
+  regression (d = 16, known diagonal covariance of the inputs)."""
+  d, n = 16, 1024
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(n, d)) * np.linspace(0.3, 3.0, d)).astype(np.float32)
+  y = (x @ rng.normal(size=(d, 1)) + rng.normal(size=(n, 1))).astype(np.float32)
+  net = models.functional(models.make_model("mlp", input_shape=(d,), num_classes=1, hidden=()))
+
+  def loss(params, batch, rng_):
+    pred, _ = net.apply(params, {}, batch["x"], train=True)
+    return 0.5 * jnp.mean((pred - batch["y"]) ** 2), {}
+
+  per = jax.vmap(jax.grad(lambda p, a, b: loss(p, {"x": a[None], "y": b[None]}, None)[0]), in_axes=(None, 0, 0))
+  g = np.concatenate([np.asarray(v).reshape(n, -1) for v in jax.tree.leaves(per(net.params, x, y))], 1)
+  exact = np.var(g.astype(np.float64), 0, ddof=1).sum()
+  mesh = S.data_mesh(jax.devices()[:1])
+  tx = optax.sgd(0.0)
+  state = S.replicate(S.init_state(net.params, tx), mesh)
+  batch = S.shard_batch({"x": x, "y": y}, mesh)
+  _, out = S.make_train_step(S.stateless(loss), tx, mesh=mesh, example_stats=("norm",), donate=False)(state, batch)
+  mean = jax.tree.map(lambda v: v.mean(0), per(net.params, x, y))
+  taps = float(optim.gradient_variance_from_examples(out.example_stats, mean))
+  _, grouped = S.make_train_step(S.stateless(loss), tx, mesh=mesh, micro_batch_size=4, grad_stats=True,
+                                 donate=False)(state, batch)
+  groups = float(sum(np.sum(v) for v in jax.tree.leaves(optim.per_sample_variance(grouped.grad_stats))))
+  print(f"per-example variance on linear regression (n={n}): exact {exact:.6g}; layer taps {taps:.6g} "
+        f"(relative error {abs(taps / exact - 1):.2e}); groups of 4 {groups:.6g} "
+        f"(relative error {abs(groups / exact - 1):.2e})")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--model", default="cnn", choices=sorted(MODELS))
-  parser.add_argument("--batches", type=int, nargs="+", default=[64, 512])
-  parser.add_argument("--micro", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024, 4096])
+  parser.add_argument("--models", nargs="+", default=sorted(MODELS))
+  parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
-
-  name, kwargs = MODELS[args.model]
-  device = jax.devices()[0]
-  mesh = S.data_mesh([device])
-  net = models.functional(models.make_model(name, input_shape=(8, 8, 1), num_classes=10, seed=0, **kwargs))
-  tx = optim.adagrad_norm(1.0)
-  loss_fn = train.classification_loss(net.apply)
-  config = _adaptive.run_config()
-  config.update(dict(method="norm", micro_batch_size=args.micro, b0=args.micro, b_max=1 << 20))
-  policy = _adaptive.make_policy(config)
-  params = jax.device_get(net.params)
-  key = np.asarray(jax.random.key_data(jax.random.key(0)))
-
-  def fresh(extra):
-    return S.replicate(S.TrainState(np.int32(0), params, jax.device_get(tx.init(params)), {}, extra, key), mesh)
-
-  plain = S.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=args.micro)
-  tested = S.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=args.micro, grad_stats=True,
-                             extra_update=policy.extra_update)
-  whole = S.make_train_step(loss_fn, tx, mesh=mesh)
-
-  def per_sample_step(params, opt_state, controller, batch):
-    def one(p, image, label):
-      logits, _ = net.apply(p, {}, image[None], train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, label[None]).mean()
-    grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, batch["image"], batch["label"])
-    mean = jax.tree.map(lambda g: g.mean(0), grads)
-    updates, opt_state = tx.update(mean, opt_state, params)
-    controller = optim.batch_size_update(controller, optim.norm_test(grads, 0.1))
-    return optax.apply_updates(params, updates), opt_state, controller
-
-  per_sample_step = jax.jit(per_sample_step, donate_argnums=(0, 1, 2))
-  rng = np.random.default_rng(0)
-  print(f"device: {device.device_kind} ({device.platform}); model {args.model} "
-        f"({models.param_count(params):,} parameters), AdaGradNorm, micro-batch {args.micro}")
-
-  for b in args.batches:
-    data = {"image": rng.normal(size=(b, 8, 8, 1)).astype(np.float32),
-            "label": rng.integers(0, 10, size=b).astype(np.int32)}
-    batch = S.shard_batch(data, mesh)
-    n = np.int32(b // args.micro)
-    holders = {"plain": fresh(()), "tested": fresh(policy.extra_init()), "whole": fresh(())}
-    sample_state = [jax.device_put(params), tx.init(params), policy.extra_init().controller]
-    local = jax.device_put(data, device)
-
-    def run(kind):
-      step = {"plain": plain, "tested": tested, "whole": whole}[kind]
-      def go():
-        if kind == "whole":
-          holders[kind], out = step(holders[kind], batch)
-        else:
-          holders[kind], out = step(holders[kind], batch, n)
-        return out.metrics["loss"]
-      return go
-
-    def run_sample():
-      sample_state[:] = per_sample_step(*sample_state, local)
-      return sample_state[0]
-
-    fns = {"plain": run("plain"), "tested": run("tested"), "per-sample": run_sample, "whole": run("whole")}
-    times = {k: [] for k in fns}
-    for fn in fns.values():   # compile and warm up
-      timed(fn, 2)
-    for _ in range(args.repeats):
-      for k, fn in fns.items():
-        times[k].append(timed(fn, args.steps))
-    t = {k: statistics.median(v) for k, v in times.items()}
-    print(f"batch {b:5d} ({b // args.micro} micro-batches): plain {t['plain'] * 1e3:8.3f} ms | norm-test "
-          f"{t['tested'] * 1e3:8.3f} ms | per-sample (vmap) {t['per-sample'] * 1e3:8.3f} ms | one micro-batch "
-          f"{t['whole'] * 1e3:8.3f} ms")
-    print(f"  ratio norm-test / plain = {t['tested'] / t['plain']:.3f}   (target <= 1.10)")
-    print(f"  ratio per-sample (vmap) / plain = {t['per-sample'] / t['plain']:.3f}   "
-          f"(reference PyTorch code: 4.6x at batch 64, 6.4x at batch 512)")
-    print(f"  ratio one-micro-batch plain / plain = {t['whole'] / t['plain']:.3f}")
-
-  # A batch-size change: within a bucket only num_micro_batches changes (the same executable). The same
-  # sizes (k - 1 and k micro-batches) either alternate every step or stay fixed for a whole block.
-  b = args.batches[-1]
-  k = optim.bucket(b, args.micro)
-  data = {"image": rng.normal(size=(k * args.micro, 8, 8, 1)).astype(np.float32),
-          "label": rng.integers(0, 10, size=k * args.micro).astype(np.int32)}
-  batch = S.shard_batch(data, mesh)
-  state, cursor = [fresh(policy.extra_init())], [0]
-
-  def with_size(size_fn):
-    def go():
-      cursor[0] += 1
-      state[0], out = tested(state[0], batch, np.int32(size_fn()))
-      return out.metrics["loss"]
-    return go
-
-  changing = with_size(lambda: k - cursor[0] % 2)
-  before = tested._cache_size()
-  timed(changing, 4)
-  t_change, t_fixed = [], []
-  for r in range(2 * args.repeats):
-    t_change.append(timed(changing, args.steps))
-    t_fixed.append(timed(with_size(lambda r=r: k - r % 2), args.steps))
-  print(f"batch-size change within the bucket of {k} micro-batches ({k - 1} <-> {k}): time with a new size "
-        f"every step / the same sizes fixed per block = {sum(t_change) / sum(t_fixed):.3f}; new compilations: "
-        f"{tested._cache_size() - before}")
-  # A new bucket: one compilation.
-  big = 2 * k
-  data = {"image": np.zeros((big * args.micro, 8, 8, 1), np.float32),
-          "label": np.zeros(big * args.micro, np.int32)}
-  start = time.perf_counter()
-  tested.lower(state[0], S.shard_batch(data, mesh), np.int32(big)).compile()
-  compile_s = time.perf_counter() - start
-  print(f"compile time of a new bucket ({big} micro-batches, batch up to {big * args.micro}): {compile_s:.2f} s "
-        f"= {compile_s / statistics.median(t_fixed):.0f} steps of the bucket below; once per power of two")
+  print(f"device: {jax.devices()[0].device_kind}; time / hand-written step (median of {args.repeats})")
+  worst = {}
+  for name in args.models:
+    for k, v in bench_model(name, args.batches, args.repeats).items():
+      worst[k] = max(worst.get(k, 0.0), v)
+  estimator_errors()
+  print("worst over models and batch sizes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst.items()))
+  print(f"norm_test_vs_handwritten={worst['norm test']:.3f}")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def run(
     source: Source,
     *,
     mesh: jax.sharding.Mesh,
-    batch_size: int | Callable[[step_lib.TrainState], int],
+    batch_size: int | Callable[[Context], int],
     num_steps: int | None = None,
     num_samples: int | None = None,
     micro_batch_size: int | None = None,
@@ -188,8 +188,9 @@ def run(
     state: the initial ``TrainState``, placed on ``mesh`` (also the restore target on resume).
     source: the batch source (see :class:`Source`).
     mesh: the step's mesh; batches are built with ``prox.step.shard_batch``.
-    batch_size: the global batch size, or ``state -> int`` read once per step (a controller in
-      ``state.extra``; read on the host, one device-to-host transfer per step).
+    batch_size: the global batch size, or ``context -> int`` asked once per step: a schedule of
+      ``context.step`` / ``context.samples``, or a controller in ``context.state.extra`` (read on the
+      host: one device-to-host transfer per step).
     num_steps, num_samples: the budget; the run stops before a step would exceed either (at least one
       is required). Both count from the start of the run, over all resumed segments.
     micro_batch_size: with a variable ``batch_size``: examples per micro-batch per device; each batch is
@@ -243,7 +244,7 @@ def run(
   saved_at = resumed_from
 
   def next_size() -> int:
-    return int(batch_size(ctx.state)) if callable(batch_size) else int(batch_size)
+    return int(batch_size(ctx)) if callable(batch_size) else int(batch_size)
 
   def check(out: step_lib.StepOutput | None, at_step: int) -> None:
     """Raises Diverged (or counts) for a non-finite step; reads ``out.finite`` (a host sync)."""
@@ -281,6 +282,8 @@ def run(
     pending = None                 # (output, step) whose finiteness is not read yet
     while not ctx.stop_requested:
       b = next_size()
+      if b < 1:
+        raise ValueError(f"batch size {b} at step {ctx.step}: it must be positive")
       if (num_steps is not None and ctx.step >= num_steps) or (
           num_samples is not None and ctx.samples + b > num_samples):
         break

@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -140,6 +141,8 @@ def _features(tap: Tap) -> jax.Array:
   strides, padding, lhs_dil, rhs_dil, _ = tap.conv
   window = tap.kernel_shape[:-2]
   nd = len(window)
+  if all(d == 1 for d in tuple(lhs_dil) + tuple(rhs_dil)):
+    return _patches_by_slicing(x, window, strides, padding)
   spatial = "".join("DHW"[3 - nd:])
   dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
   patches = lax.conv_general_dilated_patches(
@@ -149,6 +152,22 @@ def _features(tap: Tap) -> jax.Array:
   m = patches.shape[0]
   p = patches.reshape(m, -1, cin, math.prod(window))
   return jnp.swapaxes(p, -1, -2).reshape(m, p.shape[1], -1)
+
+
+def _patches_by_slicing(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Any) -> jax.Array:
+  """Input patches of an undilated convolution from ``prod(window)`` strided slices: memory traffic
+  only (``conv_general_dilated_patches`` is a convolution with an identity kernel, fan_in times the
+  layer's own multiply-adds)."""
+  spatial = x.shape[1:-1]
+  pads = lax.padtype_to_pads(spatial, window, strides, padding) if isinstance(padding, str) else padding
+  x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+  out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(spatial, pads, window, strides)]
+  slices = []
+  for offset in np.ndindex(*window):
+    index = (slice(None),) + tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides))
+    slices.append(x[index])          # [m, *out, cin] for this kernel offset
+  patches = jnp.stack(slices, axis=-2)  # [m, *out, prod(window), cin]: the kernel's (*window, cin) order
+  return patches.reshape(x.shape[0], math.prod(out), -1)
 
 
 def _cotangents(delta: jax.Array) -> jax.Array:

@@ -149,7 +149,7 @@ def test_growing_batch_compiles_once_per_bucket():
                            transition=grow)
   sizes = []
   result = L.run(step, state, EpochSource(_dataset(), 0), mesh=mesh,
-                 batch_size=lambda s: int(s.extra["controller"].batch_size), num_samples=400,
+                 batch_size=lambda ctx: int(ctx.state.extra["controller"].batch_size), num_samples=400,
                  micro_batch_size=4 // len(jax.devices()) or 1,
                  actions=((L.Every(steps=1), lambda ctx: sizes.append(ctx.batch_size)),))
   assert sizes[:5] == [4, 8, 12, 16, 20] and sum(sizes) <= 400

@@ -70,20 +70,38 @@ class EpochSource:
     return self._state.epoch
 
 
+_MATERIALIZED: dict[tuple[int, int], dict[str, np.ndarray]] = {}   # (seed, n) -> the first n samples
+
+
 class StreamSource:
   """Fresh samples without end: warped images of ``ds`` (``augment`` options of
-  ``data.next_stream_batch``), or, for ``ds=None``, newly generated MNIST-1D sequences."""
+  ``data.next_stream_batch``), or, for ``ds=None``, newly generated MNIST-1D sequences.
 
-  def __init__(self, ds: data_lib.ArrayDataset | None, seed: int, *,
+  ``materialize=n`` generates the first ``n`` samples of the stream once (per seed, shared by every
+  source in the process) and serves them from memory, exactly the batches the stream would generate:
+  for sweeps whose runs read the same stream. Only for MNIST-1D (``ds=None``).
+  """
+
+  def __init__(self, ds: data_lib.ArrayDataset | None, seed: int, *, materialize: int = 0,
                process_index: int | None = None, process_count: int | None = None, **augment: Any):
     if ds is None and augment:
       raise ValueError(f"augmentation options {sorted(augment)} apply to image datasets, not MNIST-1D")
+    if materialize and ds is not None:
+      raise ValueError("materialize is for the MNIST-1D stream (ds=None)")
     self.ds = ds
     self.augment = augment
     self._process = _process(process_index, process_count)
     self._state = data_lib.stream_init(seed)
+    self._memory = _materialized(int(seed), int(materialize)) if materialize else None
 
   def next(self, batch_size: int) -> Batch:
+    count, index = self._process["process_count"], self._process["process_index"]
+    if self._memory is not None and self._state.position + batch_size <= len(self._memory["label"]):
+      local = batch_size // count
+      lo = self._state.position + index * local
+      rows = {k: v[lo:lo + local] for k, v in self._memory.items()}
+      self._state = self._state._replace(position=self._state.position + batch_size)
+      return Batch(rows)
     if self.ds is None:
       rows, self._state = data_lib.next_mnist1d_stream_batch(self._state, batch_size, **self._process)
     else:
@@ -148,3 +166,13 @@ class TaskSource:
   def set_state(self, state: dict) -> None:
     self._task, self._done = int(state["task"]), int(state["done"])
     self._loader = data_lib.loader_state_from_dict(state["loader"])
+
+
+def _materialized(seed: int, n: int) -> dict[str, np.ndarray]:
+  if (seed, n) not in _MATERIALIZED:
+    parts, state = [], data_lib.stream_init(seed)
+    for start in range(0, n, 65536):
+      rows, state = data_lib.next_mnist1d_stream_batch(state, min(65536, n - start))
+      parts.append(rows)
+    _MATERIALIZED[(seed, n)] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return _MATERIALIZED[(seed, n)]

@@ -27,7 +27,7 @@ def get_config(model: str = "mlp") -> ml_collections.ConfigDict:
   # Model: mlp | cnn | resnet20, with model_kwargs passed to prox.models.make_model.
   c.model = model or "mlp"
   c.model_kwargs = ml_collections.ConfigDict(MODEL_KWARGS.get(c.model, {}))
-  # Optimizer: any name in prox.experiments.train.OPTIMIZERS (optax aliases and prox.optim).
+  # Optimizer: any name in prox.experiments.common.OPTIMIZERS (optax aliases and prox.optim).
   c.optimizer = "adam"
   c.optimizer_kwargs = ml_collections.ConfigDict()
   c.learning_rate = 1e-3
