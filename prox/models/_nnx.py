@@ -132,22 +132,30 @@ def _eval_view(model: nnx.Module) -> nnx.Module:
 
 @functools.lru_cache(maxsize=None)
 def classifier_logprob(call: Callable[[nnx.Module, jax.Array], jax.Array] | None = None, *,
-                       inputs: str = "image", labels: str = "label") -> Callable[[nnx.Module, Any], jax.Array]:
+                       inputs: str = "image", labels: str = "label",
+                       classes: str | None = None) -> Callable[[nnx.Module, Any], jax.Array]:
   """``log p(y | x)`` of ONE example for a classifier: ``log_softmax(call(model, x[None]))[0, y]``.
 
   An example is a mapping with keys ``inputs`` and ``labels`` (``{"image": x, "label": y}``) or a pair
   ``(x, y)``. ``call(model, images) -> logits`` runs the model on a batch (default ``model(images)``; for a
-  model called as ``model(x, rngs)`` pass ``lambda model, x: model(x, None)``). The same arguments return
-  the same function object, so :func:`module_fisher` compiles once.
+  model called as ``model(x, rngs)`` pass ``lambda model, x: model(x, None)``). ``classes``: the key of a
+  boolean mask over the classes in each example (task-incremental learning: only the task's classes
+  compete), ``log p(y | x) = z_y - log sum_{c in mask} exp z_c``. The same arguments return the same
+  function object, so :func:`module_fisher` compiles once.
   """
 
   def logprob(model: nnx.Module, example: Any) -> jax.Array:
     if isinstance(example, Mapping):
       x, y = example[inputs], example[labels]
     else:
+      if classes is not None:
+        raise ValueError(f"classifier_logprob: classes={classes!r} needs examples that are mappings")
       x, y = example
     logits = model(x[None]) if call is None else call(model, x[None])
-    return jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))[0, y]
+    logits = logits[0].astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if classes is not None:
+      logits = jnp.where(example[classes], logits, -jnp.inf)
+    return jax.nn.log_softmax(logits)[y]
 
   return logprob
 

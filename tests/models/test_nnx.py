@@ -276,3 +276,27 @@ def test_update_opt_state_inside_nnx_jit():
 
   boundary(model, optimizer, fisher)
   assert int(ewc_lib.find_ewc_state(models.opt_state_of(optimizer)).num_tasks) == 1
+
+
+def test_classifier_logprob_with_a_class_mask_float64():
+  with jax.enable_x64(True):
+    model = Net(d_in=3, hidden=4, d_out=5, dtype=jnp.float64, rngs=nnx.Rngs(1))
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=3))
+    mask = jnp.asarray([False, True, False, True, True])
+    example = {"image": x, "label": jnp.asarray(3), "class_mask": mask}
+    z = np.asarray(model(x[None]))[0]
+    want = z[3] - np.log(np.sum(np.exp(z[[1, 3, 4]])))
+    got = models.classifier_logprob(classes="class_mask")(model, example)
+    np.testing.assert_allclose(float(got), want, rtol=1e-12)
+    # Without the mask: all five classes compete.
+    np.testing.assert_allclose(float(models.classifier_logprob()(model, example)),
+                               z[3] - np.log(np.sum(np.exp(z))), rtol=1e-12)
+    # The Fisher through the masked log-prob is finite, and zero for the head rows of masked classes.
+    batch = {"image": jnp.stack([x, -x]), "label": jnp.asarray([3, 1]), "class_mask": jnp.stack([mask, mask])}
+    f = models.module_fisher(model, batch, logprob_fn=models.classifier_logprob(classes="class_mask"))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(f))
+    np.testing.assert_array_equal(np.asarray(f["linear2"]["kernel"])[:, [0, 2]], 0.0)
+    assert np.all(np.asarray(f["linear2"]["kernel"])[:, [1, 3, 4]].sum(0) > 0)
+    with pytest.raises(ValueError, match="classes='class_mask' needs examples that are mappings"):
+      models.classifier_logprob(classes="class_mask")(model, (x, 3))
