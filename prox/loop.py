@@ -4,7 +4,7 @@ Every prox training run, from a laptop to a pod, is this loop::
 
     while the budget (steps or samples) allows the next batch:
       b     = batch_size(state)                      # fixed, or read from a controller in the state
-      batch = source.next(b)                         # this process's rows, step metadata, boundary
+      batch = source.next(b, ctx)                         # this process's rows, step metadata, boundary
       state, out = step(state, shard(pack(batch)))   # the compiled step (compiled once per bucket)
       run the actions that are due (boundaries first, then by steps / samples): log, evaluate, rare
         jitted transitions (a teacher's refit), checkpoint, profile, ...
@@ -48,8 +48,9 @@ PyTree = Any
 class Source(Protocol):
   """A host-side batch source with a checkpointable position (like a grain iterator)."""
 
-  def next(self, batch_size: int) -> Batch | None:
-    """The next batch of ``batch_size`` global examples (this process's rows); ``None`` ends the run."""
+  def next(self, batch_size: int, context: Context | None = None) -> Batch | None:
+    """The next batch of ``batch_size`` global examples (this process's rows); ``None`` ends the run.
+    ``context`` is the loop's :class:`Context` (the state after the previous step)."""
 
   def get_state(self) -> dict:
     """The position as a JSON dict."""
@@ -288,7 +289,7 @@ def run(
           num_samples is not None and ctx.samples + b > num_samples):
         break
       started = time.perf_counter()
-      batch = source.next(b)
+      batch = source.next(b, ctx)
       if batch is None:
         break
       data, num_micro = batch.data, None

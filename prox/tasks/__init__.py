@@ -1,5 +1,6 @@
 """Data, task streams, teachers and other pure state machines."""
-from prox.tasks._sources import Batch, EpochSource, StreamSource, TaskSource
+from prox.tasks._episodes import EpisodeState, EpisodicTeacher, episodic_teacher
+from prox.tasks._sources import Batch, EpochSource, ParametricTaskSource, StreamSource, SubsetSource, TaskSource
 from prox.tasks._stages import Stage, StageMachine, StageState, ernie_tiny_stages, orca_stages, stage_machine
 from prox.tasks._teachers import TeacherBank, stacked_teacher_bank, switched_teacher_bank
 from prox.tasks._elastic_sampling import GapSamplerState, ProgressiveShrinking, RobustGapSampler, ShrinkingState
@@ -7,9 +8,14 @@ from prox.tasks._elastic_sampling import Subnet, progressive_shrinking, robust_g
 
 __all__ = [
     "Batch",
+    "EpisodeState",
+    "EpisodicTeacher",
     "EpochSource",
+    "ParametricTaskSource",
     "StreamSource",
+    "SubsetSource",
     "TaskSource",
+    "episodic_teacher",
     "GapSamplerState",
     "ProgressiveShrinking",
     "RobustGapSampler",

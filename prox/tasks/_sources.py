@@ -1,7 +1,8 @@
 """Batch sources for ``prox.loop``: host-side iterators with a checkpointable position.
 
-A source has ``next(batch_size) -> Batch | None``, ``get_state() -> dict`` and ``set_state(dict)``, like
-a grain ``DatasetIterator``; it returns this process's rows of each global batch (``jax.process_index()``
+A source has ``next(batch_size, context=None) -> Batch | None``, ``get_state() -> dict`` and
+``set_state(dict)``, like a grain ``DatasetIterator`` (``context`` is the loop's ``Context``: a source may
+read the train state, e.g. the task a teacher in ``state.extra`` chose); it returns this process's rows of each global batch (``jax.process_index()``
 of ``jax.process_count()`` by default) and keeps only plain ints as its position, so a checkpoint stores
 it as JSON and a resumed run sees exactly the batches an uninterrupted one would.
 
@@ -11,6 +12,10 @@ it as JSON and a resumed run sees exactly the batches an uninterrupted one would
   (``data.next_stream_batch``) or newly generated MNIST-1D sequences (``data.next_mnist1d_stream_batch``).
 * :class:`TaskSource`: a sequence of tasks, each a dataset trained for a number of steps; the batch that
   ends a task carries ``boundary="task"`` and every batch the task index as metadata.
+* :class:`SubsetSource`: epochs over the items a curriculum selects between epochs (PUDF), with example
+  indices in the batch.
+* :class:`ParametricTaskSource`: a continuous family of tasks over one dataset: each batch is drawn from
+  epochs of the dataset and transformed by the task vector the train state names (a teacher's choice).
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ class EpochSource:
     self._process = _process(process_index, process_count)
     self._state = data_lib.loader_init(seed)
 
-  def next(self, batch_size: int) -> Batch:
+  def next(self, batch_size: int, context: Any = None) -> Batch:
     epoch = self._state.epoch
     rows, self._state = data_lib.next_batch(self.ds, self._state, batch_size, **self._process)
     if self.transform is not None:
@@ -94,7 +99,7 @@ class StreamSource:
     self._state = data_lib.stream_init(seed)
     self._memory = _materialized(int(seed), int(materialize)) if materialize else None
 
-  def next(self, batch_size: int) -> Batch:
+  def next(self, batch_size: int, context: Any = None) -> Batch:
     count, index = self._process["process_count"], self._process["process_index"]
     if self._memory is not None and self._state.position + batch_size <= len(self._memory["label"]):
       local = batch_size // count
@@ -145,7 +150,7 @@ class TaskSource:
     """The task the next batch comes from (``len(datasets)`` when all are done)."""
     return self._task
 
-  def next(self, batch_size: int) -> Batch | None:
+  def next(self, batch_size: int, context: Any = None) -> Batch | None:
     t = self._task
     if t >= len(self.datasets):
       return None
@@ -176,3 +181,153 @@ def _materialized(seed: int, n: int) -> dict[str, np.ndarray]:
       parts.append(rows)
     _MATERIALIZED[(seed, n)] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   return _MATERIALIZED[(seed, n)]
+
+
+class ParametricTaskSource:
+  """Batches of a continuous task family: epochs of ``ds`` (seeded order), each batch transformed by the
+  task vector ``task_of(context)`` (e.g. ``context.state.extra["teacher"].task``, read on the host).
+
+  ``transform(batch, task, rng) -> batch`` is a host function (numpy); ``rng`` is a
+  ``numpy.random.Generator`` seeded by ``(seed, samples drawn so far)``, so a batch depends only on the
+  position and the task: a resumed run draws the same batches. Every batch carries ``meta={"task":
+  float32 task}``.
+  """
+
+  def __init__(self, ds: data_lib.ArrayDataset, seed: int, *, task_of: Callable[[Any], np.ndarray],
+               transform: Callable[[dict, np.ndarray, np.random.Generator], dict],
+               process_index: int | None = None, process_count: int | None = None):
+    self.ds, self.seed = ds, int(seed)
+    self.task_of, self.transform = task_of, transform
+    self._process = _process(process_index, process_count)
+    self._state = data_lib.loader_init(seed)
+    self._drawn = 0
+
+  def next(self, batch_size: int, context: Any = None) -> Batch:
+    task = np.asarray(jax.device_get(self.task_of(context)), np.float32)
+    rows, self._state = data_lib.next_batch(self.ds, self._state, batch_size, **self._process)
+    rng = np.random.default_rng((self.seed, self._drawn, self._process["process_index"]))
+    self._drawn += batch_size
+    return Batch(self.transform(rows, task, rng), {"task": task})
+
+  def get_state(self) -> dict:
+    return {"loader": data_lib.loader_state_to_dict(self._state), "drawn": self._drawn}
+
+  def set_state(self, state: dict) -> None:
+    self._state = data_lib.loader_state_from_dict(state["loader"])
+    self._drawn = int(state["drawn"])
+
+
+class SubsetSource:
+  """Epochs over the items a curriculum selects, for ``prox.loop.run``; batches carry example indices.
+
+  Epoch ``e`` visits its items ``I_e`` (every example unless :meth:`select` chose others) once, in the
+  order ``I_e[default_rng([seed, e]).permutation(|I_e|)]``, in ``ceil(|I_e| / B)`` batches of ``B``
+  examples. The last batch of an epoch is completed with the epoch's first examples (as PyTorch's
+  ``DistributedSampler`` pads), so every row is a real example, the batch size never changes and the
+  step needs no padding weights; that batch carries ``boundary="epoch"``.
+
+  Batches: ``{"image", "label", "index"}`` (``index``: int32 row of the example in ``ds``, e.g. for a
+  per-example store) and ``meta={"epoch": int32 e}``. After ``num_epochs`` epochs ``next`` returns
+  ``None`` (the run ends). The position (seed, epoch, index within the epoch, the epoch's items) is a
+  JSON dict, so a resumed run sees exactly the batches an uninterrupted one would.
+
+  Args:
+    ds: the dataset.
+    seed: the order's seed.
+    num_epochs: epochs before the source ends (``None``: no end).
+    items: the items of the first epoch (default: all).
+    process_index, process_count: this process's shard of each global batch (default: from JAX).
+  """
+
+  def __init__(self, ds: data_lib.ArrayDataset, seed: int, *, num_epochs: int | None = None,
+               items: Sequence[int] | None = None, process_index: int | None = None,
+               process_count: int | None = None):
+    num = len(ds.labels)
+    if num < 1 or len(ds.images) != num:
+      raise ValueError(f"dataset {ds.name!r} must hold N > 0 inputs and N labels, got images "
+                       f"{np.shape(ds.images)} and labels {np.shape(ds.labels)}")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
+      raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if num_epochs is not None and (not _is_int(num_epochs) or num_epochs < 1):
+      raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
+    self.ds = ds
+    self.num_epochs = None if num_epochs is None else int(num_epochs)
+    self._process_index = jax.process_index() if process_index is None else int(process_index)
+    self._process_count = jax.process_count() if process_count is None else int(process_count)
+    self._seed, self._epoch, self._index = int(seed), 0, 0
+    self._items = self._check_items(items)
+    self._cached: tuple[int, np.ndarray] | None = None   # (epoch, its order)
+
+  def _check_items(self, items: Sequence[int] | None) -> np.ndarray | None:
+    if items is None:
+      return None
+    items = np.asarray(items)
+    num = len(self.ds.labels)
+    if (items.ndim != 1 or items.size == 0 or not np.issubdtype(items.dtype, np.integer)
+        or items.min() < 0 or items.max() >= num):
+      raise ValueError(f"items must be a non-empty vector of indices in [0, {num}), got "
+                       f"{items.size} values of dtype {items.dtype}"
+                       + (f" in [{items.min()}, {items.max()}]" if items.size and items.ndim == 1 else ""))
+    if np.unique(items).size != items.size:
+      raise ValueError("items must be distinct (an epoch visits each selected item once)")
+    return items.astype(np.int64)
+
+  @property
+  def epoch(self) -> int:
+    """The epoch the next batch comes from."""
+    return self._epoch
+
+  @property
+  def items(self) -> np.ndarray:
+    """The current epoch's items."""
+    return np.arange(len(self.ds.labels)) if self._items is None else self._items.copy()
+
+  def select(self, items: Sequence[int] | None) -> None:
+    """Sets the items of the epoch about to start (and the following ones); ``None``: all examples.
+
+    Only between epochs (an epoch-boundary or start action): a ``ValueError`` otherwise.
+    """
+    if self._index:
+      raise ValueError(f"select is only possible between epochs; epoch {self._epoch} is at item "
+                       f"{self._index} of {len(self.items)}")
+    self._items = self._check_items(items)
+    self._cached = None
+
+  def _order(self) -> np.ndarray:
+    if self._cached is None or self._cached[0] != self._epoch:
+      items = self.items
+      order = items[np.random.default_rng([self._seed, self._epoch]).permutation(items.size)]
+      self._cached = (self._epoch, order)
+    return self._cached[1]
+
+  def next(self, batch_size: int, context: Any = None) -> Batch | None:
+    if self.num_epochs is not None and self._epoch >= self.num_epochs:
+      return None
+    if not _is_int(batch_size) or batch_size < 1 or batch_size % self._process_count:
+      raise ValueError(f"batch_size must be a positive int divisible by the process count "
+                       f"{self._process_count}, got {batch_size!r}")
+    order = self._order()
+    count = order.size
+    rows = order[(self._index + np.arange(batch_size)) % count]   # wraps into the epoch's start
+    local = batch_size // self._process_count
+    rows = rows[self._process_index * local:(self._process_index + 1) * local]
+    meta = {"epoch": np.int32(self._epoch)}
+    self._index += batch_size
+    boundary = None
+    if self._index >= count:
+      self._epoch, self._index, boundary = self._epoch + 1, 0, "epoch"
+    data = {"image": self.ds.images[rows], "label": self.ds.labels[rows], "index": rows.astype(np.int32)}
+    return Batch(data, meta, boundary)
+
+  def get_state(self) -> dict:
+    return {"seed": self._seed, "epoch": self._epoch, "index": self._index,
+            "items": None if self._items is None else self._items.tolist()}
+
+  def set_state(self, state: dict) -> None:
+    self._seed, self._epoch, self._index = int(state["seed"]), int(state["epoch"]), int(state["index"])
+    self._items = self._check_items(state["items"])
+    self._cached = None
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

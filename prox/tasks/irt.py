@@ -31,7 +31,7 @@ import optax
 from jax import lax
 
 from prox.tasks import data as data_lib
-from prox.tasks._sources import Batch
+from prox.tasks._sources import SubsetSource  # noqa: F401  (was defined here; the curriculum reads it here)
 
 
 class IRTFit(NamedTuple):
@@ -261,118 +261,6 @@ def pudf_step(state: PUDFState, difficulties, probe, probe_correct, *, prior_mea
                                prior_std=prior_std)
   state, selection = pudf_update(state, theta_hat, b)
   return state, selection, theta_hat
-
-
-class SubsetSource:
-  """Epochs over the items a curriculum selects, for ``prox.loop.run``; batches carry example indices.
-
-  Epoch ``e`` visits its items ``I_e`` (every example unless :meth:`select` chose others) once, in the
-  order ``I_e[default_rng([seed, e]).permutation(|I_e|)]``, in ``ceil(|I_e| / B)`` batches of ``B``
-  examples. The last batch of an epoch is completed with the epoch's first examples (as PyTorch's
-  ``DistributedSampler`` pads), so every row is a real example, the batch size never changes and the
-  step needs no padding weights; that batch carries ``boundary="epoch"``.
-
-  Batches: ``{"image", "label", "index"}`` (``index``: int32 row of the example in ``ds``, e.g. for a
-  per-example store) and ``meta={"epoch": int32 e}``. After ``num_epochs`` epochs ``next`` returns
-  ``None`` (the run ends). The position (seed, epoch, index within the epoch, the epoch's items) is a
-  JSON dict, so a resumed run sees exactly the batches an uninterrupted one would.
-
-  Args:
-    ds: the dataset.
-    seed: the order's seed.
-    num_epochs: epochs before the source ends (``None``: no end).
-    items: the items of the first epoch (default: all).
-    process_index, process_count: this process's shard of each global batch (default: from JAX).
-  """
-
-  def __init__(self, ds: data_lib.ArrayDataset, seed: int, *, num_epochs: int | None = None,
-               items: Sequence[int] | None = None, process_index: int | None = None,
-               process_count: int | None = None):
-    num = len(ds.labels)
-    if num < 1 or len(ds.images) != num:
-      raise ValueError(f"dataset {ds.name!r} must hold N > 0 inputs and N labels, got images "
-                       f"{np.shape(ds.images)} and labels {np.shape(ds.labels)}")
-    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
-      raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    if num_epochs is not None and (not _is_int(num_epochs) or num_epochs < 1):
-      raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
-    self.ds = ds
-    self.num_epochs = None if num_epochs is None else int(num_epochs)
-    self._process_index = jax.process_index() if process_index is None else int(process_index)
-    self._process_count = jax.process_count() if process_count is None else int(process_count)
-    self._seed, self._epoch, self._index = int(seed), 0, 0
-    self._items = self._check_items(items)
-    self._cached: tuple[int, np.ndarray] | None = None   # (epoch, its order)
-
-  def _check_items(self, items: Sequence[int] | None) -> np.ndarray | None:
-    if items is None:
-      return None
-    items = np.asarray(items)
-    num = len(self.ds.labels)
-    if (items.ndim != 1 or items.size == 0 or not np.issubdtype(items.dtype, np.integer)
-        or items.min() < 0 or items.max() >= num):
-      raise ValueError(f"items must be a non-empty vector of indices in [0, {num}), got "
-                       f"{items.size} values of dtype {items.dtype}"
-                       + (f" in [{items.min()}, {items.max()}]" if items.size and items.ndim == 1 else ""))
-    if np.unique(items).size != items.size:
-      raise ValueError("items must be distinct (an epoch visits each selected item once)")
-    return items.astype(np.int64)
-
-  @property
-  def epoch(self) -> int:
-    """The epoch the next batch comes from."""
-    return self._epoch
-
-  @property
-  def items(self) -> np.ndarray:
-    """The current epoch's items."""
-    return np.arange(len(self.ds.labels)) if self._items is None else self._items.copy()
-
-  def select(self, items: Sequence[int] | None) -> None:
-    """Sets the items of the epoch about to start (and the following ones); ``None``: all examples.
-
-    Only between epochs (an epoch-boundary or start action): a ``ValueError`` otherwise.
-    """
-    if self._index:
-      raise ValueError(f"select is only possible between epochs; epoch {self._epoch} is at item "
-                       f"{self._index} of {len(self.items)}")
-    self._items = self._check_items(items)
-    self._cached = None
-
-  def _order(self) -> np.ndarray:
-    if self._cached is None or self._cached[0] != self._epoch:
-      items = self.items
-      order = items[np.random.default_rng([self._seed, self._epoch]).permutation(items.size)]
-      self._cached = (self._epoch, order)
-    return self._cached[1]
-
-  def next(self, batch_size: int) -> Batch | None:
-    if self.num_epochs is not None and self._epoch >= self.num_epochs:
-      return None
-    if not _is_int(batch_size) or batch_size < 1 or batch_size % self._process_count:
-      raise ValueError(f"batch_size must be a positive int divisible by the process count "
-                       f"{self._process_count}, got {batch_size!r}")
-    order = self._order()
-    count = order.size
-    rows = order[(self._index + np.arange(batch_size)) % count]   # wraps into the epoch's start
-    local = batch_size // self._process_count
-    rows = rows[self._process_index * local:(self._process_index + 1) * local]
-    meta = {"epoch": np.int32(self._epoch)}
-    self._index += batch_size
-    boundary = None
-    if self._index >= count:
-      self._epoch, self._index, boundary = self._epoch + 1, 0, "epoch"
-    data = {"image": self.ds.images[rows], "label": self.ds.labels[rows], "index": rows.astype(np.int32)}
-    return Batch(data, meta, boundary)
-
-  def get_state(self) -> dict:
-    return {"seed": self._seed, "epoch": self._epoch, "index": self._index,
-            "items": None if self._items is None else self._items.tolist()}
-
-  def set_state(self, state: dict) -> None:
-    self._seed, self._epoch, self._index = int(state["seed"]), int(state["epoch"]), int(state["index"])
-    self._items = self._check_items(state["items"])
-    self._cached = None
 
 
 def _is_int(value: Any) -> bool:
