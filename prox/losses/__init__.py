@@ -24,6 +24,10 @@ from prox.losses._distillation import (
     sequence_log_prob,
     weak_to_strong_mask,
 )
+from prox.losses._onpro import mixup_cross_entropy, online_prototypes, onpro_equilibrium_loss
+from prox.losses._onpro import prototype_contrastive_loss
+from prox.losses._hypernet import hypernet_output_regularizer
+from prox.losses._targets import cosine_target_logits, language_target_loss, target_head_init
 
 __all__ = [
     "classification_eval",
@@ -47,4 +51,13 @@ __all__ = [
     "residual_target",
     "sequence_log_prob",
     "weak_to_strong_mask",
+    # continual learning: OnPro's prototype losses, the hypernetwork output regulariser, fixed class targets
+    "mixup_cross_entropy",
+    "online_prototypes",
+    "onpro_equilibrium_loss",
+    "prototype_contrastive_loss",
+    "hypernet_output_regularizer",
+    "cosine_target_logits",
+    "language_target_loss",
+    "target_head_init",
 ]

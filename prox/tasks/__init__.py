@@ -5,6 +5,10 @@ from prox.tasks._stages import Stage, StageMachine, StageState, ernie_tiny_stage
 from prox.tasks._teachers import TeacherBank, stacked_teacher_bank, switched_teacher_bank
 from prox.tasks._elastic_sampling import GapSamplerState, ProgressiveShrinking, RobustGapSampler, ShrinkingState
 from prox.tasks._elastic_sampling import Subnet, progressive_shrinking, robust_gap_sampler, stack_subnets, take_subnet
+from prox.tasks._mir import MIRResult, mir_retrieve
+from prox.tasks._prototypes import BayesianPrototypes, BayesianPrototypesState, FeedbackSample, FeedbackState
+from prox.tasks._prototypes import PrototypeFeedback, bayesian_prototypes, mixup_inputs, prototype_feedback
+from prox.tasks._experts import TAME, TAMEState, TAMEUpdate, expert_losses, routed_apply, tame
 
 __all__ = [
     "Batch",
@@ -34,4 +38,21 @@ __all__ = [
     "stage_machine",
     "switched_teacher_bank",
     "take_subnet",
+    # continual learning: MIR retrieval, OnPro's feedback sampler, ProtoCL's prototypes, TAME's experts
+    "MIRResult",
+    "mir_retrieve",
+    "BayesianPrototypes",
+    "BayesianPrototypesState",
+    "FeedbackSample",
+    "FeedbackState",
+    "PrototypeFeedback",
+    "bayesian_prototypes",
+    "mixup_inputs",
+    "prototype_feedback",
+    "TAME",
+    "TAMEState",
+    "TAMEUpdate",
+    "expert_losses",
+    "routed_apply",
+    "tame",
 ]

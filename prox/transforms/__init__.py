@@ -20,6 +20,10 @@ from prox.transforms._lapp import LAPP, bypass_apply, bypass_flops, bypass_init,
 from prox.transforms._lapp import lapp_scores, lapp_soft_masks
 from prox.transforms._fedtiny import TopKBuffer, adaptive_bn_selection, adjust_count, grow_and_prune
 from prox.transforms._fedtiny import magnitude_masks, random_layer_densities, topk_accumulate, topk_init
+from prox.transforms._mas import mas, mas_importance
+from prox.transforms._cuber import CUBERScores, CUBERState, cuber, cuber_correlation, cuber_scores
+from prox.transforms._cuber import cuber_update_bases, find_cuber_state, replace_cuber_state
+from prox.transforms._task_masks import TaskMasks, TaskMaskState, find_task_mask_state, mask_bytes, task_masks
 
 # The factories `sara`, `ewc` and `gpm` share their modules' names; they are not re-exported here, so
 # that `prox.transforms.sara` etc. stay the modules: `from prox.transforms.ewc import ewc`.
