@@ -51,6 +51,7 @@ from prox.models._elastic import (
     transformed_kernel,
 )
 from prox.models._structure import sliced_functional, structure_of
+from prox.models._hypernet import HypernetFunctional, RecurrentHypernet, hypernet_functional
 
 __all__ = [
     "BasicBlock",
@@ -85,4 +86,8 @@ __all__ = [
     "sliced_functional",
     "structure_of",
     "transformed_kernel",
+    # continual learning: a recurrent hypernetwork generating a target network's weights per task
+    "HypernetFunctional",
+    "RecurrentHypernet",
+    "hypernet_functional",
 ]
