@@ -1,4 +1,4 @@
-"""The output regulariser of continual learning with hypernetworks (von Oswald, Henning, Grewe & Schmidhuber
+"""The output regulariser of continual learning with hypernetworks (von Oswald, Henning, Grewe & Sacramento
 2020, "Continual learning with hypernetworks"), used by Chandra et al. 2023's recurrent hypernetworks.
 
 Learning task ``T`` with a hypernetwork ``h(e; Theta)`` (``prox.models.RecurrentHypernet``) minimises

@@ -322,12 +322,14 @@ class BayesianPrototypes(NamedTuple):
     log_joint: ``log_joint(state, z) -> [B, C]``, ``log p(z | c, D) + log p(c | D)``.
     log_posterior: ``log_posterior(state, z) -> [B, C]``, ``log p(c | z, D)`` (log-softmax of ``log_joint``).
     loss: ``loss(state, z, labels) -> [B]``, ``-log p(y | z, D)`` (gradient to ``z``, not to the state).
+    predict: ``predict(state, z) -> int32 [B]``, the class of largest posterior probability.
   """
   init: Callable[[], BayesianPrototypesState]
   update: Callable[..., BayesianPrototypesState]
   log_joint: Callable[[BayesianPrototypesState, jax.Array], jax.Array]
   log_posterior: Callable[[BayesianPrototypesState, jax.Array], jax.Array]
   loss: Callable[[BayesianPrototypesState, jax.Array, jax.Array], jax.Array]
+  predict: Callable[[BayesianPrototypesState, jax.Array], jax.Array]
 
 
 def _positive_array(name: str, value: Any) -> np.ndarray:
@@ -450,5 +452,8 @@ def bayesian_prototypes(
     logp = log_posterior(state, z)
     return -jnp.take_along_axis(logp, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
+  def predict(state: BayesianPrototypesState, z: jax.Array) -> jax.Array:
+    return jnp.argmax(log_joint(state, z), axis=-1).astype(jnp.int32)
+
   return BayesianPrototypes(init=init, update=jax.jit(update), log_joint=jax.jit(log_joint),
-                            log_posterior=jax.jit(log_posterior), loss=jax.jit(loss))
+                            log_posterior=jax.jit(log_posterior), loss=jax.jit(loss), predict=jax.jit(predict))

@@ -140,6 +140,7 @@ def test_normal_posterior_matches_the_closed_form_float64():
       np.testing.assert_allclose(joint[:, c], ref, rtol=1e-12)
     post = np.asarray(head.log_posterior(state, jnp.asarray(q)))
     np.testing.assert_allclose(post, joint - np.log(np.exp(joint).sum(1, keepdims=True)), rtol=1e-10)
+    np.testing.assert_array_equal(head.predict(state, jnp.asarray(q)), np.argmax(joint, 1))
 
 
 def test_normal_inverse_gamma_posterior_and_student_t_predictive_float64():
