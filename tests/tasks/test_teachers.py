@@ -22,9 +22,10 @@ def _mlp(params, x):
   return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def test_stacked_bank_selects_each_teacher_with_one_compile():
+@pytest.mark.parametrize("selection", ["switch", "slice"])
+def test_stacked_bank_selects_each_teacher_with_one_compile(selection):
   teachers = [_mlp_params(k, (8, 16, 3)) for k in jax.random.split(jax.random.key(0), 3)]
-  bank = stacked_teacher_bank(_mlp)
+  bank = stacked_teacher_bank(_mlp, selection=selection)
   state = bank.init(teachers)
   assert jax.tree.leaves(state)[0].shape[0] == 3
   x = jax.random.normal(jax.random.key(1), (5, 8))
@@ -40,7 +41,8 @@ def test_teachers_receive_no_gradient():
   teachers = [_mlp_params(k, (8, 16, 3)) for k in jax.random.split(jax.random.key(0), 2)]
   x = jax.random.normal(jax.random.key(1), (5, 8))
   student = _mlp_params(jax.random.key(2), (8, 4, 3))
-  for bank in (stacked_teacher_bank(_mlp), switched_teacher_bank([_mlp, _mlp])):
+  for bank in (stacked_teacher_bank(_mlp), stacked_teacher_bank(_mlp, selection="slice"),
+               switched_teacher_bank([_mlp, _mlp])):
     state = bank.init(teachers)
 
     def loss(student, state):
@@ -49,6 +51,17 @@ def test_teachers_receive_no_gradient():
     g_student, g_bank = jax.jit(jax.grad(loss, argnums=(0, 1)))(student, state)
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_bank))
     assert any(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(g_student))
+
+
+@pytest.mark.parametrize("selection", ["switch", "slice"])
+def test_stacked_bank_under_vmap(selection):
+  teachers = [_mlp_params(k, (8, 16, 3)) for k in jax.random.split(jax.random.key(0), 3)]
+  bank = stacked_teacher_bank(_mlp, selection=selection)
+  state = bank.init(teachers)
+  x = jax.random.normal(jax.random.key(1), (5, 8))
+  out = jax.vmap(bank.apply, in_axes=(None, 0, None))(state, jnp.array([2, 0, 1]), x)
+  for i, k in enumerate((2, 0, 1)):
+    np.testing.assert_allclose(out[i], _mlp(teachers[k], x), rtol=1e-5)
 
 
 def test_switched_bank_runs_different_architectures():
@@ -100,6 +113,8 @@ def test_bank_errors_and_checkpoint(orbax_round_trip):
     bank.init([])
   with pytest.raises(ValueError, match="index"):
     bank.apply(bank.init([_mlp_params(jax.random.key(0), (8, 3))]), 0.5, jnp.ones((1, 8)))
+  with pytest.raises(ValueError, match="selection"):
+    stacked_teacher_bank(_mlp, selection="gather")
   with pytest.raises(ValueError, match="2 parameter trees for 1"):
     switched_teacher_bank([_mlp]).init([_mlp_params(jax.random.key(0), (8, 3))] * 2)
   state = bank.init([_mlp_params(k, (8, 16, 3)) for k in jax.random.split(jax.random.key(0), 2)])
