@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from prox.tasks._experts import expert_losses, routed_apply, tame
@@ -133,3 +134,40 @@ def test_bad_options():
   machine = tame(2)
   with pytest.raises(ValueError, match="expert_losses"):
     machine.update(machine.init({"w": jnp.zeros(())}), {"w": jnp.zeros(())}, jnp.float32(1.0), jnp.zeros((3,)))
+
+
+def test_tame_as_a_transition_of_the_one_step():
+  """The machine in TrainState.extra, driven by a transition that swaps params and resets opt_state."""
+  from prox import step as S
+  tx = optax.adam(0.05)
+  # a converging full-batch loss is nearly flat: a noise floor keeps its small wiggles from looking like a switch
+  machine = tame(3, detector=shift_detector(reference_window=5, test_window=2, threshold=5.0, min_std=0.05))
+
+  def loss(params, batch, rng):
+    del rng
+    return jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"])), {}
+
+  def transition(state, info):
+    tstate, out = machine.update(state.extra["tame"], state.params, info.loss)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(out.changed, new, old), tx.init(out.params),
+                             state.opt_state)
+    return state._replace(params=out.params, opt_state=opt_state, extra={"tame": tstate})
+
+  params = {"w": jnp.zeros((2,))}
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state={},
+                       extra={"tame": machine.init(params)}, rng=jax.random.key_data(jax.random.key(0)))
+  mesh = S.data_mesh()
+  state = S.replicate(state, mesh)
+  step = S.make_train_step(S.stateless(loss), tx, transition=transition)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 2)).astype(np.float32)
+  for w_true in ([1.0, -1.0], [-4.0, 5.0]):                    # task A, then task B (a loss jump)
+    batch = S.shard_batch({"x": x, "y": (x @ np.asarray(w_true, np.float32))}, mesh)
+    for _ in range(40):
+      state, _ = step(state, batch)
+  tstate = state.extra["tame"]
+  assert int(tstate.num_experts) == 2 and int(tstate.active) == 1
+  assert step._cache_size() == 1
+  # expert 0 keeps what it learned on A; the active expert moves on towards B
+  a_loss = float(jnp.mean(jnp.square(x @ tstate.experts["w"][0] - x @ np.asarray([1.0, -1.0], np.float32))))
+  assert a_loss < 0.5

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from prox.tasks import replay
@@ -87,3 +88,36 @@ def test_bad_sizes_are_clear_errors():
   with pytest.raises(ValueError, match="one loss per example"):
     mir_retrieve(lambda p, e: jnp.mean(_loss(p, e)), params, batch, memory, jax.random.key(0),
                  num_candidates=5, k=2, learning_rate=0.1)
+
+
+def test_mir_in_a_loss_of_the_one_step_with_the_memory_in_extra():
+  """The loss reads the memory from ctx.extra and adds the retrieved examples' mean loss to the incoming one
+  (the reference's g_in + g_mem); a transition adds the global batch to the reservoir."""
+  from prox import step as S
+  tx = optax.sgd(0.1)
+
+  def loss_fn(params, model_state, batch, ctx):
+    got = mir_retrieve(_loss, params, batch, ctx.extra["memory"], ctx.rng, num_candidates=8, k=4,
+                       learning_rate=0.1)
+    w = got.valid.astype(jnp.float32)
+    replayed = jnp.sum(w * _loss(params, got.batch)) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.mean(_loss(params, batch)) + replayed, ({"replayed": jnp.sum(w)}, model_state)
+
+  def transition(state, info):
+    memory = replay.reservoir_add(state.extra["memory"], info.batch, info.rng)
+    return state._replace(extra={"memory": memory})
+
+  params, batch, memory = _setup(n_mem=2, cap=20)
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state={},
+                       extra={"memory": memory}, rng=jax.random.key_data(jax.random.key(0)))
+  mesh = S.data_mesh()
+  state = S.replicate(state, mesh)
+  step = S.make_train_step(loss_fn, tx, transition=transition)
+  sharded = S.shard_batch(batch, mesh)
+  replayed = []
+  for _ in range(3):
+    state, out = step(state, sharded)
+    replayed.append(float(out.metrics["replayed"]))
+  assert replayed == [2.0, 4.0, 4.0]                            # 2 stored, then 2 + 6 >= 4
+  assert int(state.extra["memory"].seen) == 2 + 3 * 6
+  assert step._cache_size() == 1 and bool(out.finite)
