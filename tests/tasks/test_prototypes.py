@@ -199,3 +199,36 @@ def test_prototype_errors():
   head = bayesian_prototypes(3, 2)
   with pytest.raises(ValueError, match="z must be"):
     head.update(head.init(), jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32))
+
+
+def test_protocl_head_in_the_one_step():
+  """The posterior in TrainState.extra: the loss reads it (before the batch), a transition adds the batch."""
+  from prox import step as S
+  import optax
+  head = bayesian_prototypes(3, 2, noise_variance=0.5)
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, size=24)
+  data = {"x": (rng.normal(size=(24, 4)) + y[:, None]).astype(np.float32), "y": y.astype(np.int32)}
+  encode = lambda p, x: x @ p["w"]
+
+  def loss_fn(params, model_state, batch, ctx):
+    z = encode(params, batch["x"])
+    return jnp.mean(head.loss(ctx.extra["protos"], z, batch["y"])), ({}, model_state)
+
+  def transition(state, info):
+    z = encode(info.params, info.batch["x"])                     # the features the loss saw
+    return state._replace(extra={"protos": head.update(state.extra["protos"], z, info.batch["y"])})
+
+  params = {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
+  tx = optax.sgd(0.05)
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state={},
+                       extra={"protos": head.init()}, rng=jax.random.key_data(jax.random.key(0)))
+  mesh = S.data_mesh()
+  state = S.replicate(state, mesh)
+  step = S.make_train_step(loss_fn, tx, transition=transition)
+  expected = head.update(head.init(), encode(params, jnp.asarray(data["x"])), jnp.asarray(data["y"]))
+  state, out = step(state, S.shard_batch(data, mesh))
+  np.testing.assert_allclose(state.extra["protos"].mean, expected.mean, rtol=1e-5)
+  assert float(state.extra["protos"].count.sum()) == 24
+  state, out = step(state, S.shard_batch(data, mesh))
+  assert float(state.extra["protos"].count.sum()) == 48 and step._cache_size() == 1

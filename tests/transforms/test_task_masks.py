@@ -105,3 +105,29 @@ def test_errors():
     tm.tx.init(_weights())
   with pytest.raises(ValueError, match="TaskMaskState"):
     find_task_mask_state(optax.sgd(0.1).init(_weights()))
+
+
+def test_in_the_one_step_with_the_forward_hook():
+  from prox import step as S
+  tm = task_masks(optax.sgd(0.05), density=0.5, max_tasks=2)
+  rng = np.random.default_rng(0)
+  data = {"x": rng.normal(size=(16, 5)).astype(np.float32), "y": rng.normal(size=(16, 4)).astype(np.float32)}
+  params = tm.init_params({"kernel": jnp.asarray(rng.normal(size=(5, 4)) * 0.3, jnp.float32)}, jax.random.key(0))
+
+  def loss(weights, batch, rng):
+    del rng
+    return jnp.mean(jnp.square(batch["x"] @ weights["kernel"] - batch["y"])), {}
+
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tm.tx.init(params), model_state={}, extra=(),
+                       rng=jax.random.key_data(jax.random.key(0)))
+  mesh = S.data_mesh()
+  state = S.replicate(state, mesh)
+  state = state._replace(opt_state=tm.consolidate_opt_state(state.opt_state, state.params))
+  used = np.asarray(find_task_mask_state(state.opt_state).used["kernel"])
+  before = np.asarray(state.params["weights"]["kernel"])
+  step = S.make_train_step(S.stateless(loss), tm.tx, forward_fn=lambda p, s: tm.forward(p))
+  for _ in range(5):
+    state, out = step(state, S.shard_batch(data, mesh))
+  after = np.asarray(state.params["weights"]["kernel"])
+  np.testing.assert_array_equal(after[used], before[used])      # task 0's weights frozen inside the step
+  assert bool(out.finite) and step._cache_size() == 1
