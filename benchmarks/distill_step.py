@@ -15,17 +15,19 @@ alpha = 0.9.
   dispatch allows between the next step's teacher forward and the current student step.
 
 Prints, per batch size, time(prox one jit) / time(hand-written two calls) (target <= 1.1). The steps
-alternate within each repeat so that machine noise hits them alike; medians are reported, and the ratio
-of the fastest repeats beside them (on a shared machine the median swings with other processes' load,
-printed before and after).
+alternate within each repeat so that machine noise hits them alike; times are medians over repeats and
+ratios medians of the per-repeat ratios (on a shared machine, other processes' load, printed before and
+after, still moves them). ``cpu prox/two`` is the same paired ratio of process CPU time (all threads),
+which a busy machine hardly moves: it compares the work done, not the overlap of the two calls.
 
-  python benchmarks/distill_step.py [--batches 128 256 512 1024] [--repeats 15] [--steps 50]
+  python benchmarks/distill_step.py [--batches 128 256 512 1024] [--repeats 31] [--steps 20]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -132,22 +134,28 @@ def measure(batch: int, repeats: int, steps: int) -> tuple[float, float, float]:
 
   for fn in (run_two, run_serial, run_fused, run_prox):
     timed(fn, 3)
-  times = {"two": [], "serial": [], "fused": [], "prox": []}
+  runs = {"two": run_two, "prox": run_prox, "fused": run_fused, "serial": run_serial}
+  times = {name: [] for name in runs}
+  cpu = {name: [] for name in runs}
   for _ in range(repeats):
-    times["two"].append(timed(run_two, steps))
-    times["prox"].append(timed(run_prox, steps))
-    times["fused"].append(timed(run_fused, steps))
-    times["serial"].append(timed(run_serial, steps))
+    for name, fn in runs.items():
+      start = time.process_time()
+      times[name].append(timed(fn, steps))
+      cpu[name].append((time.process_time() - start) / steps)
   if int(one[2].stage) != 1 or prox_step._cache_size() != 1:
     raise RuntimeError("the stage machine did not switch teachers once without recompiling")
-  return ({k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()})
+  paired = lambda t, a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))
+  ratios = {"prox/two": paired(times, "prox", "two"), "fused/two": paired(times, "fused", "two"),
+            "prox/serial": paired(times, "prox", "serial"), "prox/fused": paired(times, "prox", "fused"),
+            "cpu prox/two": paired(cpu, "prox", "two")}
+  return {k: statistics.median(v) for k, v in times.items()}, ratios
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024])
-  parser.add_argument("--repeats", type=int, default=15)
-  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=31)
+  parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args()
   device = jax.devices()[0]
   t_params = param_count(init_mlp(jax.random.key(0), TEACHER))
@@ -156,14 +164,15 @@ def main():
         f"({t_params:,} params), student MLP {'-'.join(map(str, STUDENT))} ({s_params:,} params, "
         f"1/{t_params / s_params:.1f}), Adam, T={TEMPERATURE}, alpha={ALPHA}")
   print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-  print("per step, median over repeats (ratios also from the fastest repeat, less sensitive to a busy machine)")
+  print("time per step: median over repeats; ratios: median over repeats of the paired ratio (the variants")
+  print("run back to back within a repeat, so a busy machine slows both sides of a ratio alike)")
   print(f"{'batch':>6} {'two calls':>11} {'two serial':>11} {'fused (hand)':>13} {'prox (1 jit)':>13} "
-        f"{'prox/two':>9} {'fused/two':>10} {'prox/serial':>12} {'prox/two (min)':>15}")
+        f"{'prox/two':>9} {'fused/two':>10} {'prox/serial':>12} {'prox/fused':>11} {'cpu prox/two':>13}")
   for batch in args.batches:
-    t, fastest = measure(batch, args.repeats, args.steps)
+    t, r = measure(batch, args.repeats, args.steps)
     print(f"{batch:>6} {t['two'] * 1e3:>9.3f}ms {t['serial'] * 1e3:>9.3f}ms {t['fused'] * 1e3:>11.3f}ms "
-          f"{t['prox'] * 1e3:>11.3f}ms {t['prox'] / t['two']:>9.3f} {t['fused'] / t['two']:>10.3f} "
-          f"{t['prox'] / t['serial']:>12.3f} {fastest['prox'] / fastest['two']:>15.3f}")
+          f"{t['prox'] * 1e3:>11.3f}ms {r['prox/two']:>9.3f} {r['fused/two']:>10.3f} {r['prox/serial']:>12.3f} "
+          f"{r['prox/fused']:>11.3f} {r['cpu prox/two']:>13.3f}")
   print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
   print("target: prox/two <= 1.1 (prox's one-jit distillation step vs the hand-written two jitted calls)")
 
