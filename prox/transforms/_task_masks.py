@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prox.transforms.filters import FilterLike, is_selected, select
+from prox.transforms.filters import FilterLike, select
 
 PyTree = Any
 
