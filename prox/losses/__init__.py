@@ -28,6 +28,25 @@ from prox.losses._onpro import mixup_cross_entropy, online_prototypes, onpro_equ
 from prox.losses._onpro import prototype_contrastive_loss
 from prox.losses._hypernet import hypernet_output_regularizer
 from prox.losses._targets import cosine_target_logits, language_target_loss, target_head_init
+from prox.losses._grpo import LENGTH_SHAPES, budget_reward, group_advantages, grpo_loss, length_reward
+from prox.losses._noprop import (
+    NoPropSchedule,
+    NoPropTerms,
+    denoising_loss,
+    noisy_embedding,
+    noprop_infer,
+    noprop_loss,
+    noprop_schedule,
+    prior_kl,
+)
+from prox.losses._reasoning import (
+    halting_log_probs,
+    interval_mask,
+    interval_step_loss,
+    per_step_cross_entropy,
+    progressive_temperature_loss,
+    progressive_temperatures,
+)
 
 __all__ = [
     "classification_eval",
@@ -60,4 +79,24 @@ __all__ = [
     "cosine_target_logits",
     "language_target_loss",
     "target_head_init",
+    # GRPO and compute budgets, per-step losses of iterative models, NoProp-DT
+    "LENGTH_SHAPES",
+    "budget_reward",
+    "group_advantages",
+    "grpo_loss",
+    "length_reward",
+    "NoPropSchedule",
+    "NoPropTerms",
+    "denoising_loss",
+    "noisy_embedding",
+    "noprop_infer",
+    "noprop_loss",
+    "noprop_schedule",
+    "prior_kl",
+    "halting_log_probs",
+    "interval_mask",
+    "interval_step_loss",
+    "per_step_cross_entropy",
+    "progressive_temperature_loss",
+    "progressive_temperatures",
 ]

@@ -52,6 +52,8 @@ from prox.models._elastic import (
 )
 from prox.models._structure import sliced_functional, structure_of
 from prox.models._hypernet import HypernetFunctional, RecurrentHypernet, hypernet_functional
+from prox.models._iterative import IterativeClassifier, IterativeOutput, logits_at
+from prox.models._noprop import NoPropDT
 
 __all__ = [
     "BasicBlock",
@@ -90,4 +92,9 @@ __all__ = [
     "HypernetFunctional",
     "RecurrentHypernet",
     "hypernet_functional",
+    # iterative (weight-tied, per-example step budgets) and NoProp-DT models
+    "IterativeClassifier",
+    "IterativeOutput",
+    "logits_at",
+    "NoPropDT",
 ]

@@ -46,6 +46,16 @@ from prox.optim.sinkgd import (
     sinkhorn_normalize,
 )
 from prox.optim.slow_learner import ScaleGroupState, scale_group, slow_learner
+from prox.optim._dp import (
+    ClippedGrad,
+    DPNoiseState,
+    clip_factors,
+    clipped_grad_sum,
+    dp_gradient,
+    dp_noise,
+    ghost_clipped_loss,
+    per_example_grad_norms,
+)
 
 __all__ = [
     "BatchSizeController",
@@ -97,4 +107,13 @@ __all__ = [
     "sinkhorn_normalize",
     "slow_learner",
     "stagewise_doubling",
+    # DP-SGD gradients (ghost clipping)
+    "ClippedGrad",
+    "DPNoiseState",
+    "clip_factors",
+    "clipped_grad_sum",
+    "dp_gradient",
+    "dp_noise",
+    "ghost_clipped_loss",
+    "per_example_grad_norms",
 ]

@@ -9,6 +9,12 @@ from prox.tasks._mir import MIRResult, mir_retrieve
 from prox.tasks._prototypes import BayesianPrototypes, BayesianPrototypesState, FeedbackSample, FeedbackState
 from prox.tasks._prototypes import PrototypeFeedback, bayesian_prototypes, mixup_inputs, prototype_feedback
 from prox.tasks._experts import TAME, TAMEState, TAMEUpdate, expert_losses, routed_apply, tame
+from prox.tasks._budgets import BudgetSchedule, BudgetState, EntropyCurriculum, EntropyCurriculumState
+from prox.tasks._budgets import budget_schedule, entropy_curriculum, predictive_entropy
+from prox.tasks._curricula import BackwardInterval, IntervalState, StagedSampler, StagedSamplerState
+from prox.tasks._curricula import backward_interval, difficulty_levels, staged_sampler
+from prox.tasks._privacy import Unlearning, UnlearningState, dp_epsilon, dp_noise_multiplier
+from prox.tasks._privacy import membership_advantage, membership_auc, unlearning
 
 __all__ = [
     "Batch",
@@ -55,4 +61,26 @@ __all__ = [
     "expert_losses",
     "routed_apply",
     "tame",
+    # compute budgets, backward intervals, staged difficulty sampling, privacy and unlearning
+    "BudgetSchedule",
+    "BudgetState",
+    "EntropyCurriculum",
+    "EntropyCurriculumState",
+    "budget_schedule",
+    "entropy_curriculum",
+    "predictive_entropy",
+    "BackwardInterval",
+    "IntervalState",
+    "StagedSampler",
+    "StagedSamplerState",
+    "backward_interval",
+    "difficulty_levels",
+    "staged_sampler",
+    "Unlearning",
+    "UnlearningState",
+    "dp_epsilon",
+    "dp_noise_multiplier",
+    "membership_advantage",
+    "membership_auc",
+    "unlearning",
 ]
