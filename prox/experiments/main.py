@@ -53,6 +53,7 @@ EXPERIMENTS: dict[str, str] = {
     "continual": "prox.experiments.continual",
     "curriculum": "prox.experiments.curriculum",
     "nm_sparsity": "prox.experiments.nm_sparsity",
+    "compose": "prox.experiments.compose",
 }
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
