@@ -29,7 +29,7 @@ from prox.tasks import alp_gmm, toy_env
 # Reference-style implementation (numpy / scikit-learn, one Python iteration per episode)
 
 class NumpyToyEnv:
-  """10 x 10 grid over [0, 1]^2, neighbour-gated competence (METHODS.md section 5)."""
+  """10 x 10 grid over [0, 1]^2, neighbour-gated competence (Portelas et al. 2019)."""
 
   def __init__(self, num_cells=10, num_dims=2):
     self.num_cells, self.num_dims = num_cells, num_dims

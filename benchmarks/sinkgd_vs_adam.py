@@ -1,4 +1,4 @@
-"""SinkGD step vs Adam step on the 784-1024-1024-10 MLP (issue 3), measured side by side.
+"""SinkGD step vs Adam step on the 784-1024-1024-10 MLP, measured side by side.
 
 Prints, for a plain ``jax.jit`` optax training step (forward, backward, optimizer, apply):
   time(SinkGD step) / time(Adam step)                 (expected near 1.0)

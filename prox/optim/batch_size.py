@@ -67,8 +67,8 @@ def batch_size_init(b0: int, b_max: int, *, multiple_of: int = 1) -> BatchSizeSt
   """Initial controller state with batch size ``b0``.
 
   Args:
-    b0: initial batch size, a multiple of ``multiple_of`` (METHODS.md default 64).
-    b_max: maximum batch size (METHODS.md default 50,000). If it is not a multiple of
+    b0: initial batch size, a multiple of ``multiple_of`` (the AdAdaGrad paper's default: 64).
+    b_max: maximum batch size (the AdAdaGrad paper's default: 50,000). If it is not a multiple of
       ``multiple_of``, the cap is the largest multiple below it.
     multiple_of: ``r`` = micro-batch size x number of devices.
 

@@ -15,7 +15,7 @@ gradients (``i = 1..b``), ``gbar`` their mean, ``S = ||gbar||^2``, ``Var_i`` the
   (its descent lemma pairs the gradient with ``diag(s)``): coordinates with small accumulated
   gradients take large steps and weigh more, so their noise asks for larger batches. With
   uniform ``s`` it is the norm test. The reference code has no coordinate-wise test; this is
-  prox's definition of METHODS.md's "norm test per coordinate, weighted by AdaGrad's step".
+  prox's reading of AdAdaGrad's "norm test per coordinate, weighted by AdaGrad's step".
 
 The inner-product and orthogonality tests use the whole parameter vector by default.
 ``per_tensor=True`` gives the reference code's variant, which sums ``Var_i(<G_i^l, gbar^l>)`` and

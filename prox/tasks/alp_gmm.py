@@ -6,7 +6,7 @@ state transitions on a pytree, so that sampling and updating run inside jitted c
     tasks, state = sample(state, key)              # [D]  (or sample(state, key, num_tasks=B) -> [B, D])
     state = update(state, tasks, rewards)          # rewards in [0, 1]; one task or a batch [B, D]
 
-Rule (METHODS.md section 5). After each episode on task p with reward r:
+Rule (the paper and its reference code). After each episode on task p with reward r:
     alp = |r - r_nn|, r_nn = reward of the nearest previous task (Euclidean), alp = 0 while the history
     holds <= 5 tasks; append (p, alp).
 Every ``fit_rate`` episodes (from episode ``fit_rate`` on) refit, from scratch, full-covariance GMMs with

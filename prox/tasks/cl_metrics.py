@@ -2,8 +2,8 @@
 
 The accuracy matrix ``R`` has shape ``[T, T]``: ``R[i, j]`` is the accuracy on task ``j``'s test set measured
 after training on tasks ``0..i``. The metrics below are the definitions Avalanche reports (and GEM introduced);
-where Avalanche and METHODS.md section 4 differ (forgetting), the METHODS.md rule is the default and the
-Avalanche variant is an option. All functions are pure ``jax.numpy`` functions: they accept numpy or jax
+where Avalanche and Chaudhry et al. 2018 differ (forgetting), Chaudhry et al.'s rule is the default and
+the Avalanche variant is an option. All functions are pure ``jax.numpy`` functions: they accept numpy or jax
 arrays, are jitted, and return jax scalars / vectors (``float(...)`` them for a table).
 
 Usage::
@@ -64,7 +64,7 @@ def forgetting_per_task(
 ) -> jnp.ndarray:
   """Forgetting of each task ``j < T-1`` after the last task, a vector of length ``T-1``.
 
-  ``reference="max"`` (METHODS.md, Chaudhry et al. 2018): ``f_j = max_{l in [j, T-2]} R[l, j] - R[T-1, j]``.
+  ``reference="max"`` (Chaudhry et al. 2018): ``f_j = max_{l in [j, T-2]} R[l, j] - R[T-1, j]``.
   ``reference="initial"`` (Avalanche's ``ExperienceForgetting``): ``f_j = R[j, j] - R[T-1, j]``, the accuracy
   right after learning task ``j`` minus the accuracy now.
   """

@@ -78,7 +78,7 @@ def polynomial_sparsity(target: float, *, start_step: int, end_step: int, power:
                         initial: float = 0.0) -> optax.Schedule:
   """Zhu & Gupta 2017: ``s_t = s_f + (s_i - s_f) (1 - p_t)^power``, ``p_t = clip((t - start)/(end - start), 0, 1)``.
 
-  With ``s_i = 0`` and ``power = 3`` this is ``s_f (1 - (1 - p)^3)`` (METHODS.md section 3).
+  With ``s_i = 0`` and ``power = 3`` this is ``s_f (1 - (1 - p)^3)`` (Zhu and Gupta 2017, "To prune, or not to prune").
   Built on ``optax.polynomial_schedule``.
   """
   _check_fraction("polynomial_sparsity", "target", target)

@@ -72,8 +72,8 @@ def sara(
   At step ``progressive_iter`` (before that step's update) ``T`` is re-selected on the current values,
   the inner state is reset to ``inner.init(params)`` and ``D`` to 0. Leaves not selected by ``filter``
   pass through to ``inner`` unchanged (freeze them with ``optax.partition`` / ``optax.set_to_zero`` if
-  wanted). The nuclear norm applies to ``D`` viewed as a matrix ``[-1, last dim]``; METHODS.md gives
-  ``rank_lambda = 5e-4`` (off by default: it costs one SVD per selected leaf per step).
+  wanted). The nuclear norm applies to ``D`` viewed as a matrix ``[-1, last dim]``; the SaRA paper's
+  reference code uses ``rank_lambda = 5e-4`` (off by default: it costs one SVD per selected leaf per step).
   """
   where = "sara"
   if not isinstance(threshold, numbers.Real) or not threshold > 0:

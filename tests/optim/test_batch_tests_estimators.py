@@ -8,7 +8,7 @@ from prox import optim
 from prox.step import GradStats
 
 # ------------------------------------------------------------------------------------------------
-# float64 references written from METHODS.md section 1, with explicit loops over samples
+# float64 references written from AdAdaGrad's rules (Lau, Liu, Kolar 2024), with explicit loops over samples
 
 
 def _flat(tree_np):

@@ -14,7 +14,7 @@ def test_hand_computed_values():
   np.testing.assert_allclose(M.average_accuracy(R), (0.5 + 0.7 + 0.95) / 3, rtol=1e-6)
   np.testing.assert_allclose(M.average_accuracy(R, after_task=1), (0.95 + 0.8) / 2, rtol=1e-6)
   np.testing.assert_allclose(M.average_accuracy_curve(R), [0.9, 0.875, 2.15 / 3], rtol=1e-6)
-  # max-based (METHODS.md): task 0 peaked at 0.95 after task 1, is 0.5 now; task 1: 0.8 -> 0.7
+  # max-based (Chaudhry et al. 2018): task 0 peaked at 0.95 after task 1, is 0.5 now; task 1: 0.8 -> 0.7
   np.testing.assert_allclose(M.forgetting_per_task(R), [0.45, 0.1], rtol=1e-6)
   np.testing.assert_allclose(M.forgetting(R), 0.275, rtol=1e-6)
   # Avalanche (initial = accuracy right after learning the task): 0.9 -> 0.5, 0.8 -> 0.7

@@ -21,7 +21,7 @@ def _play(state, cell, times):
 
 
 class _NumpyToyEnv:
-  """The rule by hand (METHODS.md section 5), for comparison."""
+  """The rule by hand (Portelas et al. 2019), for comparison."""
 
   def __init__(self):
     self.c = np.zeros((10, 10), int)
