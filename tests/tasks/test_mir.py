@@ -59,7 +59,8 @@ def test_retrieves_the_largest_loss_increases_float64():
 
 def test_partial_memory_marks_missing_rows_invalid():
   params, batch, memory = _setup(n_mem=5, cap=20)
-  out = mir_retrieve(_loss, params, batch, memory, jax.random.key(0), num_candidates=8, k=6, learning_rate=0.1)
+  out = jax.jit(lambda p, b, m, k: mir_retrieve(_loss, p, b, m, k, num_candidates=8, k=6, learning_rate=0.1))(
+      params, batch, memory, jax.random.key(0))
   assert out.valid.tolist() == [True] * 5 + [False]
   assert bool(np.all(np.isfinite(out.scores[:5]))) and out.scores[5] == -np.inf
   stored = {tuple(np.round(np.asarray(x), 6)) for x in np.asarray(memory.data["x"][:5])}
@@ -73,9 +74,10 @@ def test_no_gradient_flows_through_the_retrieval():
     out = mir_retrieve(_loss, p, batch, memory, jax.random.key(0), num_candidates=5, k=2, learning_rate=0.1)
     return jnp.sum(_loss(p, out.batch))
 
-  g = jax.grad(f)(params)
-  out = mir_retrieve(_loss, params, batch, memory, jax.random.key(0), num_candidates=5, k=2, learning_rate=0.1)
-  expected = jax.grad(lambda p: jnp.sum(_loss(p, out.batch)))(params)
+  g = jax.jit(jax.grad(f))(params)
+  out = jax.jit(lambda p: mir_retrieve(_loss, p, batch, memory, jax.random.key(0), num_candidates=5, k=2,
+                                       learning_rate=0.1))(params)
+  expected = jax.jit(jax.grad(lambda p: jnp.sum(_loss(p, out.batch))))(params)
   np.testing.assert_allclose(g["w"], expected["w"], rtol=1e-6)
 
 

@@ -67,18 +67,19 @@ def test_feedback_rows_follow_the_pair_probabilities_and_their_classes():
 
 
 def test_without_pairs_or_memory():
-  fb = prototype_feedback(3)
+  fb = prototype_feedback(3)                                    # one shape throughout: one compile
   memory = _memory([0, 1, 2, 0, 1], cap=8)
   out = fb.sample(fb.init(2), memory, jax.random.key(0), 8)     # no class in the means: uniform rows
   assert not np.any(np.asarray(out.from_feedback))
   assert np.asarray(out.valid).tolist() == [True] * 5 + [False] + [True, True]  # base 6 rows from 5 stored
   empty = replay.reservoir_init({"x": jnp.zeros((2,), jnp.float32), "label": jnp.int32(0)}, 8)
-  assert not np.any(np.asarray(fb.sample(fb.init(2), empty, jax.random.key(0), 4).valid))
+  assert not np.any(np.asarray(fb.sample(fb.init(2), empty, jax.random.key(0), 8).valid))
   # a class of the means that the memory lost: a stored example stands in
   state = fb.update(fb.init(2), jnp.asarray([[0.0, 0], [1, 0], [5, 5]]), jnp.asarray([True, True, True]))
-  only01 = _memory([0, 1, 0, 1])
-  out = fb.sample(state, only01, jax.random.key(1), 4)
-  assert set(np.asarray(out.labels_second).tolist()) <= {0, 1}
+  only01 = _memory([0, 1, 0, 1], cap=8)
+  out = fb.sample(state, only01, jax.random.key(1), 8)
+  assert np.asarray(out.from_feedback).sum() == 2
+  assert set(np.asarray(out.labels_second)[np.asarray(out.valid)].tolist()) <= {0, 1}
 
 
 def test_johnk_beta_sampler_matches_the_beta_distribution():
