@@ -18,9 +18,9 @@ rest, as GPM:
     G' = G - sum_{j not allowed} B_j B_j^T G - (1 - beta) sum_{j allowed} B_j B_j^T G
 
 (``beta = backward_scale``: 1 keeps the in-subspace update whole, 0 is GPM). The tests are made with
-:func:`cuber_correlation` on the new task's gradient at the start of the task (the weights the old tasks
-left), as in the paper, and held for the task; call it again whenever wanted (e.g. every few steps from a
-step transition's ``info.grads``).
+:func:`cuber_correlation` on the new task's gradient at the start of the task (at the weights the old tasks
+left, where the paper's analysis evaluates it) and held for the task; call it again whenever wanted (e.g.
+every few steps from a step transition's ``info.grads``).
 
 State. :class:`CUBERState` holds a :class:`prox.transforms.gpm.GPMState` (the merged bases, updated by GPM's
 own rule) and, per projected kernel, the column ranges of each task: GPM appends task ``j``'s new directions
@@ -33,9 +33,9 @@ Departures. The old task's gradient ``r_j`` at the current weights needs its dat
 without replay does not keep; ``cuber_update_bases`` takes a stored direction instead, given when task ``j``
 ends (its gradient on its last batches, or minus its total weight change ``W_{j-1} - W_j``, which points up
 its loss on average). ``S_j`` is task ``j``'s block of GPM's merged basis, i.e. the directions it added, not
-its full input subspace (directions it shares with an earlier task belong to the earlier block). The
-paper's further adjustments of the in-subspace step (its regularisation of how far the old tasks' outputs
-move) are replaced by the single scale ``beta``.
+its full input subspace (directions it shares with an earlier task belong to the earlier block). Any
+further scaling or regularisation of the in-subspace step in the paper is replaced here by the single scale
+``beta``.
 """
 from __future__ import annotations
 
