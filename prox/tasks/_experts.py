@@ -28,9 +28,9 @@ to: ``route_to[e]`` names the dominating expert of least total loss, which the s
 The paper controls model size with online *weight* pruning of each expert and of the selector; that is not
 this function (prox's magnitude pruning transforms do it).
 
-Departures: the paper tests whether an old expert fits the new data with its own loss statistics; here a
-single ``reuse_threshold`` on the batch loss decides (``None``: never reuse, always spawn). The detector is
-prox's two-window z-test (the paper gives no exact test). Spawned slots are used in order and never
+Departures: whether an old expert fits the new data is decided here by one ``reuse_threshold`` on the batch
+loss (``None``: never reuse, always spawn), a simple reading of the paper's switch back to a known task's
+expert. The detector is prox's two-window z-test (the paper gives no exact test). Spawned slots are used in order and never
 recycled after pruning, so memory labels stay meaningful.
 
 After a step where ``update`` reports ``changed``, the optimizer state belongs to the previous expert:
