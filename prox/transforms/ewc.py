@@ -33,7 +33,10 @@ Choosing lambda: :func:`ewc_lambda_range` computes the interval from the Fisher 
 curvature of the new task's loss and the learning rate (the derivation is in its docstring): below ``low``
 the new task's loss pulls the important weights more than half-way away from their anchors, above ``high``
 SGD diverges. Lambda has no scale of its own: a well-fitted task has small per-example gradients, hence a
-small Fisher, and needs a large lambda (1e3-1e4 for a CNN on digits).
+small Fisher, and needs a large lambda. Measured on the digits CNN of ``examples/flax_mnist`` (SGD 0.05,
+momentum 0.9; digits 0-4 then 5-9): max F = 2.2e-3, range [57, 35,273]; forgetting of task 0 6.6 points
+without EWC, 6.2 at ``low``, 2.2 at ``sqrt(low * high) = 1,416``, 0.9 at ``0.9 high``; at ``2.8 high`` SGD
+diverged (NaN).
 
 The hyperparameters live in the state (``ewc_lambda`` written by every ``update``, so
 ``optax.inject_hyperparams`` schedules reach ``ewc_penalty``; ``gamma`` and the mode are fixed at ``init``),
