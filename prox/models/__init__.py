@@ -29,6 +29,7 @@ from prox.models._zoo import (
     make_model,
     param_count,
 )
+from prox.models._capture import mlp_layer_inputs
 from prox.models._nnx import (
     classifier_logprob,
     masked_module,
@@ -66,6 +67,7 @@ __all__ = [
     "check_options",
     "functional",
     "make_model",
+    "mlp_layer_inputs",
     "param_count",
     # prox's transforms in an NNX loop (nnx.Optimizer / nnx.jit)
     "classifier_logprob",

@@ -36,18 +36,43 @@ MODELS = ("mlp", "cnn", "resnet20", "cnn1d")
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
+# Parameter initialisations of ``mlp`` and ``cnn`` (option ``init``): flax's defaults, or PyTorch's.
+INITS = ("default", "torch")
+
+
+def _uniform(bound: float) -> Callable[..., jax.Array]:
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _init(init: str, fan_in: int) -> dict[str, Any]:
+  """The ``kernel_init``/``bias_init`` of a dense or conv layer with ``fan_in`` inputs per output.
+
+  ``"default"``: flax's (LeCun-normal kernels, zero biases). ``"torch"``: ``torch.nn.Linear``'s and
+  ``torch.nn.Conv2d``'s, ``kaiming_uniform_(W, a=sqrt(5))`` and a uniform bias (He et al. 2015, "Delving
+  Deep into Rectifiers"): with gain ``sqrt(2 / (1 + a^2)) = sqrt(1/3)`` the kernel bound
+  ``gain sqrt(3 / fan_in)`` is ``1 / sqrt(fan_in)``, so ``W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+  (``fan_in``: inputs x receptive field; the kernel's from its shape, the bias's given here).
+  """
+  if init == "default":
+    return {}
+  return {"kernel_init": nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+          "bias_init": _uniform(1.0 / float(np.sqrt(fan_in)))}
+
 
 class MLP(nnx.Module):
   """``logits = W_out relu(... relu(W_1 flatten(x) + b_1) ...) + b_out``."""
 
   def __init__(self, input_shape: tuple[int, ...], num_classes: int, *,
-               hidden: Sequence[int] = (1024, 1024), dtype: Any = None, rngs: nnx.Rngs):
+               hidden: Sequence[int] = (1024, 1024), dtype: Any = None, init: str = "default",
+               rngs: nnx.Rngs):
     sizes = (int(np.prod(input_shape)), *hidden)
     self.num_hidden = len(hidden)
     self.hidden = nnx.Dict({
-        f"dense{i}": nnx.Linear(n_in, n_out, dtype=dtype, rngs=rngs)
+        f"dense{i}": nnx.Linear(n_in, n_out, dtype=dtype, rngs=rngs, **_init(init, n_in))
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))})
-    self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs, **_init(init, sizes[-1]))
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     del train  # no train/eval difference
@@ -61,14 +86,15 @@ class CNN(nnx.Module):
   """Two conv(3x3) + ReLU + max-pool(2x2) blocks, a ReLU dense layer and a linear head."""
 
   def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
-               hidden: int = 128, dtype: Any = None, rngs: nnx.Rngs):
+               hidden: int = 128, dtype: Any = None, init: str = "default", rngs: nnx.Rngs):
     height, width_px, channels = input_shape
-    self.conv1 = nnx.Conv(channels, width, (3, 3), dtype=dtype, rngs=rngs)
-    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(channels, width, (3, 3), dtype=dtype, rngs=rngs, **_init(init, 9 * channels))
+    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), dtype=dtype, rngs=rngs, **_init(init, 9 * width))
     half = lambda n: (n + 1) // 2  # output size of a stride-2 SAME pooling
     pooled = half(half(height)) * half(half(width_px))
-    self.dense = nnx.Linear(pooled * 2 * width, hidden, dtype=dtype, rngs=rngs)
-    self.head = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs)
+    self.dense = nnx.Linear(pooled * 2 * width, hidden, dtype=dtype, rngs=rngs,
+                            **_init(init, pooled * 2 * width))
+    self.head = nnx.Linear(hidden, num_classes, dtype=dtype, rngs=rngs, **_init(init, hidden))
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     del train  # no train/eval difference
@@ -161,7 +187,7 @@ class CNN1D(nnx.Module):
     return self.head(x.reshape(x.shape[0], -1)).astype(jnp.float32)
 
 
-_OPTIONS = {"mlp": ("hidden", "dtype"), "cnn": ("width", "hidden", "dtype"),
+_OPTIONS = {"mlp": ("hidden", "dtype", "init"), "cnn": ("width", "hidden", "dtype", "init"),
             "resnet20": ("width", "dtype"), "cnn1d": ("width", "dtype")}
 _CLASSES = {"mlp": MLP, "cnn": CNN, "resnet20": ResNet20, "cnn1d": CNN1D}
 _CNN1D_MIN_LENGTH = 3  # the first conv (kernel 5, padding 1) needs 3 positions
@@ -201,6 +227,8 @@ def check_options(name: str, *, input_shape: tuple[int, ...], num_classes: int, 
       raise ValueError(f"hidden must be a positive int, got {hidden!r}")
   if "width" in kwargs and (not _is_int(kwargs["width"]) or kwargs["width"] < 1):
     raise ValueError(f"width must be a positive int, got {kwargs['width']!r}")
+  if "init" in kwargs and kwargs["init"] not in INITS:
+    raise ValueError(f"unknown init {kwargs['init']!r}; known: {', '.join(INITS)}")
   return kwargs
 
 
@@ -216,7 +244,8 @@ def make_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, see
     seed: seed of the parameter initialisation.
     **kwargs: model options: mlp ``hidden=(1024, 1024)``; cnn ``width=32, hidden=128``; resnet20
       ``width=16`` (channels of stage 1); cnn1d ``width=25`` (channels of every conv). All take ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``;
-      parameters stay float32, logits are float32).
+      parameters stay float32, logits are float32); mlp and cnn take ``init`` (``"default"``: flax's
+      initialisers; ``"torch"``: PyTorch's ``nn.Linear``/``nn.Conv2d`` ones, ``W, b ~ U(+-1/sqrt(fan_in))``).
 
   Returns:
     The NNX module; ``module(images, train=...)`` returns float32 logits [B, num_classes].
