@@ -2,7 +2,7 @@
 Zhu et al. 2024), as a pure state machine.
 
 The paper declares a switch when the loss deviates significantly from its recent history and gives no exact
-test; this module uses a one-sided two-window z-test (METHODS.md section 4). With the last ``R + W`` losses
+test; this module uses a one-sided two-window z-test. With the last ``R + W`` losses
 in chronological order, the *reference* window is the older ``R`` and the *test* window the newest ``W``:
 
     z = (mean(test) - mean(ref)) / (max(std(ref), min_std) * sqrt(1/W + 1/R))

@@ -8,7 +8,8 @@ Alignment for Continual Learning on a Pre-trained Model"), as pure functions.
    were computed.
 3. Classifier alignment: sample 256 features per seen class from ``N(s_c mu_c, Sigma_c)`` with
    ``s_c = 0.9 + 0.1 (t_c + 1) / (t + 1)`` (``sample_class_features``) and retrain the head for 5 epochs on them
-   with the logit-normalised cross-entropy (``alignment_loss``, ``tau = 0.1``).
+   with the logit-normalised cross-entropy (``alignment_loss``, ``tau = 0.1``): ``align_classifier``, the
+   whole retraining as one jitted function (epochs of shuffled mini-batches, its own optax optimizer).
 
 The reference code recomputes the statistics only for the current task's classes; here ``classes`` says
 which classes to (re)compute, so classes that reoccur (SCoLe) get fresh statistics and a fresh ``t_c``.
@@ -206,3 +207,98 @@ def _alignment(logits, labels, onehot, live, w, tau):
   z = jnp.where(live > 0, z, jnp.finfo(jnp.float32).min)
   ce = optax.softmax_cross_entropy_with_integer_labels(z, labels)
   return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def align_classifier(
+    head: dict[str, jax.Array],
+    features: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    key: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    epochs: int = 5,
+    batch_size: int = 256,
+    tau: float = 0.1,
+    logit_groups: np.ndarray | None = None,
+    logit_mask: jax.Array | np.ndarray | None = None,
+) -> tuple[dict[str, jax.Array], jax.Array]:
+  """SLCA's classifier alignment: retrains a linear head on sampled features with ``alignment_loss``.
+
+  The rows with ``weights > 0`` (``n`` of them; ``sample_class_features`` gives weight 0 to the rows of
+  unseen classes) are the training set. Each epoch ``e`` visits them in the random order of
+  ``fold_in(key, e)`` in ``ceil(n / batch_size)`` mini-batches (the last one shorter: padded with weight-0
+  rows), and each mini-batch takes one step of ``tx`` on
+
+      sum_m w_m CE(normalize_logits(f_m W + b), y_m) / sum_m w_m
+
+  over the classes of ``logit_mask`` (default: the classes with at least one row of positive weight, i.e.
+  the seen ones). The optimizer state starts fresh (``tx.init(head)``). One jitted function (a scan over
+  epochs, a loop over the mini-batches); it compiles once per ``tx`` object, options and shapes, so pass
+  the same ``tx`` object at every task boundary.
+
+  Args:
+    head: ``{"kernel": [D, C], "bias": [C]}``, the linear head (``logits = features @ kernel + bias``).
+    features: ``[N, D]`` sampled features; labels: int ``[N]``; weights: ``[N]`` (0: not a sample).
+    key: the order's key.
+    tx: the alignment optimizer (SLCA: ``optax.sgd(0.01, momentum=0.9)``).
+    epochs, batch_size: passes over the samples (SLCA: 5) and the mini-batch size.
+    tau, logit_groups: as in ``alignment_loss``.
+    logit_mask: bool ``[C]``, the classes in the softmax (default: see above).
+
+  Returns:
+    ``(head, losses)``: the aligned head and the mean mini-batch loss of each epoch (float32 ``[epochs]``).
+  """
+  for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  features = jnp.asarray(features, jnp.float32)
+  num_classes = int(jnp.shape(head["bias"])[-1])
+  if features.ndim != 2 or features.shape[1] != jnp.shape(head["kernel"])[0]:
+    raise ValueError(f"features must be [N, {jnp.shape(head['kernel'])[0]}], got shape {features.shape}")
+  groups, _ = _groups_and_live(jnp.zeros((num_classes,)), tau, logit_groups, None)
+  if logit_mask is None:
+    live = jnp.zeros((num_classes,), bool).at[jnp.asarray(labels)].max(jnp.asarray(weights) > 0)
+  else:
+    live = jnp.asarray(logit_mask, bool)
+  return _align(head, features, jnp.asarray(labels, jnp.int32), jnp.asarray(weights, jnp.float32), key,
+                live, groups, jnp.float32(tau), tx=tx, epochs=int(epochs), batch_size=int(batch_size))
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "epochs", "batch_size"))
+def _align(head, features, labels, weights, key, live, onehot, tau, *, tx, epochs: int, batch_size: int):
+  n_rows = features.shape[0]
+  padded = -(-n_rows // batch_size) * batch_size
+  valid = weights > 0
+  num_valid = jnp.sum(valid.astype(jnp.int32))
+  num_batches = (num_valid + batch_size - 1) // batch_size
+  live_f = live.astype(jnp.float32)
+
+  def loss_fn(h, f, y, w):
+    z = _normalize(f @ h["kernel"] + h["bias"], onehot, live_f, tau, jnp.float32(1e-7)).astype(jnp.float32)
+    z = jnp.where(live, z, jnp.finfo(jnp.float32).min)
+    ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
+    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def epoch(carry, e):
+    h, opt_state = carry
+    scores = jnp.where(valid, jax.random.uniform(jax.random.fold_in(key, e), (n_rows,)), 2.0)
+    order = jnp.argsort(scores)                       # the samples in random order, then the rest
+    order = jnp.concatenate([order, jnp.zeros((padded - n_rows,), order.dtype)])
+
+    def batch(i, c):
+      h, opt_state, total = c
+      idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+      real = (i * batch_size + jnp.arange(batch_size)) < num_valid   # padding: other rows, weight 0
+      f = jnp.where(real[:, None], features[idx], 0.0)
+      loss, g = grad_fn(h, f, labels[idx], jnp.where(real, weights[idx], 0.0))
+      updates, opt_state = tx.update(g, opt_state, h)
+      return optax.apply_updates(h, updates), opt_state, total + loss
+
+    h, opt_state, total = jax.lax.fori_loop(0, num_batches, batch, (h, opt_state, jnp.zeros((), jnp.float32)))
+    return (h, opt_state), total / jnp.maximum(num_batches, 1).astype(jnp.float32)
+
+  (head, _), losses = jax.lax.scan(epoch, (head, tx.init(head)), jnp.arange(epochs))
+  return head, losses

@@ -1,4 +1,5 @@
-"""Tests for prox.tasks.slca: class statistics, feature sampling, logit-normalised alignment loss."""
+"""Tests for prox.tasks.slca: class statistics, feature sampling, logit-normalised alignment loss, the jitted
+classifier alignment."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +103,85 @@ def test_head_alignment_on_sampled_features_learns_all_classes():
   assert acc > 0.97, acc
 
 
+def _alignment_problem(seed=0, n=70, unseen=(3,)):
+  rng = np.random.default_rng(seed)
+  means = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [-3.0, -3.0, 1.0], [0.0, 0.0, 5.0]], np.float32)
+  labels = rng.integers(0, 4, n).astype(np.int32)
+  feats = (means[labels] + rng.normal(size=(n, 3))).astype(np.float32)
+  weights = (~np.isin(labels, unseen)).astype(np.float32)   # like sample_class_features' unseen rows
+  head = {"kernel": rng.normal(size=(3, 4)).astype(np.float32) * 0.1, "bias": np.zeros((4,), np.float32)}
+  return head, feats, labels, weights
+
+
+def _align_reference(head, feats, labels, weights, key, tx, epochs, batch_size, **loss_kwargs):
+  """The alignment written as a plain Python loop over epochs and mini-batches."""
+  head = jax.tree.map(jnp.asarray, head)
+  opt = tx.init(head)
+  valid = weights > 0
+  live = np.zeros(4, bool)
+  live[labels[valid]] = True
+  n_valid = int(valid.sum())
+  losses = []
+  for e in range(epochs):
+    scores = np.where(valid, np.asarray(jax.random.uniform(jax.random.fold_in(key, e), (len(labels),))), 2.0)
+    order = np.argsort(scores, kind="stable")[:n_valid]     # the samples, in random order
+    batch_losses = []
+    for start in range(0, n_valid, batch_size):
+      idx = order[start:start + batch_size]
+      loss, g = jax.value_and_grad(lambda h: SL.alignment_loss(
+          feats[idx] @ h["kernel"] + h["bias"], labels[idx], logit_mask=live, weights=weights[idx],
+          **loss_kwargs))(head)
+      updates, opt = tx.update(g, opt, head)
+      head = optax.apply_updates(head, updates)
+      batch_losses.append(float(loss))
+    losses.append(np.mean(batch_losses))
+  return head, np.asarray(losses)
+
+
+def test_align_classifier_equals_the_loop_it_compiles():
+  head, feats, labels, weights = _alignment_problem()
+  tx = optax.sgd(0.05, momentum=0.9)
+  groups = np.array([0, 0, 1, 1])
+  key = jax.random.key(3)
+  got, losses = SL.align_classifier(head, feats, labels, weights, key, tx=tx, epochs=3, batch_size=16,
+                                    tau=0.1, logit_groups=groups)
+  want, want_losses = _align_reference(head, feats, labels, weights, key, tx, 3, 16, tau=0.1,
+                                       logit_groups=groups)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(losses, want_losses, rtol=2e-5)
+  # the unseen class (weight 0 everywhere) is out of the softmax: its column never moves
+  np.testing.assert_array_equal(np.asarray(got["kernel"])[:, 3], head["kernel"][:, 3])
+  assert float(np.asarray(got["bias"])[3]) == 0.0
+
+
+def test_align_classifier_never_reads_weight_zero_rows_and_learns():
+  head, feats, labels, weights = _alignment_problem(n=300)
+  poisoned = np.where(weights[:, None] > 0, feats, np.nan).astype(np.float32)
+  tx = optax.sgd(0.05, momentum=0.9)
+  a, losses = SL.align_classifier(head, feats, labels, weights, jax.random.key(0), tx=tx, epochs=5,
+                                  batch_size=32)
+  b, _ = SL.align_classifier(head, poisoned, labels, weights, jax.random.key(0), tx=tx, epochs=5,
+                             batch_size=32)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert losses[-1] < 0.5 * losses[0]
+  seen = weights > 0
+  pred = np.argmax(feats[seen] @ a["kernel"][:, :3] + a["bias"][:3], -1)
+  assert np.mean(pred == labels[seen]) > 0.95
+
+
+def test_align_classifier_compiles_once_per_optimizer():
+  head, feats, labels, weights = _alignment_problem()
+  tx = optax.sgd(0.05)
+  SL.align_classifier(head, feats, labels, weights, jax.random.key(0), tx=tx, epochs=1, batch_size=16)
+  before = SL._align._cache_size()
+  for k in range(3):   # another key, other weights, another head: no new compile
+    SL.align_classifier(jax.tree.map(lambda x: x + k, head), feats, labels, weights * (k + 1),
+                        jax.random.key(k), tx=tx, epochs=1, batch_size=16)
+  assert SL._align._cache_size() == before
+
+
 def test_checkpoint_round_trip(orbax_round_trip):
   feats, labels = _features()
   stats = SL.class_stats_update(SL.class_stats_init(4, 3), feats, labels, np.arange(4), 3)
@@ -125,3 +205,8 @@ def test_bad_input():
     SL.normalize_logits(np.zeros((2, 3)), logit_groups=np.array([0, 1]))
   with pytest.raises(ValueError, match="num_per_class must be a positive int"):
     SL.sample_class_features(stats, jax.random.key(0), 0, 0)
+  head, feats, labels, weights = _alignment_problem()
+  with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
+    SL.align_classifier(head, feats, labels, weights, jax.random.key(0), tx=optax.sgd(0.1), epochs=0)
+  with pytest.raises(ValueError, match=r"features must be \[N, 3\], got shape \(70, 2\)"):
+    SL.align_classifier(head, feats[:, :2], labels, weights, jax.random.key(0), tx=optax.sgd(0.1))
