@@ -142,7 +142,8 @@ def test_logged_beta_and_density_follow_the_schedules(quick_run):
   for r in _train_records(workdir, "srste", (1, 8)):
     assert r["beta"] == 0.0 and r["mask_density"] == pytest.approx(0.125, abs=1e-6)
     assert r["eval_sparsity"] == pytest.approx(0.875, abs=1e-6)
-  assert [r["step"] for r in _train_records(workdir, "dense", None)] == list(range(5, STEPS + 1, 5))
+  # The standard log action: after step 1 and every log_every (5) steps.
+  assert [r["step"] for r in _train_records(workdir, "dense", None)] == [1] + list(range(5, STEPS + 1, 5))
 
 
 def test_restart_skips_finished_runs_and_rejects_a_changed_config(quick_run):
