@@ -1,51 +1,53 @@
-"""Tables and plots of the ``continual`` experiment: ``results.md``, ``results.json`` and PNGs."""
+"""Tables and plots of the ``continual`` experiment (``results.md``, ``results.json``, PNGs) via ``report``."""
 from __future__ import annotations
 
-import io
-import json
 import os
 from typing import Any
 
 import numpy as np
 
+from prox.experiments import report
 from prox.tasks import cl_metrics
 
-_METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "avg_acc_class_il")
 _SCOLE_MARKS = (1, 10, 25, 50, 100, 150, 200, 250, 300, 500, 1000)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  a = np.asarray(values, np.float64)
-  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
-def _fmt(mean: float, std: float, n: int, signed: bool = False) -> str:
-  m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-  return f"{m} ± {std:.3f}" if n > 1 else m
+_TITLES = {
+    "permuted": "permuted digits ({num_tasks} tasks, domain-incremental: one shared head; {epochs_per_task} "
+                "epochs per task)",
+    "split": "split digits ({tasks} tasks of {classes_per_task} classes, task-incremental: logits masked to "
+             "the task's classes in training and test; {epochs_per_task} epochs per task)",
+    "split_class": "split digits, class-incremental ({tasks} tasks of {classes_per_task} classes, one shared "
+                   "head, no mask in training or test; {epochs_per_task} epochs per task)",
+}
 
 
 def aggregate(results: dict) -> dict:
-  """Per stream and run: metrics over seeds (mean, std), the mean accuracy matrix and curves."""
+  """Per stream and run: metrics over seeds (the values per seed), mean accuracy matrix and curve."""
   out = {}
   for stream, runs in results["streams"].items():
     rows = {}
     for run_id, run in runs.items():
       seeds = list(run["seeds"].values())
-      r = np.mean([np.asarray(s["R"]) for s in seeds], axis=0)
       entry = {"label": run["label"], "kind": run["kind"], "num_seeds": len(seeds),
-               "R_mean": r.tolist(),
+               "R_mean": np.mean([s["R"] for s in seeds], axis=0).tolist(),
                "acc_curve": np.mean([np.asarray(cl_metrics.average_accuracy_curve(np.asarray(s["R"])))
                                      for s in seeds], axis=0).tolist(),
                "seconds_per_run": float(np.mean([s["seconds"] for s in seeds]))}
-      for k in _METRICS + ("avg_acc_class_il",):
-        entry[k] = _mean_std([s["metrics"][k] for s in seeds])
+      for k in _METRICS:
+        entry[k] = [s["metrics"][k] for s in seeds]
       logs = [s["log"] for s in seeds]
-      if run["kind"] in ("ewc", "ewc_online", "ewc_detect"):
-        entry["max_stability"] = max((max(l.get("stability", [0.0]) or [0.0]) for l in logs), default=0.0)
-        entry["stability_warnings"] = int(sum(l.get("stability_warnings", 0) for l in logs))
-        entry["skipped_steps"] = int(sum(l.get("skipped_steps", 0) for l in logs))
+      if run["kind"] in ("ewc", "ewc_online"):
+        entry["max_stability"] = max(max(map(float, l.get("stability") or [0.0])) for l in logs)
+        ranges = [np.asarray(l["lambda_range"], np.float64) for l in logs if l.get("lambda_range")]
+        if ranges:
+          entry["lambda_range_first"] = np.mean([r[0] for r in ranges], axis=0).tolist()
+          entry["lambda_range_last"] = np.mean([r[-1] for r in ranges], axis=0).tolist()
       if run["kind"] == "ewc_detect":
-        entry["detection"] = [_detection(l, len(r)) for l in logs]
+        entry["max_stability"] = max(float(l.get("max_stability", 0.0)) for l in logs)
+        entry["detection"] = [_detection(l, s["task_end_steps"]) for l, s in zip(logs, seeds)]
+      if run["kind"] in ("ewc", "ewc_online", "ewc_detect"):
+        entry["stability_warnings"] = int(sum(l.get("stability_warnings", 0) for l in logs))
+        entry["skipped_steps"] = int(sum(s.get("nonfinite_steps", 0) for s in seeds))
       if run["kind"] == "gpm":
         entry["final_ranks"] = [l["ranks"][-1] for l in logs if l.get("ranks")]
       rows[run_id] = entry
@@ -53,13 +55,11 @@ def aggregate(results: dict) -> dict:
   return out
 
 
-def _detection(log: dict, num_tasks: int) -> dict:
-  """Detected switches against the true boundaries (the step counts where tasks 1..T-1 start)."""
-  ends = log.get("task_end_steps", [])
-  boundaries = ends[:num_tasks - 1]           # step count at which task t+1 starts
-  switches = list(log.get("switch_steps", []))
+def _detection(log: dict, task_end_steps: list[int]) -> dict:
+  """Detected switches against the true boundaries (the step counts at which tasks 2..T start)."""
+  boundaries = task_end_steps[:-1]
+  unmatched = list(log.get("switch_steps", []))
   hits, latencies = 0, []
-  unmatched = list(switches)
   for i, b in enumerate(boundaries):
     nxt = boundaries[i + 1] if i + 1 < len(boundaries) else float("inf")
     after = [s for s in unmatched if b < s <= nxt]
@@ -85,14 +85,13 @@ def scole_summary(scole: dict) -> dict:
       for c in classes:
         count[c] += 1
         k = int(count[c])
-        prev = cls_acc[t - 1, c] if t > 0 else 0.0
-        before.setdefault(k, []).append(float(prev))
+        before.setdefault(k, []).append(float(cls_acc[t - 1, c]) if t > 0 else 0.0)
         after.setdefault(k, []).append(float(cls_acc[t, c]))
   ks = sorted(k for k in before if len(before[k]) >= 5)[:12]
   return {
       "num_tasks": num, "num_seeds": len(seeds),
-      "initial_accuracy": _mean_std([s["initial_accuracy"] for s in seeds]),
-      "accuracy_at": {str(m): _mean_std(acc[:, m - 1].tolist()) for m in marks},
+      "initial_accuracy": [s["initial_accuracy"] for s in seeds],
+      "accuracy_at": {str(m): acc[:, m - 1].tolist() for m in marks},
       "mean_accuracy_curve": acc.mean(0).tolist(),
       "occurrence": [{"k": k, "before": float(np.mean(before[k])), "after": float(np.mean(after[k])),
                       "n": len(before[k])} for k in ks],
@@ -100,69 +99,63 @@ def scole_summary(scole: dict) -> dict:
   }
 
 
+# --- results.md -------------------------------------------------------------------------------------------
+
 def markdown(results: dict, agg: dict, scole: dict | None) -> str:
   cfg = results["config"]
-  lines = ["# continual: results", ""]
-  lines.append(f"Dataset `{cfg['dataset']}`, model `{cfg['model']}` {dict(cfg['model_kwargs'])}, SGD lr "
-               f"{cfg['learning_rate']} momentum {cfg['momentum']}, batch {cfg['batch_size']}. Mean ± sample "
-               f"std over seeds. R[i, j] = accuracy on task j after training task i; avg acc = mean_j R[T-1, j]; "
-               f"forgetting = mean_j (max_{{l<T-1}} R[l, j] - R[T-1, j]); BWT = mean_j (R[T-1, j] - R[j, j]); "
-               f"FWT = mean_{{j>0}} (R[j-1, j] - b_j), b_j the untrained model's accuracy.")
-  lines.append("")
+  lines = ["# continual: results", "",
+           f"Dataset `{cfg['dataset']}` (scaling `{cfg['scaling']}`), model `{cfg['model']}` "
+           f"{dict(cfg['model_kwargs'])}, SGD lr {cfg['learning_rate']} momentum {cfg['momentum']}, batch "
+           f"{cfg['batch_size']}. Mean ± sample std over seeds. R[i, j] = accuracy on task j after training "
+           "task i; avg acc = mean_j R[T-1, j]; forgetting = mean_j (max_{l<T-1} R[l, j] - R[T-1, j]); BWT = "
+           "mean_j (R[T-1, j] - R[j, j]); FWT = mean_{j>0} (R[j-1, j] - b_j), b_j the untrained model's "
+           "accuracy.", ""]
   lines += _setup(cfg)
   for stream, rows in agg.items():
-    naive = next((e for e in rows.values() if e["kind"] == "naive"), None)
     s_cfg = cfg[stream]
-    if stream == "permuted":
-      lines.append(f"## permuted digits ({s_cfg['num_tasks']} tasks, domain-incremental, "
-                   f"{s_cfg['epochs_per_task']} epochs per task)")
-    else:
-      lines.append(f"## split digits ({10 // s_cfg['classes_per_task']} tasks of {s_cfg['classes_per_task']} "
-                   f"classes, task-incremental: logits masked to the task's classes; {s_cfg['epochs_per_task']} "
-                   f"epochs per task)")
-    lines.append("")
+    tasks = s_cfg.get("num_tasks") or 10 // s_cfg["classes_per_task"]
+    lines += [f"## {_TITLES[stream].format(tasks=tasks, **s_cfg)}", ""]
+    naive = next((e for e in rows.values() if e["kind"] == "naive"), None)
     extra_col = stream == "split"
-    head = ("| method | seeds | avg acc | forgetting | forgetting / naive's | BWT | FWT |"
-            + (" class-IL avg acc |" if extra_col else ""))
-    lines.append(head + " notes | s/run |")
-    lines.append("|" + "---|" * (head.count("|") + 1))
-    for run_id, e in rows.items():
-      n = e["num_seeds"]
-      ratio = (f"{e['forgetting'][0] / naive['forgetting'][0]:.2f}"
-               if naive is not None and naive["forgetting"][0] > 0.01 else "")
-      cells = [e["label"], str(n), _fmt(*e["avg_acc"], n), _fmt(*e["forgetting"], n), ratio,
-               _fmt(*e["bwt"], n, signed=True), _fmt(*e["fwt"], n, signed=True)]
+    headers = ["method", "seeds", "avg acc", "forgetting", "forgetting / naive's", "BWT", "FWT"]
+    headers += (["class-IL avg acc"] if extra_col else []) + ["notes", "s/run"]
+    table = []
+    for e in rows.values():
+      ratio = (f"{np.mean(e['forgetting']) / np.mean(naive['forgetting']):.2f}"
+               if naive is not None and np.mean(naive["forgetting"]) > 0.01 else "")
+      cells = [e["label"], e["num_seeds"], report.fmt_mean_std(e["avg_acc"]),
+               report.fmt_mean_std(e["forgetting"]), ratio, report.fmt_mean_std(e["bwt"], signed=True),
+               report.fmt_mean_std(e["fwt"], signed=True)]
       if extra_col:
-        cells.append(_fmt(*e["avg_acc_class_il"], n))
-      cells += [_notes(e), f"{e['seconds_per_run']:.1f}"]
-      lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+        cells.append(report.fmt_mean_std(e["avg_acc_class_il"]))
+      table.append(cells + [_notes(e), f"{e['seconds_per_run']:.1f}"])
+    lines += [report.markdown_table(headers, table, align="l" + "r" * (len(headers) - 3) + "lr")]
+    first = [e["lambda_range_first"] for e in rows.values() if "lambda_range_first" in e]
+    if first:
+      (low, high), (low_t, high_t) = np.mean(first, axis=0), np.mean(
+          [e["lambda_range_last"] for e in rows.values() if "lambda_range_last" in e], axis=0)
+      lines += [f"`ewc_lambda_range` (the accumulated per-example Fisher against the curvature of the next "
+                f"task's loss at the anchor, retention 0.5, SGD lr {cfg['learning_rate']}; mean over seeds and "
+                f"EWC runs): after task 1 λ in [{low:.3g}, {high:.3g}], after task {tasks - 1} "
+                f"[{low_t:.3g}, {high_t:.3g}].", ""]
   if scole:
     sc = cfg["scole"]
-    lines.append(f"## SCoLe ({scole['num_tasks']} tasks of {sc['classes_per_task']} random classes, "
-                 f"{sc['epochs_per_task']} epoch each, absent logits masked, naive SGD; skew {sc['skew']})")
-    lines.append("")
-    lines.append("Accuracy over all 10 classes (unmasked test set) after task t:")
-    lines.append("")
+    lines += [f"## SCoLe ({scole['num_tasks']} tasks of {sc['classes_per_task']} random classes, "
+              f"{sc['epochs_per_task']} epoch each, absent logits masked, naive SGD; skew {sc['skew']})", "",
+              "Accuracy over all 10 classes (unmasked test set) after task t:", ""]
     marks = list(scole["accuracy_at"])
-    lines.append("| | before training | " + " | ".join(f"t = {m}" for m in marks) + " |")
-    lines.append("|" + "---|" * (len(marks) + 2))
-    n = scole["num_seeds"]
-    lines.append("| accuracy | " + _fmt(*scole["initial_accuracy"], n) + " | "
-                 + " | ".join(_fmt(*scole["accuracy_at"][m], n) for m in marks) + " |")
-    lines.append("")
-    if scole["occurrence"]:
-      lines.append("Accuracy on a class just before and just after its k-th occurrence (mean over classes, "
-                   "occurrences and seeds):")
-      lines.append("")
-      occ = scole["occurrence"]
-      lines.append("| k | " + " | ".join(str(o["k"]) for o in occ) + " |")
-      lines.append("|" + "---|" * (len(occ) + 1))
-      lines.append("| before | " + " | ".join(f"{o['before']:.3f}" for o in occ) + " |")
-      lines.append("| after | " + " | ".join(f"{o['after']:.3f}" for o in occ) + " |")
-      lines.append("")
-  lines.append(f"Wall time of this invocation: {results['seconds_this_run']:.0f} s.")
-  lines.append("")
+    lines.append(report.markdown_table(
+        [""] + ["before training"] + [f"t = {m}" for m in marks],
+        [["accuracy", report.fmt_mean_std(scole["initial_accuracy"])]
+         + [report.fmt_mean_std(scole["accuracy_at"][m]) for m in marks]]))
+    occ = scole["occurrence"]
+    if occ:
+      lines += ["Accuracy on a class just before and just after its k-th occurrence (mean over classes, "
+                "occurrences and seeds):", ""]
+      lines.append(report.markdown_table(
+          ["k"] + [str(o["k"]) for o in occ],
+          [["before"] + [f"{o['before']:.3f}" for o in occ], ["after"] + [f"{o['after']:.3f}" for o in occ]]))
+  lines += [f"Wall time of this invocation: {results['seconds_this_run']:.0f} s.", ""]
   return "\n".join(lines)
 
 
@@ -170,25 +163,25 @@ def _setup(cfg: dict) -> list[str]:
   """The method settings the tables depend on, as a bullet list."""
   r, e, g, sl, d = cfg["replay"], cfg["ewc"], cfg["gpm"], cfg["slca"], cfg["detector"]
   return [
-      "Setup:",
-      "",
-      f"- replay: reservoir memory of {r['capacity']} examples (each task's training examples offered once, at "
-      f"the end of the task), {r['batch_size']} memory examples added to every batch of {cfg['batch_size']}.",
-      f"- EWC: `chain(ewc, sgd)` in `optax.apply_if_finite`; per-example diagonal Fisher of {e['fisher_examples']} "
-      f"training examples of the task; online γ = {e['gamma']}. The notes give the largest λ·max(F)·lr reached "
-      f"(plain SGD diverges above 2) and the stability warnings `consolidate` issued.",
-      f"- GPM: kernels projected (the head only for the single-head permuted stream), biases frozen at 0; "
-      f"bases from {g['examples']} examples per task, threshold {g['threshold_base']} + "
-      f"{g['threshold_increment']} t.",
-      f"- SLCA: backbone updates x {sl['backbone_scale']} (from a random initialisation: no pre-trained backbone "
-      f"here); after each task {sl['samples_per_class']} sampled features per class (permuted: per (task, class)), "
-      f"{sl['align_epochs']} epochs of head alignment, SGD {sl['align_learning_rate']} momentum "
-      f"{sl['align_momentum']}, τ = {sl['tau']}.",
-      f"- EWC + detector: consolidation when the windowed z-test on the training loss (reference "
-      f"{d['reference_window']}, test {d['test_window']} steps, threshold {d['threshold']}) flags a switch; Fisher "
-      f"of the {d['fisher_batches']} batches before the test window; the task boundaries are not used.",
-      "",
-  ]
+      "Setup:", "",
+      f"- replay: reservoir memory of {r['capacity']} examples offered every training batch inside the step "
+      f"(a uniform sample of every example presented so far), {r['batch_size']} memory examples drawn per "
+      f"step and mixed into the batch of {cfg['batch_size']}.",
+      f"- EWC: `chain(ewc, sgd)`, non-finite steps skipped and counted; per-example diagonal Fisher of "
+      f"{e['fisher_examples']} training examples of the task at its end; online γ = {e['gamma']}. The notes "
+      f"give the largest λ·max(F)·lr reached (plain SGD diverges above 2) and the stability warnings "
+      f"`consolidate` issued.",
+      f"- GPM: kernels projected (the head only where it is shared: permuted, class-incremental split), "
+      f"biases frozen at their initial values; bases from {g['examples']} examples per task, threshold "
+      f"{g['threshold_base']} + {g['threshold_increment']} t.",
+      f"- SLCA: backbone updates x {sl['backbone_scale']} (from a random initialisation: no pre-trained "
+      f"backbone here); after each task {sl['samples_per_class']} sampled features per class (permuted: per "
+      f"(task, class)), {sl['align_epochs']} epochs of head alignment, SGD {sl['align_learning_rate']} "
+      f"momentum {sl['align_momentum']}, τ = {sl['tau']}.",
+      f"- EWC + detector: consolidation inside the step when the windowed z-test on the training loss "
+      f"(reference {d['reference_window']}, test {d['test_window']} steps, threshold {d['threshold']}) flags "
+      f"a switch; Fisher of the {d['fisher_batches']} batches before the test window; the task boundaries "
+      f"are not used.", ""]
 
 
 def _notes(e: dict) -> str:
@@ -201,8 +194,7 @@ def _notes(e: dict) -> str:
       notes.append(f"{e['skipped_steps']} non-finite steps skipped")
   if "detection" in e:
     d = e["detection"]
-    hits = sum(x["detected"] for x in d)
-    total = sum(x["boundaries"] for x in d)
+    hits, total = sum(x["detected"] for x in d), sum(x["boundaries"] for x in d)
     false = sum(x["false_alarms"] for x in d)
     lat = [v for x in d for v in x["latency_steps"]]
     notes.append(f"detected {hits}/{total} switches, {false} false alarms"
@@ -217,19 +209,7 @@ def _short(path: str) -> str:
   return path.replace("['", "").replace("']", ".").rstrip(".").replace(".kernel", "")
 
 
-# --- plots -----------------------------------------------------------------------------------------
-
-def _figure(width: float, height: float, layout: str | None = "constrained"):
-  from matplotlib.figure import Figure   # pylint: disable=g-import-not-at-top (Agg, no pyplot)
-  return Figure(figsize=(width, height), layout=layout)
-
-
-def _save(fig, path: str) -> None:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
-  with open(path, "wb") as f:
-    f.write(buf.getvalue())
-
+# --- figures --------------------------------------------------------------------------------------------
 
 def plot_heatmaps(rows: dict, stream: str, path: str) -> None:
   """One accuracy-matrix heatmap per method (tasks numbered from 1), values in percent."""
@@ -237,10 +217,10 @@ def plot_heatmaps(rows: dict, stream: str, path: str) -> None:
   cols = min(4, n)
   nrows = -(-n // cols)
   height = 3.1 * nrows + 0.7
-  fig = _figure(3.3 * cols + 0.8, height, layout=None)   # a fixed layout: constrained is slow here
-  fig.subplots_adjust(left=0.06, right=0.9, bottom=0.06, top=1 - 0.95 / height, wspace=0.35,
-                      hspace=0.45)
-  axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+  fig, axes = report.figure(3.3 * cols + 0.8, height, nrows=nrows, ncols=cols, squeeze=False, layout=None)
+  fig.subplots_adjust(left=0.06, right=0.9, bottom=0.06, top=1 - 0.95 / height, wspace=0.35, hspace=0.45)
+  axes = axes.ravel()
+  im = None
   for ax, e in zip(axes, rows.values()):
     r = np.asarray(e["R_mean"])
     im = ax.imshow(r, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -253,7 +233,8 @@ def plot_heatmaps(rows: dict, stream: str, path: str) -> None:
     ticks = np.arange(t)
     ax.set_xticks(ticks, [str(k + 1) for k in ticks])
     ax.set_yticks(ticks, [str(k + 1) for k in ticks])
-    ax.set_title(f"{e['label']}\navg {e['avg_acc'][0]:.3f}, forg. {e['forgetting'][0]:.3f}", fontsize=8)
+    ax.set_title(f"{e['label']}\navg {np.mean(e['avg_acc']):.3f}, forg. {np.mean(e['forgetting']):.3f}",
+                 fontsize=8)
     ax.set_xlabel("evaluated task j", fontsize=7)
     ax.set_ylabel("after task i", fontsize=7)
     ax.tick_params(labelsize=6)
@@ -261,13 +242,12 @@ def plot_heatmaps(rows: dict, stream: str, path: str) -> None:
     ax.set_visible(False)
   fig.colorbar(im, cax=fig.add_axes((0.93, 0.25, 0.015, 0.5)), label="accuracy")
   fig.suptitle(f"{stream}: accuracy matrix R[i, j] (mean over seeds)")
-  _save(fig, path)
+  report.save_figure(fig, path, dpi=90)
 
 
 def plot_curves(rows: dict, stream: str, path: str) -> None:
-  from matplotlib import colormaps   # pylint: disable=g-import-not-at-top
-  fig = _figure(11, 4)
-  left, right = fig.subplots(1, 2)
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  fig, (left, right) = report.figure(11, 4, ncols=2)
   cmap = colormaps["tab20"]
   for i, e in enumerate(rows.values()):
     r = np.asarray(e["R_mean"])
@@ -281,17 +261,16 @@ def plot_curves(rows: dict, stream: str, path: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
   right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-  fig.suptitle(f"{stream} digits (mean over seeds)")
-  _save(fig, path)
+  fig.suptitle(f"{stream} (mean over seeds)")
+  report.save_figure(fig, path, dpi=90)
 
 
 def plot_scole(scole: dict, summary: dict, path: str) -> None:
-  fig = _figure(11, 4)
-  left, right = fig.subplots(1, 2)
+  fig, (left, right) = report.figure(11, 4, ncols=2)
   for seed, s in scole.items():
     acc = [s["initial_accuracy"]] + s["accuracy"]
     left.plot(np.arange(len(acc)), acc, lw=0.6, alpha=0.5, label=f"seed {seed}")
-  mean = [summary["initial_accuracy"][0]] + summary["mean_accuracy_curve"]
+  mean = [float(np.mean(summary["initial_accuracy"]))] + summary["mean_accuracy_curve"]
   left.plot(np.arange(len(mean)), mean, lw=2, color="black", label="mean")
   left.set_xlabel("tasks trained")
   left.set_ylabel("accuracy over all classes")
@@ -310,32 +289,32 @@ def plot_scole(scole: dict, summary: dict, path: str) -> None:
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
     right.set_title("per-class accuracy vs reoccurrence")
-  _save(fig, path)
+  report.save_figure(fig, path, dpi=90)
 
 
-def write_all(workdir: str, results: dict) -> dict:
-  """Writes results.json, results.md and the PNGs; returns a few headline numbers."""
+def write_all(workdir: str, results: dict) -> dict[str, Any]:
+  """Writes results.json, results.md and the PNGs; returns the headline numbers."""
   agg = aggregate(results)
   scole = scole_summary(results["scole"]) if results["scole"] else None
+  figures = {}
   for stream, rows in agg.items():
     if rows:
-      plot_heatmaps(rows, stream, os.path.join(workdir, f"heatmap_{stream}.png"))
-      plot_curves(rows, stream, os.path.join(workdir, f"accuracy_{stream}.png"))
+      figures[f"heatmap_{stream}.png"] = lambda path, rows=rows, stream=stream: plot_heatmaps(rows, stream, path)
+      figures[f"accuracy_{stream}.png"] = lambda path, rows=rows, stream=stream: plot_curves(rows, stream, path)
   if scole:
-    plot_scole(results["scole"], scole, os.path.join(workdir, "scole_accuracy.png"))
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown(results, agg, scole))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"summary": agg, "scole_summary": scole, **results}, f)
+    figures["scole_accuracy.png"] = lambda path: plot_scole(results["scole"], scole, path)
+  report.write_results(workdir, {"summary": agg, "scole_summary": scole, **results},
+                       markdown(results, agg, scole), figures)
   headline: dict[str, Any] = {}
   for stream, rows in agg.items():
     for e in rows.values():
-      if e["kind"] in ("naive", "gpm", "replay"):
-        headline[f"{stream}_{e['kind']}_forgetting"] = e["forgetting"][0]
-    ewc = [e["forgetting"][0] for e in rows.values() if e["kind"] == "ewc"]
+      if e["kind"] in ("naive", "gpm", "replay", "slca"):
+        headline[f"{stream}_{e['kind']}_forgetting"] = float(np.mean(e["forgetting"]))
+    ewc = [float(np.mean(e["forgetting"])) for e in rows.values() if e["kind"] == "ewc"]
     if ewc:
       headline[f"{stream}_ewc_min_forgetting"] = min(ewc)
   if scole:
     headline["scole_first_acc"] = scole["mean_accuracy_curve"][0]
     headline["scole_last_acc"] = scole["mean_accuracy_curve"][-1]
+  headline["seconds"] = results["seconds_this_run"]
   return headline

@@ -1,511 +1,814 @@
 """Experiment ``continual``: task streams on digits, seven continual-learning methods, and SCoLe.
 
-For every stream (``permuted``: 10 tasks of all ten classes under a seeded pixel permutation, domain-
-incremental; ``split``: 5 tasks of 2 classes, task-incremental with per-task logit masks), every method
-(``_continual_methods.KINDS``; EWC once per lambda of the stream's sweep) and every seed, a model is trained
-on the tasks in order with ``prox.step``'s train step (one compiled step per method, reused for all seeds)
-and evaluated on every task's test set after every task: the accuracy matrix ``R[i, j]`` (after task ``i``,
-on task ``j``), from which ``prox.tasks.cl_metrics`` gives average accuracy, forgetting, BWT and FWT (FWT
-against the accuracy of the untrained model). SCoLe: naive SGD over hundreds of 2-class tasks with
-reoccurring classes and masked absent logits, accuracy over all classes after every task.
+For every stream, method and seed, a model is trained on the tasks in order by ``prox.loop.run`` over a
+``TaskSource`` (the batch that ends a task has ``boundary="task"``) and evaluated on every task's test set
+at every task boundary: the accuracy matrix ``R[i, j]`` (after task ``i``, on task ``j``), from which
+``prox.tasks.cl_metrics`` gives average accuracy, forgetting, BWT and FWT (FWT against the untrained
+model). Streams:
 
-Outputs in ``workdir``: ``results.md`` (a table per stream, mean and spread over seeds), ``results.json``
-(everything: matrices, logs, per-seed metrics), ``heatmap_<stream>.png``, ``accuracy_<stream>.png`` and
-``scole_accuracy.png``. Each run (stream, method, seed) is checkpointed after every task (orbax, the whole
-``TrainState`` and the accuracy rows so far) under ``workdir/checkpoints/`` and its result is kept in
-``workdir/runs/``; a restarted experiment skips finished runs and resumes the others at the last finished
-task (SCoLe: every ``scole.checkpoint_every_tasks`` tasks).
+* ``permuted``: 10 tasks of all ten classes under a seeded pixel permutation; domain-incremental, one head;
+* ``split``: 5 tasks of 2 classes, task-incremental: logits masked to the task's classes in training and
+  test (``R``), the unmasked (class-incremental) accuracy of the same model beside it (``R_class``);
+* ``split_class``: the same tasks, class-incremental: one shared head, no mask in training or test.
+
+A method is a plain function of the library's parts giving ``(tx, loss, transition, extra, end_task)``:
+
+* ``naive``: SGD.
+* ``replay``: a reservoir memory (``prox.tasks.replay``) in ``TrainState.extra``, offered every training
+  batch by the step's transition; the loss mixes ``replay.batch_size`` memory examples into every batch
+  (``replay_mix``: one draw per step, so every device layout trains alike).
+* ``ewc`` / ``ewc_online``: ``chain(ewc, sgd)`` (``prox.transforms.ewc``); at the end of a task the
+  per-example Fisher of its examples is consolidated (a jitted boundary action), and ``ewc_lambda_range``
+  of the accumulated Fisher against the next task's curvature is recorded.
+* ``ewc_detect``: EWC whose consolidation happens INSIDE the step under ``lax.cond`` when the loss-shift
+  detector (``prox.tasks.shift_detector``, in ``extra``) fires, with the Fisher of the oldest
+  ``detector.fisher_batches`` of the last ``test_window + fisher_batches`` batches (a ring in ``extra``):
+  the task boundaries are not used.
+* ``gpm``: ``chain(sgd, gpm, zero biases)``; the bases grow at each task boundary from the layer inputs
+  (``prox.models.mlp_layer_inputs``); the head is projected when it is shared (not for ``split``).
+* ``slca``: slow learner (backbone updates x ``backbone_scale``); at each boundary the class statistics
+  (in ``extra``) and the jitted classifier alignment (``prox.tasks.slca.align_classifier``).
+
+SCoLe: naive SGD over hundreds of 2-class tasks with reoccurring classes and masked absent logits, the
+accuracy over all classes after every task, on the same loop.
+
+Every run (stream, method, seed) has its directory ``workdir/runs/<stream>/<run>/seed<k>/`` (its config
+record, ``checkpoints/`` written at every task boundary, ``result.json``): a restarted experiment skips
+finished runs and resumes the others exactly where their last task ended. Outputs in ``workdir``:
+``results.md``, ``results.json``, ``heatmap_<stream>.png``, ``accuracy_<stream>.png``,
+``scole_accuracy.png``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import math
 import os
 import time
-from typing import Any
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from prox import checkpoint as ckpt_lib
+from prox import loop
 from prox import models
 from prox import step as step_lib
-from prox.experiments import _continual_methods as methods_lib
+from prox.experiments import common
 from prox.experiments import _continual_report as report_lib
-from prox.experiments import train
+from prox.losses import classification_loss, mask_logits
 from prox.optim import slow_learner
+from prox.tasks import TaskSource
 from prox.tasks import cl_metrics
 from prox.tasks import data as data_lib
+from prox.tasks import replay as replay_lib
 from prox.tasks import shift_detector as detector_lib
+from prox.tasks import slca as slca_lib
 from prox.tasks import streams as streams_lib
 
-# ``prox.transforms`` exports the functions ``ewc`` and ``gpm``, which shadow the module attributes of the
-# same names: take the modules themselves.
+# ``prox.transforms`` exports functions named like the modules ``ewc`` and ``gpm``: take the modules.
 ewc_lib = importlib.import_module("prox.transforms.ewc")
+gpm_lib = importlib.import_module("prox.transforms.gpm")
+
+PyTree = Any
+
+STREAMS = ("permuted", "split", "split_class")
+METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect")
+
+# ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
+QUICK = {
+    "num_seeds": 1,
+    "learning_rate": 0.05,
+    "model_kwargs.hidden": (32, 32),
+    "permuted.num_tasks": 3,
+    "permuted.epochs_per_task": 1,
+    "permuted.ewc_lambdas": (10.0,),
+    "split.epochs_per_task": 2,
+    "split.ewc_lambdas": (100.0,),
+    "split.ewc_detect_lambda": 100.0,
+    "split_class.epochs_per_task": 2,
+    "split_class.ewc_lambdas": (10.0,),
+    "split_class.ewc_detect_lambda": 10.0,
+    "ewc.fisher_examples": 64,
+    "gpm.examples": 32,
+    "slca.samples_per_class": 32,
+    "slca.align_epochs": 1,
+    "detector.reference_window": 8,
+    "detector.test_window": 2,
+    "detector.fisher_batches": 2,
+    "scole.num_tasks": 6,
+}
+
+# Fields that only select which runs happen: they may change when the experiment resumes.
+RESUMABLE = ("num_seeds", "streams", "methods", "scole.enabled") + tuple(
+    f"{s}.{f}" for s in STREAMS for f in ("ewc_lambdas", "ewc_detect_lambda"))
+
+_SWITCH_LOG = 64   # detected switches whose steps ewc_detect keeps (more are counted, not located)
 
 
-STREAMS = ("permuted", "split")
-METHODS = methods_lib.KINDS
+# --- config ------------------------------------------------------------------------------------------
 
-# Fields that only select which runs happen; the rest of the config must match a workdir's earlier runs.
-_SELECTION = ("num_seeds", "streams", "methods", "progress", "scole.enabled", "permuted.ewc_lambdas",
-              "split.ewc_lambdas", "permuted.ewc_detect_lambda", "split.ewc_detect_lambda")
-
-
-# --- config ----------------------------------------------------------------------------------------
-
-def _names(value: Any, field: str) -> list[str]:
-  if not isinstance(value, str):
-    raise train.ConfigError(f"{field} must be a comma-separated string, got {value!r}")
-  return [v.strip() for v in value.split(",") if v.strip()]
+def _lambdas(config: ml_collections.ConfigDict, stream: str) -> list[float]:
+  value = config[stream].ewc_lambdas
+  return sorted(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _positive_ints(cfg: ml_collections.ConfigDict, *dotted: str) -> None:
-  for name in dotted:
-    value = _get(cfg, name)
-    train.require(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
-
-
-def _get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
-  node = cfg
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _library_check(field: str, factory, *args, **kwargs) -> None:
-  """Runs a library factory for its argument checks; its ``ValueError`` becomes a ``ConfigError``."""
-  try:
-    factory(*args, **kwargs)
-  except (ValueError, TypeError) as e:
-    raise train.ConfigError(f"{field}: {e}") from None
-
-
-def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   """Checks every value the experiment uses (before anything compiles); raises ``ConfigError``."""
   cfg = config
-  train.require(bool(workdir), "--workdir is required (the run's output and checkpoint directory)")
-  streams = _names(cfg.streams, "streams")
-  for s in streams:
-    train.require(s in STREAMS, f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
-  methods = _names(cfg.methods, "methods")
-  for m in methods:
-    train.require(m in METHODS, f"unknown method {m!r}; known: {', '.join(METHODS)}")
-  train.require(bool(streams and methods) or cfg.scole.enabled,
-           "nothing to run: streams or methods is empty and scole.enabled is False")
-  train.require(cfg.dataset in data_lib.DATASETS,
-           f"unknown dataset {cfg.dataset!r}; known: {', '.join(data_lib.DATASETS)}")
-  train.require(cfg.model in models.MODELS, f"unknown model {cfg.model!r}; known: {', '.join(models.MODELS)}")
-  train.require(cfg.model in ("mlp", "cnn"),
-           f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
+  streams = _names(cfg, "streams", STREAMS)
+  methods = _names(cfg, "methods", METHODS)
+  common.require(bool(streams and methods) or cfg.scole.enabled,
+                 "nothing to run: streams or methods is empty and scole.enabled is False")
+  common.check_data(cfg)
+  common.check_model(cfg)
+  common.require(cfg.model in ("mlp", "cnn"),
+                 f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
   for m in ("gpm", "slca"):
-    train.require(m not in methods or cfg.model == "mlp",
-             f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
-  train.require(_is_int(cfg.seed) and 0 <= cfg.seed < 2**31, f"seed must be an int in [0, 2**31), got {cfg.seed!r}")
-  _positive_ints(cfg, "num_seeds", "batch_size", "eval_batch_size", "permuted.num_tasks",
-                 "permuted.epochs_per_task", "split.classes_per_task", "split.epochs_per_task",
-                 "ewc.fisher_examples", "replay.capacity", "replay.batch_size", "gpm.examples",
-                 "slca.samples_per_class", "slca.align_epochs", "slca.align_batch_size",
-                 "detector.fisher_batches", "scole.num_tasks", "scole.classes_per_task",
-                 "scole.epochs_per_task", "scole.checkpoint_every_tasks")
-  train.require(cfg.permuted.num_tasks >= 2, f"permuted.num_tasks must be >= 2, got {cfg.permuted.num_tasks}")
-  train.require(_is_number(cfg.learning_rate) and cfg.learning_rate > 0,
-           f"learning_rate must be a positive number, got {cfg.learning_rate!r}")
-  for name in ("momentum", "slca.align_momentum"):
-    v = _get(cfg, name)
-    train.require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
-  train.require(_is_number(cfg.slca.align_learning_rate) and cfg.slca.align_learning_rate > 0,
-           f"slca.align_learning_rate must be a positive number, got {cfg.slca.align_learning_rate!r}")
-  train.require(_is_number(cfg.slca.tau) and cfg.slca.tau > 0, f"slca.tau must be a number > 0, got {cfg.slca.tau!r}")
-  train.require(cfg.replay.batch_size <= cfg.replay.capacity,
-           f"replay.batch_size {cfg.replay.batch_size} exceeds replay.capacity {cfg.replay.capacity}")
+    common.require(m not in methods or cfg.model == "mlp",
+                   f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
+  common.require(common.is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
+                 f"seed must be an int in [0, 2**31), got {cfg.seed!r}")
+  common.positive_ints(cfg, "num_seeds", "permuted.num_tasks", "permuted.epochs_per_task",
+                       "split.classes_per_task", "split.epochs_per_task", "split_class.classes_per_task",
+                       "split_class.epochs_per_task", "ewc.fisher_examples", "replay.capacity",
+                       "replay.batch_size", "gpm.examples", "slca.samples_per_class", "slca.align_epochs",
+                       "slca.align_batch_size", "detector.fisher_batches", "scole.num_tasks",
+                       "scole.classes_per_task", "scole.epochs_per_task")
+  common.require(cfg.permuted.num_tasks >= 2, f"permuted.num_tasks must be >= 2, got {cfg.permuted.num_tasks}")
+  common.numbers(cfg, "learning_rate", "slca.align_learning_rate", "slca.tau", low=0, low_open=True)
+  common.numbers(cfg, "momentum", "slca.align_momentum", low=0, high=1, high_open=True)
+  common.numbers(cfg, "gpm.threshold_base", low=0, high=1, low_open=True)
+  common.numbers(cfg, "gpm.threshold_increment", "scole.skew", low=0)
+  common.require(cfg.replay.batch_size <= cfg.replay.capacity,
+                 f"replay.batch_size {cfg.replay.batch_size} exceeds replay.capacity {cfg.replay.capacity}")
   for stream in STREAMS:
     lambdas = cfg[stream].ewc_lambdas
-    if isinstance(lambdas, (int, float)):
-      lambdas = (lambdas,)
-    train.require(isinstance(lambdas, (tuple, list)) and len(lambdas) > 0,
-             f"{stream}.ewc_lambdas must be a non-empty tuple of numbers, got {lambdas!r}")
-    for lam in lambdas:
-      train.require(_is_number(lam), f"{stream}.ewc_lambdas: ewc_lambda must be a finite number >= 0, got {lam!r}")
-      _library_check(f"{stream}.ewc_lambdas", ewc_lib.ewc, float(lam))
-    lam = cfg[stream].ewc_detect_lambda
-    train.require(_is_number(lam), f"{stream}.ewc_detect_lambda must be a finite number >= 0, got {lam!r}")
-    _library_check(f"{stream}.ewc_detect_lambda", ewc_lib.ewc, float(lam))
-  train.require(_is_number(cfg.ewc.gamma), f"ewc.gamma must be in [0, 1], got {cfg.ewc.gamma!r}")
-  _library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
-  train.require(_is_number(cfg.gpm.threshold_base) and 0 < cfg.gpm.threshold_base <= 1,
-           f"gpm.threshold_base must be in (0, 1], got {cfg.gpm.threshold_base!r}")
-  train.require(_is_number(cfg.gpm.threshold_increment) and cfg.gpm.threshold_increment >= 0,
-           f"gpm.threshold_increment must be >= 0, got {cfg.gpm.threshold_increment!r}")
-  _library_check("slca.backbone_scale", slow_learner, optax.sgd(1.0), cfg.slca.backbone_scale,
-                 {"head": False, "hidden": True})
-  _library_check("detector", detector_lib.shift_detector, cfg.detector.reference_window,
-                 cfg.detector.test_window, cfg.detector.threshold)
-  train.require(_is_number(cfg.scole.skew) and cfg.scole.skew >= 0,
-           f"scole.skew must be a finite number >= 0, got {cfg.scole.skew!r}")
-  devices = jax.device_count()
-  train.require(jax.process_count() == 1, "continual runs in one process (any number of local devices)")
-  for name, value in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size),
-                      ("slca.align_batch_size", cfg.slca.align_batch_size),
-                      ("batch_size + replay.batch_size", cfg.batch_size + cfg.replay.batch_size)):
-    train.require(value % devices == 0, f"{name} {value} is not divisible by the device count {devices}")
-  train.check_workdir(workdir)
+    lambdas = (lambdas,) if isinstance(lambdas, (int, float)) else lambdas
+    common.require(isinstance(lambdas, (tuple, list)) and len(lambdas) > 0,
+                   f"{stream}.ewc_lambdas must be a non-empty tuple of numbers, got {lambdas!r}")
+    checks = [(f"{stream}.ewc_lambdas", lam) for lam in lambdas]
+    checks.append((f"{stream}.ewc_detect_lambda", cfg[stream].ewc_detect_lambda))
+    for field, lam in checks:
+      common.require(common.is_number(lam), f"{field}: ewc_lambda must be a finite number >= 0, got {lam!r}")
+      common.library_check(field, ewc_lib.ewc, float(lam))
+  common.numbers(cfg, "ewc.gamma")
+  common.library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
+  common.library_check("slca.backbone_scale", slow_learner, optax.sgd(1.0), cfg.slca.backbone_scale,
+                       {"head": False, "hidden": True})
+  common.library_check("detector", detector_lib.shift_detector, cfg.detector.reference_window,
+                       cfg.detector.test_window, cfg.detector.threshold)
+  common.require(jax.process_count() == 1, "continual runs in one process (any number of local devices)")
+  common.check_batch("batch_size", cfg.batch_size)
+  common.check_batch("eval_batch_size", cfg.eval_batch_size)
+  per_device = cfg.batch_size // jax.device_count()
+  common.require(cfg.replay.batch_size * per_device % cfg.batch_size == 0,
+                 f"replay.batch_size {cfg.replay.batch_size} must split evenly over the "
+                 f"{jax.device_count()} devices (a multiple of {cfg.batch_size // math.gcd(cfg.batch_size, per_device)})")
+  if workdir is not None:
+    common.check_workdir(workdir)
 
 
-def _check_data(cfg: ml_collections.ConfigDict, train_ds: data_lib.ArrayDataset, streams: list[str],
-                methods: list[str]) -> None:
-  """Checks that need the data (class counts, task sizes); still before anything compiles."""
-  c = train_ds.num_classes
-  if "split" in streams:
-    k = cfg.split.classes_per_task
-    train.require(c % k == 0 and c // k >= 2,
-             f"split.classes_per_task {k} must divide the {c} classes into at least 2 tasks")
-  if cfg.scole.enabled:
-    train.require(cfg.scole.classes_per_task <= c,
-             f"scole.classes_per_task {cfg.scole.classes_per_task} exceeds the {c} classes")
-  if "ewc_detect" in methods:
-    window = cfg.detector.reference_window + cfg.detector.test_window
-    for stream in streams:
-      steps = min(_steps(len(t.train), cfg[stream].epochs_per_task, cfg.batch_size)
-                  for t in _tasks(stream, cfg, train_ds, train_ds, cfg.seed))
-      train.require(window < steps, f"detector windows reference_window + test_window = {window} must be below "
-                               f"the {steps} steps of a {stream} task, or no switch can be detected")
-
-
-def _fingerprint(cfg: ml_collections.ConfigDict) -> str:
-  flat = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      name = f"{prefix}{k}"
-      if isinstance(v, dict):
-        walk(v, name + ".")
-      elif name not in _SELECTION:
-        flat[name] = list(v) if isinstance(v, tuple) else v
-
-  walk(cfg.to_dict(), "")
-  return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# --- streams and method specs ----------------------------------------------------------------------
-
-def _tasks(stream: str, cfg, train_ds, test_ds, seed: int) -> list[streams_lib.Task]:
-  if stream == "permuted":
-    return streams_lib.permuted_tasks(train_ds, test_ds, cfg.permuted.num_tasks, seed)
-  return streams_lib.split_tasks(train_ds, test_ds, cfg.split.classes_per_task)
+def _names(cfg: ml_collections.ConfigDict, field: str, options: tuple[str, ...]) -> list[str]:
+  value = cfg[field]
+  common.require(isinstance(value, str), f"{field} must be a comma-separated string, got {value!r}")
+  out = [v.strip() for v in value.split(",") if v.strip()]
+  for v in out:
+    common.require(v in options, f"unknown {field[:-1]} {v!r}; known: {', '.join(options)}")
+  return out
 
 
 def _steps(n: int, epochs: int, batch_size: int) -> int:
   return max(1, math.ceil(epochs * n / batch_size))
 
 
-def _specs(stream: str, cfg, methods: list[str]) -> list[tuple[str, str, str, dict]]:
-  """``(run id, table label, kind, kwargs)`` for every run of a stream, in table order."""
-  s = cfg[stream]
-  lambdas = s.ewc_lambdas if isinstance(s.ewc_lambdas, (tuple, list)) else (s.ewc_lambdas,)
-  lambdas = sorted(float(x) for x in lambdas)
+def _check_data(cfg: ml_collections.ConfigDict, train_ds: data_lib.ArrayDataset, streams: list[str],
+                methods: list[str]) -> None:
+  """The checks that need the data (class counts, task lengths); still before anything compiles."""
+  c = train_ds.num_classes
+  for stream in streams:
+    if stream != "permuted":
+      k = cfg[stream].classes_per_task
+      common.require(c % k == 0 and c // k >= 2,
+                     f"{stream}.classes_per_task {k} must divide the {c} classes into at least 2 tasks")
+  if cfg.scole.enabled:
+    common.require(cfg.scole.classes_per_task <= c,
+                   f"scole.classes_per_task {cfg.scole.classes_per_task} exceeds the {c} classes")
+  if "ewc_detect" in methods:
+    window = cfg.detector.reference_window + cfg.detector.test_window
+    for stream in streams:
+      steps = min(_steps(len(t.train), cfg[stream].epochs_per_task, cfg.batch_size)
+                  for t in _tasks(stream, cfg, train_ds, train_ds, cfg.seed))
+      common.require(window < steps, f"detector windows reference_window + test_window = {window} must be "
+                     f"below the {steps} steps of a {stream} task, or no switch can be detected")
+
+
+# --- streams -------------------------------------------------------------------------------------------
+
+def _tasks(stream: str, cfg, train_ds, test_ds, seed: int) -> list[streams_lib.Task]:
+  if stream == "permuted":
+    return streams_lib.permuted_tasks(train_ds, test_ds, cfg.permuted.num_tasks, seed)
+  return streams_lib.split_tasks(train_ds, test_ds, cfg[stream].classes_per_task)
+
+
+class Setting(NamedTuple):
+  """How a stream is trained and scored."""
+  masked: bool         # task-incremental: each task's logits masked to its classes (training and R)
+  shared_head: bool    # one head for all tasks (GPM projects it)
+  per_task_stats: bool  # SLCA: classes reoccur in every task, statistics per (task, class)
+  groups: int          # SLCA's logit groups: classes per group (0: one group)
+
+
+def _setting(stream: str, cfg) -> Setting:
+  if stream == "permuted":
+    return Setting(masked=False, shared_head=True, per_task_stats=True, groups=0)
+  k = cfg[stream].classes_per_task
+  return Setting(masked=stream == "split", shared_head=stream == "split_class", per_task_stats=False,
+                 groups=k)
+
+
+class Env(NamedTuple):
+  """What every run of one experiment invocation shares (so each jitted piece compiles once)."""
+  cfg: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  apply: Callable
+  init_params: Callable[[int], PyTree]
+  image_shape: tuple[int, ...]
+  num_classes: int
+  evaluate: Callable
+  logprob: Callable           # log p(y | x) of one example, for the Fisher (one object: one compile)
+
+
+def _logprob(apply: Callable) -> Callable:
+  def logprob(params, example):
+    logits = apply(params, {}, example["image"][None], train=False)[0][0]
+    if "logit_mask" in example:
+      logits = mask_logits(logits, example["logit_mask"])
+    return jax.nn.log_softmax(logits)[example["label"]]
+  return logprob
+
+
+class Spec(NamedTuple):
+  """One row of a stream's table: a method with its options."""
+  run_id: str
+  label: str
+  kind: str
+  options: dict
+
+
+def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
   out = []
   for kind in METHODS:
     if kind not in methods:
       continue
     if kind in ("ewc", "ewc_online"):
       mode = "separate" if kind == "ewc" else "online"
-      for lam in lambdas:
+      for lam in _lambdas(cfg, stream):
         label = f"EWC {mode} λ={lam:g}" + (f" γ={cfg.ewc.gamma:g}" if mode == "online" else "")
-        out.append((f"{kind}_lam{lam:g}", label, kind, {"ewc_lambda": lam, "mode": mode}))
+        out.append(Spec(f"{kind}_lam{lam:g}", label, kind, {"ewc_lambda": lam, "mode": mode}))
     elif kind == "ewc_detect":
-      lam = float(s.ewc_detect_lambda)
-      out.append((f"ewc_detect_lam{lam:g}", f"EWC + detector λ={lam:g}", kind, {"ewc_lambda": lam}))
+      lam = float(cfg[stream].ewc_detect_lambda)
+      out.append(Spec(f"ewc_detect_lam{lam:g}", f"EWC + detector λ={lam:g}", kind, {"ewc_lambda": lam}))
     else:
-      out.append((kind, {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
-                         "slca": "SLCA"}[kind], kind, {}))
+      label = {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
+               "slca": "SLCA"}[kind]
+      out.append(Spec(kind, label, kind, {}))
   return out
 
 
-def _build(kind: str, label: str, kwargs: dict, common: methods_lib.Common, cfg, stream: str,
-           num_tasks: int, num_classes: int) -> methods_lib.Learner:
-  m = methods_lib
-  if kind == "naive":
-    return m.Learner(common, label)
-  if kind == "replay":
-    return m.ReplayLearner(common, label, capacity=cfg.replay.capacity, replay_batch=cfg.replay.batch_size)
-  if kind in ("ewc", "ewc_online"):
-    return m.EWCLearner(common, label, ewc_lambda=kwargs["ewc_lambda"], mode=kwargs["mode"],
-                        gamma=float(cfg.ewc.gamma), fisher_examples=cfg.ewc.fisher_examples)
-  if kind == "ewc_detect":
-    d = cfg.detector
-    return m.EWCDetectLearner(common, label, ewc_lambda=kwargs["ewc_lambda"],
-                              fisher_examples=cfg.ewc.fisher_examples, reference_window=d.reference_window,
-                              test_window=d.test_window, threshold=float(d.threshold),
-                              fisher_batches=d.fisher_batches)
-  if kind == "gpm":
-    g = cfg.gpm
-    return m.GPMLearner(common, label, project_head=stream == "permuted", examples=g.examples,
-                        threshold_base=float(g.threshold_base), threshold_increment=float(g.threshold_increment))
-  if kind == "slca":
-    s = cfg.slca
-    groups = None if stream == "permuted" else np.arange(num_classes) // cfg.split.classes_per_task
-    return m.SLCALearner(common, label, num_tasks=num_tasks, per_task_stats=stream == "permuted",
-                         logit_groups=groups, backbone_scale=float(s.backbone_scale),
-                         samples_per_class=s.samples_per_class, align_epochs=s.align_epochs,
-                         align_learning_rate=float(s.align_learning_rate),
-                         align_momentum=float(s.align_momentum), align_batch_size=s.align_batch_size,
-                         tau=float(s.tau))
-  raise ValueError(f"unknown method {kind!r}")
+# --- methods: plain functions of the library's parts ------------------------------------------------------
+
+class Method(NamedTuple):
+  """What a method adds to plain SGD training (see the module docstring).
+
+  ``end_task(state, t, run, log) -> state`` is the action at the end of task ``t`` (before the task's
+  evaluation); it may write what it measured into the run's ``log`` (a JSON dict in the checkpointed
+  record)."""
+  tx: optax.GradientTransformation
+  loss: step_lib.LossFn
+  transition: step_lib.Transition | None
+  extra: Callable[[PyTree, int], PyTree]              # (params, seed) -> initial TrainState.extra
+  end_task: Callable[..., step_lib.TrainState] | None
+  skip_nonfinite: bool = False    # skip (and count) non-finite steps instead of stopping the run
 
 
-# --- evaluation ------------------------------------------------------------------------------------
-
-def _evaluate(eval_step, state, sets: list[tuple[data_lib.ArrayDataset, np.ndarray]], batch_size: int,
-              mesh) -> dict[str, np.ndarray]:
-  """Per test set: accuracy with the set's logit mask (``task``) and over all classes (``all``); summed
-  per-class counts over all sets (``class_correct``, ``class_count``)."""
-  sums = []
-  for ds, mask in sets:
-    parts = []
-    for batch in data_lib.epoch_batches(ds, batch_size):
-      batch["logit_mask"] = np.broadcast_to(mask, (batch_size, mask.shape[0]))
-      parts.append(eval_step(state, step_lib.shard_batch(batch, mesh)))
-    sums.append(parts)
-  sums = jax.device_get(sums)
-  total = lambda parts, k: np.sum([np.asarray(p[k], np.float64) for p in parts], axis=0)
-  count = np.array([total(p, "count") for p in sums])
-  return {"task": np.array([total(p, "correct_task") for p in sums]) / count,
-          "all": np.array([total(p, "correct_all") for p in sums]) / count,
-          "class_correct": np.sum([total(p, "class_correct") for p in sums], axis=0),
-          "class_count": np.sum([total(p, "class_count") for p in sums], axis=0)}
+class Run(NamedTuple):
+  """One seed of a stream: its tasks and their training sets (for the boundary actions)."""
+  seed: int
+  tasks: list[streams_lib.Task]
+  train_sets: list[data_lib.ArrayDataset]
 
 
-# --- one run ---------------------------------------------------------------------------------------
-
-def _loader_seed(seed: int, t: int, salt: int) -> int:
-  return int(np.random.SeedSequence((seed, t, salt)).generate_state(1)[0])
+def _sgd(cfg) -> optax.GradientTransformation:
+  return optax.sgd(float(cfg.learning_rate), momentum=float(cfg.momentum) or None)
 
 
-def _train_task(learner, state, task, t: int, seed: int, epochs: int, cfg, mesh, log: dict, salt: int):
-  ds = task.train.materialize()
-  loader = data_lib.loader_init(_loader_seed(seed, t, salt))
-  steps = _steps(len(ds.labels), epochs, cfg.batch_size)
-  task_key = jax.random.fold_in(jax.random.key(seed), t) if learner.needs_key else None
-  out = None
-  for s in range(steps):
-    local, loader = data_lib.next_batch(ds, loader, cfg.batch_size)
-    batch = methods_lib.task_batch(local["image"], local["label"], task.logit_mask)
-    key = jax.random.fold_in(task_key, s) if task_key is not None else None
-    batch = learner.prepare(state, batch, key)
-    state, out = learner.step(state, step_lib.shard_batch(batch, mesh))
-    state = learner.after_step(state, batch, log)
-  metrics = jax.device_get(out.metrics)
-  return state, steps, {k: float(v) for k, v in metrics.items()}
+def _subset(n: int, size: int, seed: int, t: int, salt: int) -> np.ndarray:
+  """``min(size, n)`` distinct positions out of ``n``, seeded by (seed, task, salt)."""
+  return np.sort(np.random.default_rng((seed, t, salt)).permutation(n)[:min(size, n)])
 
 
-def _run_path(workdir: str, *parts: str) -> str:
-  return os.path.join(workdir, *parts)
+def _examples(run: Run, t: int, idx: np.ndarray | slice, setting: Setting) -> dict[str, np.ndarray]:
+  ds = run.train_sets[t]
+  out = {"image": ds.images[idx], "label": ds.labels[idx]}
+  if setting.masked:
+    mask = run.tasks[t].logit_mask
+    out["logit_mask"] = np.broadcast_to(mask, (len(out["label"]), mask.shape[0]))
+  return out
 
 
-def _load_result(path: str, fingerprint: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    result = json.load(f)
-  if result.get("fingerprint") != fingerprint:
-    raise train.ConfigError(f"{path} was written with a different config; use a new --workdir")
-  return result
+def _fields(setting: Setting) -> tuple[str, ...]:
+  return ("image", "label", "logit_mask") if setting.masked else ("image", "label")
 
 
-def _copy(meta: dict) -> dict:
-  """A deep copy of the JSON meta for an asynchronous save (the loop keeps appending to ``meta``)."""
-  return json.loads(json.dumps(meta))
+def naive(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Fine-tuning: SGD on each task in turn."""
+  del setting, spec
+  return Method(_sgd(env.cfg), classification_loss(env.apply), None, lambda params, seed: {}, None)
 
 
-def _save_result(path: str, result: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f)
-  os.replace(tmp, path)
+def replay(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Experience replay with a reservoir memory updated inside the step (Chaudhry et al. 2019, "On Tiny
+  Episodic Memories in Continual Learning"): each step trains on the batch and ``m = replay.batch_size``
+  memory draws, ``L = (sum_batch l_i + sum_draws v_j l_j) / (B + sum_j v_j)`` (``v_j = 1`` for a stored
+  example, 0 while the memory holds fewer than ``m``), then offers the batch to the memory (Algorithm R:
+  the memory is a uniform sample of every training example presented so far, epochs included)."""
+  del spec
+  cfg, apply, fields = env.cfg, env.apply, _fields(setting)
+  num, rows = int(cfg.replay.batch_size), int(cfg.batch_size)
+
+  def loss_fn(params, model_state, batch, ctx):
+    state = ctx.extra["replay"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), ctx.step)   # one draw per step
+    mixed, w = replay_lib.replay_mix(state["memory"], key, {k: batch[k] for k in fields}, num=num,
+                                     first_row=batch["row"][0], global_rows=rows)
+    logits, model_state = apply(params, model_state, mixed["image"], train=True)
+    if setting.masked:
+      logits = mask_logits(logits, mixed["logit_mask"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, mixed["label"])
+    correct = (jnp.argmax(logits, -1) == mixed["label"]).astype(jnp.float32)
+    return jnp.sum(w * ce), ({"accuracy": jnp.sum(w * correct)}, model_state)
+
+  def offer(state, info: step_lib.StepInfo):
+    memory = replay_lib.reservoir_add(state["memory"], {k: info.batch[k] for k in fields}, info.rng,
+                                      info.valid)
+    return {**state, "memory": memory}
+
+  def extra(params, seed):
+    del params
+    example = {"image": jax.ShapeDtypeStruct(env.image_shape, jnp.float32),
+               "label": jax.ShapeDtypeStruct((), jnp.int32)}
+    if setting.masked:
+      example["logit_mask"] = jax.ShapeDtypeStruct((env.num_classes,), jnp.bool_)
+    key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
+    return {"replay": {"memory": replay_lib.reservoir_init(example, int(cfg.replay.capacity)),
+                       "key": jax.random.key_data(key)}}
+
+  def end_task(state, t, run, log):
+    del t, run
+    memory = jax.device_get(state.extra["replay"]["memory"])
+    labels = np.asarray(memory.data["label"])[:int(replay_lib.reservoir_size(memory))]
+    log.setdefault("memory_classes", []).append(np.bincount(labels, minlength=env.num_classes).tolist())
+    log["memory_seen"] = int(memory.seen)
+    return state
+
+  return Method(_sgd(cfg), loss_fn, step_lib.in_extra("replay", offer), extra, end_task)
 
 
-def _run_stream(learner, stream: str, tasks, seed: int, cfg, mesh, eval_step, workdir: str, run_id: str,
-                fingerprint: str) -> dict:
-  """Trains ``learner`` on ``tasks`` in order; returns the run's result (cached in workdir/runs)."""
-  result_path = _run_path(workdir, "runs", stream, run_id, f"seed{seed}.json")
-  cached = _load_result(result_path, fingerprint)
-  if cached is not None:
-    return cached
+def _ewc_tx(env: Env, ewc_lambda: float, mode: str) -> optax.GradientTransformation:
+  gamma = float(env.cfg.ewc.gamma) if mode == "online" else 1.0
+  return optax.chain(ewc_lib.ewc(ewc_lambda, mode=mode, gamma=gamma), _sgd(env.cfg))
+
+
+def ewc(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Elastic weight consolidation (Kirkpatrick et al. 2017; online mode: Schwarz et al. 2018): the
+  gradient gets ``lambda F (w - m)`` (``prox.transforms.ewc``); at the end of task ``t`` the per-example
+  diagonal Fisher ``F_t = mean_n (grad log p(y_n | x_n))^2`` of ``ewc.fisher_examples`` of its training
+  examples is consolidated with the current weights as anchor. Logged per task: the penalty before the
+  consolidation, ``lambda max(F) lr`` (SGD diverges above 2) and the warnings ``consolidate`` issued, and
+  ``ewc_lambda_range`` of the accumulated Fisher against the curvature of the next task's loss (its
+  Fisher at the anchor): the lambdas that both hold the old weights and keep SGD stable. A lambda beyond
+  the stability bound makes SGD diverge: such steps (loss, gradient or weights not finite) are skipped
+  and counted, as ``optax.apply_if_finite`` would."""
+  cfg = env.cfg
+  lr, momentum = float(cfg.learning_rate), float(cfg.momentum)
+  limit = ewc_lib.sgd_stability_limit(momentum)
+  size = int(cfg.ewc.fisher_examples)
+
+  def fisher(params, run, t):
+    idx = _subset(len(run.train_sets[t].labels), size, run.seed, t, 1)
+    return ewc_lib.diagonal_fisher(env.logprob, params, _examples(run, t, idx, setting), chunk_size=128)
+
+  def end_task(state, t, run, log):
+    params = state.params
+    log.setdefault("penalty", []).append(
+        float(ewc_lib.ewc_penalty(ewc_lib.find_ewc_state(state.opt_state), params)))
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      opt_state = ewc_lib.consolidate_opt_state(state.opt_state, params, fisher(params, run, t),
+                                                learning_rate=lr, stability_limit=limit)
+    accumulated = ewc_lib.find_ewc_state(opt_state)
+    if t + 1 < len(run.tasks):   # the penalty the next tasks train with (the last one's is never used)
+      log.setdefault("stability", []).append(float(ewc_lib.ewc_stability(accumulated, lr)))
+      log["stability_warnings"] = log.get("stability_warnings", 0) + sum(
+          issubclass(w.category, RuntimeWarning) for w in caught)
+      r = ewc_lib.ewc_lambda_range(accumulated, curvature=fisher(params, run, t + 1), learning_rate=lr,
+                                   momentum=momentum)
+      log.setdefault("lambda_range", []).append([r.low, r.high])
+    return state._replace(opt_state=opt_state)
+
+  tx = _ewc_tx(env, spec.options["ewc_lambda"], spec.options["mode"])
+  return Method(tx, classification_loss(env.apply), None, lambda params, seed: {}, end_task,
+                skip_nonfinite=True)
+
+
+def ewc_detect_transition(detector: detector_lib.ShiftDetector, logprob: Callable, *, fields: tuple[str, ...],
+                          fisher_batches: int, learning_rate: float,
+                          stability_limit: float) -> step_lib.Transition:
+  """EWC consolidated inside the step when the loss-shift detector fires (``state.extra["detect"]``).
+
+  After each update: the step's batch joins the ring of the last ``W + k`` batches (``W`` the detector's
+  test window, ``k = fisher_batches``); the detector sees the step's loss; when it flags a switch and the
+  ring is full, ``lax.cond`` consolidates every EWC state of ``opt_state`` with the per-example Fisher of
+  the ``k`` oldest ring batches (the newest ``W`` may already belong to the new task) at the current
+  weights, which become the anchor. Counted in ``extra["detect"]``: consolidations, switches without
+  enough batches, the steps (1-based) of the first switches, the largest ``lambda max(F) lr`` and the
+  consolidations above ``stability_limit``.
+  """
+
+  def transition(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    ex = state.extra["detect"]
+    recent = replay_lib.recent_push(ex["recent"], {f: info.batch[f] for f in fields})
+    detector_state, switched = detector.update(ex["detector"], info.loss)
+    data, full = replay_lib.recent_oldest(recent, fisher_batches)
+    fire = switched & full
+
+    def consolidate(opt_state):
+      fisher = ewc_lib.diagonal_fisher(logprob, state.params, data, chunk_size=128)
+      return ewc_lib.consolidate_opt_state(opt_state, state.params, fisher)
+
+    opt_state = jax.lax.cond(fire, consolidate, lambda o: o, state.opt_state)
+    stability = ewc_lib.ewc_stability(ewc_lib.find_ewc_state(opt_state), learning_rate)
+    slot = jnp.where(switched, detector_state.num_switches - 1, _SWITCH_LOG)   # out of range: dropped
+    new = {"detector": detector_state, "recent": recent,
+           "switch_steps": ex["switch_steps"].at[slot].set(info.step + 1, mode="drop"),
+           "consolidations": ex["consolidations"] + fire.astype(jnp.int32),
+           "without_data": ex["without_data"] + (switched & ~full).astype(jnp.int32),
+           "max_stability": jnp.where(fire, jnp.maximum(ex["max_stability"], stability), ex["max_stability"]),
+           "unstable": ex["unstable"] + (fire & (stability > stability_limit)).astype(jnp.int32)}
+    return state._replace(opt_state=opt_state, extra={**state.extra, "detect": new})
+
+  return transition
+
+
+def ewc_detect_extra(detector: detector_lib.ShiftDetector, batch: PyTree, ring: int) -> dict:
+  """The initial ``extra`` of :func:`ewc_detect_transition` for batches shaped like ``batch``."""
+  return {"detect": {"detector": detector.init(), "recent": replay_lib.recent_init(batch, ring),
+                     "switch_steps": jnp.full((_SWITCH_LOG,), -1, jnp.int32),
+                     "consolidations": jnp.zeros((), jnp.int32), "without_data": jnp.zeros((), jnp.int32),
+                     "max_stability": jnp.zeros((), jnp.float32), "unstable": jnp.zeros((), jnp.int32)}}
+
+
+def ewc_detect(env: Env, setting: Setting, spec: Spec) -> Method:
+  """EWC (separate mode) consolidated when the windowed z-test on the training loss flags a task switch
+  (Zhu et al. 2024, "Task-agnostic continual learning with multiple experts" declare switches so), inside
+  the step: see :func:`ewc_detect_transition`. The task boundaries are only used for logging."""
+  cfg, d = env.cfg, env.cfg.detector
+  detector = detector_lib.shift_detector(d.reference_window, d.test_window, float(d.threshold))
+  fields = _fields(setting)
+  transition = ewc_detect_transition(
+      detector, env.logprob, fields=fields, fisher_batches=int(d.fisher_batches),
+      learning_rate=float(cfg.learning_rate), stability_limit=ewc_lib.sgd_stability_limit(float(cfg.momentum)))
+  b = int(cfg.batch_size)
+  batch = {"image": jax.ShapeDtypeStruct((b,) + env.image_shape, jnp.float32),
+           "label": jax.ShapeDtypeStruct((b,), jnp.int32),
+           "logit_mask": jax.ShapeDtypeStruct((b, env.num_classes), jnp.bool_)}
+  batch = {k: batch[k] for k in fields}
+
+  def end_task(state, t, run, log):
+    del t, run
+    ex = jax.device_get(state.extra["detect"])
+    log.setdefault("penalty", []).append(
+        float(ewc_lib.ewc_penalty(ewc_lib.find_ewc_state(state.opt_state), state.params)))
+    steps = np.asarray(ex["switch_steps"])
+    log.update(switch_steps=steps[steps > 0].tolist(), switches=int(ex["detector"].num_switches),
+               consolidations=int(ex["consolidations"]), switches_without_data=int(ex["without_data"]),
+               max_stability=float(ex["max_stability"]), stability_warnings=int(ex["unstable"]))
+    return state
+
+  tx = _ewc_tx(env, spec.options["ewc_lambda"], "separate")
+  extra = lambda params, seed: ewc_detect_extra(detector, batch, int(d.test_window + d.fisher_batches))
+  return Method(tx, classification_loss(env.apply), transition, extra, end_task, skip_nonfinite=True)
+
+
+def _keystr(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+@jax.jit
+def _gpm_update(opt_state: PyTree, params: PyTree, images: jax.Array, threshold: jax.Array) -> PyTree:
+  inputs = models.mlp_layer_inputs(params, images)
+  activations = {"head": {"kernel": inputs["head"], "bias": None},
+                 "hidden": {name: {"kernel": inputs[name], "bias": None} for name in params["hidden"]}}
+  return gpm_lib.gpm_update_opt_state(opt_state, activations, threshold)
+
+
+def gpm(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Gradient projection memory (Saha, Garg & Roy 2021): ``chain(sgd, gpm(kernels), zero(biases))``;
+  the biases stay at their initial values (the reference networks have none); the head's kernel is
+  projected when it is shared (a task-incremental head has private columns per task through the masks).
+  After task ``t`` each kernel's basis grows with the inputs of ``gpm.examples`` training examples at
+  energy threshold ``base + increment t``."""
+  del spec
+  g = env.cfg.gpm
+
+  def kernel_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ndim(p) == 2 and (setting.shared_head or not _keystr(path).startswith("['head']")),
+        params)
+
+  def bias_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+
+  tx = optax.chain(_sgd(env.cfg), gpm_lib.gpm(kernel_mask), optax.masked(optax.set_to_zero(), bias_mask))
+
+  def end_task(state, t, run, log):
+    idx = _subset(len(run.train_sets[t].labels), int(g.examples), run.seed, t, 2)
+    threshold = gpm_lib.gpm_threshold(t, float(g.threshold_base), float(g.threshold_increment))
+    opt_state = _gpm_update(state.opt_state, state.params, run.train_sets[t].images[idx], threshold)
+    ranks = jax.device_get(gpm_lib.find_gpm_state(opt_state).ranks)
+    log.setdefault("ranks", []).append(
+        {_keystr(path): int(r) for path, r in jax.tree_util.tree_flatten_with_path(ranks)[0]})
+    return state._replace(opt_state=opt_state)
+
+  return Method(tx, classification_loss(env.apply), None, lambda params, seed: {}, end_task)
+
+
+def slca(env: Env, setting: Setting, spec: Spec, *, num_tasks: int, max_examples: int) -> Method:
+  """SLCA (Zhang et al. 2023): the backbone's updates scaled by ``slca.backbone_scale``; after task ``t``
+  the Gaussian statistics of the head's input per class of the task (per (task, class) where classes
+  reoccur in every task, so the alignment sees every task's features), ``samples_per_class`` features per
+  seen class from ``N(s_c mu_c, Sigma_c)``, and the head retrained on them (``align_classifier``, logits
+  normalised per group of ``classes_per_task`` classes). One jitted function per boundary."""
+  del spec
+  s, c = env.cfg.slca, env.num_classes
+  entries = num_tasks * c if setting.per_task_stats else c
+  groups = None if setting.groups == 0 else np.arange(c) // setting.groups
+  align_tx = optax.sgd(float(s.align_learning_rate), momentum=float(s.align_momentum) or None)
+  tx = slow_learner(_sgd(env.cfg), float(s.backbone_scale), {"head": False, "hidden": True})
+
+  @jax.jit
+  def boundary(params, stats, images, labels, valid, classes, t, key):
+    features = models.mlp_layer_inputs(params, images)["head"]
+    stats = slca_lib.class_stats_update(stats, features, labels, classes, t, valid=valid)
+    feats, entry, weights = slca_lib.sample_class_features(stats, jax.random.fold_in(key, 0), t,
+                                                           int(s.samples_per_class))
+    head, losses = slca_lib.align_classifier(
+        params["head"], feats, entry % c, weights, jax.random.fold_in(key, 1), tx=align_tx,
+        epochs=int(s.align_epochs), batch_size=int(s.align_batch_size), tau=float(s.tau),
+        logit_groups=groups)
+    return {**params, "head": head}, stats, losses
+
+  def end_task(state, t, run, log):
+    ds = run.train_sets[t]
+    n = len(ds.labels)
+    pad = max_examples - n
+    offset = t * c if setting.per_task_stats else 0
+    images = np.concatenate([ds.images, np.zeros((pad,) + ds.images.shape[1:], ds.images.dtype)])
+    labels = np.concatenate([ds.labels, np.zeros((pad,), ds.labels.dtype)]) + offset
+    valid = np.arange(max_examples) < n
+    classes = np.asarray(run.tasks[t].classes, np.int32) + offset
+    key = jax.random.fold_in(jax.random.key(run.seed), 2_000_003 + t)
+    params, stats, losses = boundary(state.params, state.extra["slca"], images, labels, valid, classes,
+                                     np.int32(t), key)
+    log.setdefault("align_loss", []).append(float(jax.device_get(losses)[-1]))
+    return state._replace(params=params, extra={**state.extra, "slca": stats})
+
+  def extra(params, seed):
+    del seed
+    return {"slca": slca_lib.class_stats_init(entries, int(params["head"]["kernel"].shape[0]))}
+
+  return Method(tx, classification_loss(env.apply), None, extra, end_task)
+
+
+def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
+  if spec.kind == "slca":
+    return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
+  build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
+           "ewc_detect": ewc_detect}[spec.kind]
+  return build(env, setting, spec)
+
+
+# --- one run: a stream's tasks in order, on the one loop -----------------------------------------------------
+
+def _on_one_device(end_task: Callable[..., step_lib.TrainState], state: step_lib.TrainState,
+                   mesh: jax.sharding.Mesh, *args: Any) -> step_lib.TrainState:
+  """Runs a boundary action on the state's copy on one device and places the result as the step expects
+  it (replicated over ``mesh``); device-to-device copies, no host round trip. On a multi-device CPU mesh
+  the replicated (SPMD) versions of the boundary's small linear algebra and loops can deadlock in XLA's
+  collectives; on one device there are none. A no-op placement on a one-device mesh."""
+  local = jax.device_put(state, mesh.devices.flat[0])
+  return jax.device_put(end_task(local, *args), NamedSharding(mesh, PartitionSpec()))
+
+
+def _evaluate(env: Env, state: step_lib.TrainState, ds: data_lib.ArrayDataset, **fields: np.ndarray) -> dict:
+  return env.evaluate(state, ds, env.cfg.eval_batch_size, **fields)
+
+
+def _accuracy_row(env: Env, state: step_lib.TrainState, tests: list[data_lib.ArrayDataset],
+                  masks: list[np.ndarray] | None) -> tuple[list[float], list[float]]:
+  """Per test set: the accuracy as the stream scores it (with the task's logit mask when ``masks``) and
+  over all classes."""
+  scored, unmasked = [], []
+  for j, ds in enumerate(tests):
+    out = _evaluate(env, state, ds, **({} if masks is None else {"logit_mask": masks[j]}))
+    unmasked.append(out["accuracy"])
+    scored.append(out["accuracy_masked"] if masks is not None else out["accuracy"])
+  return scored, unmasked
+
+
+def _transform(masks: list[np.ndarray] | None) -> Callable[[dict, int], dict]:
+  """The batch fields beside image and label: each row's global index (``replay_mix`` takes its share by
+  it) and, for a task-incremental stream, the task's logit mask."""
+
+  def transform(rows: dict, t: int) -> dict:
+    n = len(rows["label"])
+    rows["row"] = np.arange(n, dtype=np.int32)
+    if masks is not None:
+      rows["logit_mask"] = np.broadcast_to(masks[t], (n, masks[t].shape[0]))
+    return rows
+
+  return transform
+
+
+def _loop(env: Env, step: Callable, state: step_lib.TrainState, run: Run, steps: list[int],
+          masks: list[np.ndarray] | None, run_dir: str, actions: tuple, record: dict,
+          cache: loop.CompileCache, on_nonfinite: str = "stop") -> loop.LoopResult:
+  source = TaskSource(run.train_sets, steps, seed=run.seed, transform=_transform(masks))
+  return loop.run(step, state, source, mesh=env.mesh, batch_size=env.cfg.batch_size, num_steps=sum(steps),
+                  actions=actions, checkpoint_dir=os.path.join(run_dir, "checkpoints"),
+                  checkpoint=loop.Every(boundary="task"), keep_checkpoints=1, record=record,
+                  compile_cache=cache, on_nonfinite=on_nonfinite)
+
+
+def train_stream(env: Env, setting: Setting, method: Method, step: Callable, cache: loop.CompileCache,
+                 run: Run, epochs: int, run_dir: str) -> dict:
+  """Trains one seed of a stream with ``method``; returns the run's result (accuracy matrices, metrics,
+  the method's log). Checkpointed at every task boundary in ``run_dir/checkpoints``: started again after
+  a crash it continues from the last finished task and ends exactly as an uninterrupted run."""
   started = time.perf_counter()
-  num = len(tasks)
-  test_sets = [(task.test.materialize(), task.logit_mask) for task in tasks]
-  epochs = cfg[stream].epochs_per_task
-  state = learner.init_state(seed)
-  checkpointer = ckpt_lib.Checkpointer(_run_path(workdir, "checkpoints", stream, run_id, f"seed{seed}"),
-                                       max_to_keep=1)
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
-    if meta.get("fingerprint") != fingerprint:
-      raise train.ConfigError(f"checkpoints of {stream}/{run_id} were written with a different config; "
-                              "use a new --workdir")
-  else:
-    first = _evaluate(eval_step, state, test_sets, cfg.eval_batch_size, mesh)
-    meta = {"fingerprint": fingerprint, "tasks_done": 0, "R": [], "R_class": [],
-            "initial": first["task"].tolist(), "initial_class": first["all"].tolist(), "train": [],
-            "steps": 0, "seconds": 0.0, "log": {}}
-  log = meta["log"]
-  try:
-    for t in range(meta["tasks_done"], num):
-      state, steps, last = _train_task(learner, state, tasks[t], t, seed, epochs, cfg, mesh, log, salt=0)
-      # Boundary transitions run on host copies (one device), then the state is replicated again: on a
-      # multi-device mesh, SPMD versions of the small linear algebra there (cholesky) can stall on CPU.
-      state = learner.end_task(jax.device_get(state), tasks[t], t, seed, log)
-      state = step_lib.replicate(jax.device_get(state), mesh)
-      row = _evaluate(eval_step, state, test_sets, cfg.eval_batch_size, mesh)
-      meta["R"].append(row["task"].tolist())
-      meta["R_class"].append(row["all"].tolist())
-      meta["train"].append(last)
-      meta["steps"] += steps
-      meta["tasks_done"] = t + 1
-      meta["seconds"] = meta["seconds"] + time.perf_counter() - started
-      started = time.perf_counter()
-      checkpointer.save(t + 1, state, _copy(meta), force=True)
-  finally:
-    checkpointer.close()   # waits for the last (async) save
-  r, r_class = np.asarray(meta["R"]), np.asarray(meta["R_class"])
-  result = {**meta, "stream": stream, "run_id": run_id, "label": learner.label, "kind": learner.kind,
-            "seed": seed, "metrics": _metrics(r, r_class, np.asarray(meta["initial"]))}
-  _save_result(result_path, result)
-  return result
+  cfg = env.cfg
+  params = env.init_params(run.seed)
+  state = common.replicated_state(params, method.tx, env.mesh, seed=run.seed, extra=method.extra(params, run.seed))
+  tests = [task.test.materialize() for task in run.tasks]
+  masks = [task.logit_mask for task in run.tasks] if setting.masked else None
+  steps = [_steps(len(ds.labels), epochs, cfg.batch_size) for ds in run.train_sets]
+
+  def start(ctx: loop.Context) -> None:
+    ctx.record["initial"], ctx.record["initial_class"] = _accuracy_row(env, ctx.state, tests, masks)
+
+  def end_of_task(ctx: loop.Context) -> step_lib.TrainState:
+    t = len(ctx.record["R"])
+    state = ctx.state
+    if method.end_task is not None:
+      state = _on_one_device(method.end_task, state, env.mesh, t, run, ctx.record["log"])
+    row, row_class = _accuracy_row(env, state, tests, masks)
+    ctx.record["R"].append(row)
+    ctx.record["R_class"].append(row_class)
+    ctx.record["train"].append(common.scalars(ctx.out.metrics))
+    ctx.record["task_end_steps"].append(ctx.step)
+    return state
+
+  record = {"R": [], "R_class": [], "train": [], "task_end_steps": [], "log": {}}
+  result = _loop(env, step, state, run, steps, masks, run_dir,
+                 ((loop.Every(start=True), start), (loop.Every(boundary="task"), end_of_task)), record, cache,
+                 on_nonfinite="skip" if method.skip_nonfinite else "stop")
+  rec = result.record
+  r, r_class = np.asarray(rec["R"]), np.asarray(rec["R_class"])
+  metrics = {"avg_acc": float(cl_metrics.average_accuracy(r)), "forgetting": float(cl_metrics.forgetting(r)),
+             "bwt": float(cl_metrics.backward_transfer(r)),
+             "fwt": float(cl_metrics.forward_transfer(r, np.asarray(rec["initial"]))),
+             "avg_acc_class_il": float(cl_metrics.average_accuracy(r_class))}
+  return {**rec, "metrics": metrics, "steps": int(result.state.step), "nonfinite_steps": result.nonfinite_steps,
+          "train_seconds": result.train_seconds,
+          "seconds": time.perf_counter() - started,
+          "param_norm": float(optax.tree.norm(jax.device_get(result.state.params)))}
 
 
-def _metrics(r: np.ndarray, r_class: np.ndarray, initial: np.ndarray) -> dict[str, float]:
-  return {"avg_acc": float(cl_metrics.average_accuracy(r)), "forgetting": float(cl_metrics.forgetting(r)),
-          "bwt": float(cl_metrics.backward_transfer(r)), "fwt": float(cl_metrics.forward_transfer(r, initial)),
-          "avg_acc_class_il": float(cl_metrics.average_accuracy(r_class))}
-
-
-def _run_scole(learner, train_ds, test_ds, seed: int, cfg, mesh, eval_step, workdir: str,
-               fingerprint: str) -> dict:
-  """Naive SGD over ``scole.num_tasks`` SCoLe tasks; accuracy over all classes after every task."""
-  result_path = _run_path(workdir, "runs", "scole", f"seed{seed}.json")
-  cached = _load_result(result_path, fingerprint)
-  if cached is not None:
-    return cached
+def train_scole(env: Env, method: Method, step: Callable, cache: loop.CompileCache, seed: int,
+                train_ds: data_lib.ArrayDataset, test_ds: data_lib.ArrayDataset, run_dir: str) -> dict:
+  """SCoLe (Lesort et al. 2022, "Scaling the Number of Tasks in Continual Learning"): ``scole.num_tasks``
+  tasks of randomly drawn classes, absent logits masked in training, the accuracy over all classes (and
+  per class) on the whole test set after every task."""
   started = time.perf_counter()
-  sc = cfg.scole
-  c = train_ds.num_classes
-  test_set = [(test_ds, np.ones((c,), bool))]
-  state = learner.init_state(seed)
-  checkpointer = ckpt_lib.Checkpointer(_run_path(workdir, "checkpoints", "scole", f"seed{seed}"),
-                                       max_to_keep=1)
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
-    if meta.get("fingerprint") != fingerprint:
-      raise train.ConfigError("SCoLe checkpoints were written with a different config; use a new --workdir")
-  else:
-    first = _evaluate(eval_step, state, test_set, cfg.eval_batch_size, mesh)
-    meta = {"fingerprint": fingerprint, "tasks_done": 0, "initial_accuracy": float(first["all"][0]),
-            "accuracy": [], "class_accuracy": [], "classes": [], "train_loss": [], "steps": 0,
-            "seconds": 0.0, "log": {}}
-  cls_cfg = {"classes_per_task": sc.classes_per_task, "seed": seed, "skew": float(sc.skew)}
-  try:
-    for t in range(meta["tasks_done"], sc.num_tasks):
-      task = streams_lib.scole_task(train_ds, test_ds, t, **cls_cfg)
-      state, steps, last = _train_task(learner, state, task, t, seed, sc.epochs_per_task, cfg, mesh,
-                                       meta["log"], salt=1)
-      row = _evaluate(eval_step, state, test_set, cfg.eval_batch_size, mesh)
-      meta["accuracy"].append(float(row["all"][0]))
-      meta["class_accuracy"].append((row["class_correct"] / np.maximum(row["class_count"], 1)).tolist())
-      meta["classes"].append(list(task.classes))
-      meta["train_loss"].append(last["loss"])
-      meta["steps"] += steps
-      meta["tasks_done"] = t + 1
-      if (t + 1) % sc.checkpoint_every_tasks == 0 or t + 1 == sc.num_tasks:
-        meta["seconds"] = meta["seconds"] + time.perf_counter() - started
-        started = time.perf_counter()
-        checkpointer.save(t + 1, state, _copy(meta), force=True)
-  finally:
-    checkpointer.close()
-  result = {**meta, "seed": seed}
-  _save_result(result_path, result)
-  return result
+  sc = env.cfg.scole
+  tasks = [streams_lib.scole_task(train_ds, test_ds, t, classes_per_task=sc.classes_per_task, seed=seed,
+                                  skew=float(sc.skew)) for t in range(sc.num_tasks)]
+  run = Run(seed, tasks, [task.train.materialize() for task in tasks])
+  steps = [_steps(len(ds.labels), sc.epochs_per_task, env.cfg.batch_size) for ds in run.train_sets]
+  params = env.init_params(seed)
+  state = common.replicated_state(params, method.tx, env.mesh, seed=seed, extra=method.extra(params, seed))
+
+  def start(ctx: loop.Context) -> None:
+    ctx.record["initial_accuracy"] = _evaluate(env, ctx.state, test_ds)["accuracy"]
+
+  def end_of_task(ctx: loop.Context) -> None:
+    t = len(ctx.record["accuracy"])
+    out = _evaluate(env, ctx.state, test_ds)
+    ctx.record["accuracy"].append(out["accuracy"])
+    ctx.record["class_accuracy"].append((out["class_correct"] / np.maximum(out["class_count"], 1)).tolist())
+    ctx.record["classes"].append(list(tasks[t].classes))
+    ctx.record["train_loss"].append(float(jax.device_get(ctx.out.metrics["loss"])))
+
+  record = {"accuracy": [], "class_accuracy": [], "classes": [], "train_loss": []}
+  result = _loop(env, step, state, run, steps, [t.logit_mask for t in tasks], run_dir,
+                 ((loop.Every(start=True), start), (loop.Every(boundary="task"), end_of_task)), record, cache)
+  return {**result.record, "steps": int(result.state.step), "train_seconds": result.train_seconds,
+          "seconds": time.perf_counter() - started}
 
 
-# --- the experiment --------------------------------------------------------------------------------
+# --- the experiment -----------------------------------------------------------------------------------------
+
+_METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc",),
+                    "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",)}
+
+
+def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:
+  """What one run depends on: recorded in its directory; a changed one is refused there."""
+  out = {k: cfg[k] for k in ("dataset", "scaling", "model", "learning_rate", "momentum", "batch_size",
+                             "eval_batch_size")}
+  out.update(model_kwargs=cfg.model_kwargs.to_dict(), stream=stream, method=kind, options=options, seed=seed)
+  out[stream] = {k: v for k, v in cfg[stream].to_dict().items() if k not in ("ewc_lambdas", "ewc_detect_lambda")}
+  for section in _METHOD_SECTIONS.get(kind, ()):
+    out[section] = cfg[section].to_dict()
+  return out
+
+
+def _env(cfg: ml_collections.ConfigDict, train_ds: data_lib.ArrayDataset) -> Env:
+  mesh = step_lib.data_mesh()
+  net = common.build_model(cfg, train_ds)
+  return Env(cfg=cfg, mesh=mesh, apply=net.apply,
+             init_params=lambda seed: jax.device_get(common.build_model(cfg, train_ds, seed=seed).params),
+             image_shape=tuple(int(d) for d in train_ds.images.shape[1:]), num_classes=train_ds.num_classes,
+             evaluate=common.evaluator(net.apply, mesh, per_class=True), logprob=_logprob(net.apply))
+
+
+def _progress(cfg, text: str) -> None:
+  if cfg.progress:
+    print(f"continual: {text}", flush=True)
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every (stream, method, seed) and SCoLe, then writes results.md/json and the plots."""
   validate(config, workdir)
   cfg = config
-  streams = _names(cfg.streams, "streams")
-  methods = _names(cfg.methods, "methods")
-  train_ds, test_ds = train.load_splits(cfg)
+  streams = _names(cfg, "streams", STREAMS)
+  methods = _names(cfg, "methods", METHODS)
+  train_ds, test_ds = common.load_splits(cfg)
   _check_data(cfg, train_ds, streams, methods)
-  fingerprint = _fingerprint(cfg)
   started = time.perf_counter()
-
-  mesh = step_lib.data_mesh()
-  image_shape = tuple(int(d) for d in train_ds.images.shape[1:])
-  try:
-    template = models.make_model(cfg.model, input_shape=image_shape, num_classes=train_ds.num_classes,
-                                 seed=cfg.seed, **dict(cfg.model_kwargs))
-  except (ValueError, TypeError) as e:
-    raise train.ConfigError(f"model_kwargs: {e}") from None
-  net = models.functional(template)
-
-  def init_params(seed: int):
-    f = models.functional(models.make_model(cfg.model, input_shape=image_shape,
-                                            num_classes=train_ds.num_classes, seed=seed,
-                                            **dict(cfg.model_kwargs)))
-    return jax.device_get(f.params), jax.device_get(f.model_state)
-
-  common = methods_lib.Common(apply=net.apply, init_params=init_params, mesh=mesh,
-                              num_classes=train_ds.num_classes, learning_rate=float(cfg.learning_rate),
-                              momentum=float(cfg.momentum), batch_size=cfg.batch_size, image_shape=image_shape)
-  eval_step = step_lib.make_eval_step(methods_lib.masked_eval(net.apply), mesh=mesh)
-  seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-  naive = None
+  env = _env(cfg, train_ds)
+  seeds = common.seeds(cfg)
   results: dict[str, Any] = {"streams": {}, "scole": {}}
   for stream in streams:
-    tasks_by_seed = {seed: _tasks(stream, cfg, train_ds, test_ds, seed) for seed in seeds}
-    num_tasks = len(tasks_by_seed[seeds[0]])
-    runs = results["streams"].setdefault(stream, {})
-    for run_id, label, kind, kwargs in _specs(stream, cfg, methods):
-      if kind == "naive":
-        naive = naive or _build(kind, label, kwargs, common, cfg, stream, num_tasks, train_ds.num_classes)
-        learner = naive
-      else:
-        learner = _build(kind, label, kwargs, common, cfg, stream, num_tasks, train_ds.num_classes)
-      for seed in seeds:
-        result = _run_stream(learner, stream, tasks_by_seed[seed], seed, cfg, mesh, eval_step, workdir,
-                             run_id, fingerprint)
-        runs.setdefault(run_id, {"label": label, "kind": kind, "seeds": {}})["seeds"][str(seed)] = result
-        if cfg.progress:
-          m = result["metrics"]
-          print(f"continual: {stream:8s} {label:28s} seed {seed}: avg acc {m['avg_acc']:.3f}  forgetting "
-                f"{m['forgetting']:.3f}  bwt {m['bwt']:+.3f}  fwt {m['fwt']:+.3f}  ({result['seconds']:.1f} s)",
-                flush=True)
-  if cfg.scole.enabled:
-    naive = naive or _build("naive", "naive", {}, common, cfg, "scole", 0, train_ds.num_classes)
+    setting = _setting(stream, cfg)
+    runs = {}
     for seed in seeds:
-      result = _run_scole(naive, train_ds, test_ds, seed, cfg, mesh, eval_step, workdir, fingerprint)
+      tasks = _tasks(stream, cfg, train_ds, test_ds, seed)
+      runs[seed] = Run(seed, tasks, [task.train.materialize() for task in tasks])
+    table = results["streams"].setdefault(stream, {})
+    for spec in _specs(stream, cfg, methods):
+      method = _method(env, stream, setting, spec, runs[seeds[0]].tasks)
+      step = step_lib.make_train_step(method.loss, method.tx, mesh=env.mesh, transition=method.transition,
+                                      skip_nonfinite=method.skip_nonfinite)
+      cache = loop.CompileCache()
+      for seed in seeds:
+        run_dir = os.path.join(workdir, "runs", stream, spec.run_id, f"seed{seed}")
+        result = common.run_once(
+            run_dir, "continual", _run_config(cfg, stream, spec.kind, spec.options, seed),
+            lambda: train_stream(env, setting, method, step, cache, runs[seed], cfg[stream].epochs_per_task,
+                                 run_dir))
+        table.setdefault(spec.run_id, {"label": spec.label, "kind": spec.kind, "seeds": {}})["seeds"][str(seed)] = result
+        m = result["metrics"]
+        _progress(cfg, f"{stream:11s} {spec.label:28s} seed {seed}: avg acc {m['avg_acc']:.3f}  forgetting "
+                       f"{m['forgetting']:.3f}  bwt {m['bwt']:+.3f}  fwt {m['fwt']:+.3f}  ({result['seconds']:.1f} s)")
+  if cfg.scole.enabled:
+    spec = Spec("naive", "naive", "naive", {})
+    method = naive(env, Setting(masked=True, shared_head=True, per_task_stats=False, groups=0), spec)
+    step = step_lib.make_train_step(method.loss, method.tx, mesh=env.mesh)
+    cache = loop.CompileCache()
+    for seed in seeds:
+      run_dir = os.path.join(workdir, "runs", "scole", f"seed{seed}")
+      run_config = {**_run_config(cfg, "scole", "naive", {}, seed)}
+      result = common.run_once(run_dir, "continual", run_config,
+                               lambda: train_scole(env, method, step, cache, seed, train_ds, test_ds, run_dir))
       results["scole"][str(seed)] = result
-      if cfg.progress:
-        acc = result["accuracy"]
-        print(f"continual: scole seed {seed}: accuracy over all classes after task 1 {acc[0]:.3f}, "
-              f"after task {len(acc)} {acc[-1]:.3f}  ({result['seconds']:.1f} s)", flush=True)
+      acc = result["accuracy"]
+      _progress(cfg, f"scole seed {seed}: accuracy over all classes after task 1 {acc[0]:.3f}, after task "
+                     f"{len(acc)} {acc[-1]:.3f}  ({result['seconds']:.1f} s)")
   results["config"] = cfg.to_dict()
   results["seconds_this_run"] = time.perf_counter() - started
-  summary = report_lib.write_all(workdir, results)
-  summary["seconds"] = results["seconds_this_run"]
-  return summary
+  return report_lib.write_all(workdir, results)

@@ -1,6 +1,7 @@
-"""The `continual` experiment: the pieces against references, bad config values as one-line errors through
-the CLI, a short end-to-end run; marked slow (about 20 s of CPU each): a tiny run of every method on each
-stream and resume after a crash."""
+"""The `continual` experiment on the one loop: its in-step pieces against hand computations (the replay
+memory and its layout-independent mixing, the ring of recent batches, EWC consolidated inside the step when
+the detector fires), bad config values as one-line errors, and (slow) a quick run of every method and
+stream, the same run on 4 fake devices, and resume after a crash mid-stream."""
 import json
 import os
 import re
@@ -9,61 +10,219 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from prox import models
-from prox.experiments import _continual_methods as M
+from prox import loop
+from prox import step as S
+from prox.experiments import common
 from prox.experiments import continual
-from prox.experiments import train
+from prox.experiments import main
 from prox.experiments.configs import continual as continual_config
+from prox.tasks import TaskSource
+from prox.tasks import data as data_lib
+from prox.tasks import replay as R
+from prox.tasks import shift_detector as SD
+from prox.transforms import ewc as E
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "prox" / "experiments" / "configs" / "continual.py"
 
 
 def _config(quick=True, **fields) -> ml_collections.ConfigDict:
+  """The default config (with ``continual.QUICK`` applied as ``main`` does when ``quick``); ``a__b=v``
+  sets ``a.b``."""
   cfg = continual_config.get_config("quick" if quick else "")
+  main.effective_config(cfg, continual.QUICK, [])
   cfg.progress = False
   for dotted, value in fields.items():
-    *parents, leaf = dotted.split("__")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    cfg.update_from_flattened_dict({dotted.replace("__", "."): value})
   return cfg
 
 
-def test_mlp_layer_inputs_reproduce_the_model():
-  net = models.functional(models.make_model("mlp", input_shape=(8, 8, 1), num_classes=10, seed=3,
-                                            hidden=(16, 12)))
-  x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
-  inputs = M.mlp_layer_inputs(net.params, x)
-  assert [inputs[k].shape for k in ("dense0", "dense1", "head")] == [(5, 64), (5, 16), (5, 12)]
-  logits = inputs["head"] @ net.params["head"]["kernel"] + net.params["head"]["bias"]
-  np.testing.assert_allclose(logits, net.apply(net.params, {}, x, train=False)[0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(inputs["dense0"], x.reshape(5, -1))
+# --- prox.tasks.replay: layout-independent mixing and the ring of recent batches ---------------------
+
+def _memory(capacity=8, filled=5):
+  example = {"x": jnp.zeros((2,), jnp.float32), "y": jnp.zeros((), jnp.int32)}
+  memory = R.reservoir_init(example, capacity)
+  data = {"x": np.arange(2 * filled, dtype=np.float32).reshape(filled, 2) + 100, "y": np.arange(filled) + 50}
+  return R.reservoir_add(memory, data, jax.random.key(0))
 
 
-def test_masked_loss_is_the_weighted_masked_cross_entropy():
-  net = models.functional(models.make_model("mlp", input_shape=(8, 8, 1), num_classes=4, seed=0,
-                                            hidden=(8,)))
+@pytest.mark.parametrize("filled", [0, 3, 8])
+def test_replay_mix_gives_every_layout_the_global_weighted_mean(filled):
+  memory = _memory(filled=filled) if filled else R.reservoir_init({"x": jnp.zeros((2,)), "y": jnp.zeros((), jnp.int32)}, 8)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(6, 8, 8, 1)).astype(np.float32),
-           "label": np.array([0, 1, 2, 3, 0, 1], np.int32),
-           "logit_mask": np.array([[1, 1, 0, 0]] * 2 + [[0, 0, 1, 1]] * 2 + [[1, 1, 1, 1]] * 2, bool),
-           "weight": np.array([1, 1, 1, 0, 1, 1], np.float32)}
-  loss, (metrics, _) = M.masked_loss(net.apply)(net.params, {}, batch, None)
-  logits = np.asarray(net.apply(net.params, {}, batch["image"], train=False)[0], np.float64)
-  ref, hits = [], []
-  for z, y, m, w in zip(logits, batch["label"], batch["logit_mask"], batch["weight"]):
-    z = np.where(m, z, -np.inf)
-    ref.append(w * -(z[y] - np.log(np.sum(np.exp(z[m])))))
-    hits.append(w * (np.argmax(z) == y))
-  np.testing.assert_allclose(loss, np.sum(ref) / 5, rtol=1e-5)
-  np.testing.assert_allclose(metrics["accuracy"], np.sum(hits) / 5, rtol=1e-6)
+  batch = {"x": rng.normal(size=(8, 2)).astype(np.float32), "y": np.arange(8, dtype=np.int32)}
+  key = jax.random.key(7)
+  per_example = lambda d: d["x"][:, 0] ** 2 + 0.1 * d["y"]          # any per-example loss
+  drawn, valid = R.reservoir_sample(memory, key, 4)
+  n = float(np.sum(valid))
+  expected = (np.sum(per_example(batch)) + np.sum(np.asarray(valid) * per_example(drawn))) / (8 + n)
+  for b in (8, 4, 2):   # 1, 2 and 4 micro-batches (devices): the mean of their losses is the same L
+    losses, shares = [], []
+    for r in range(0, 8, b):
+      part = {k: v[r:r + b] for k, v in batch.items()}
+      mixed, w = R.replay_mix(memory, key, part, num=4, first_row=r, global_rows=8)
+      assert mixed["x"].shape == (b + 4 * b // 8, 2) and w.shape == (b + 4 * b // 8,)
+      np.testing.assert_array_equal(mixed["y"][:b], part["y"])
+      losses.append(np.sum(w * per_example(mixed)))
+      shares.append(mixed["y"][b:])
+    np.testing.assert_allclose(np.mean(losses), expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.concatenate(shares), drawn["y"])   # the shares make up the one draw
 
+
+def test_replay_mix_refuses_shares_that_do_not_split():
+  memory = _memory()
+  batch = {"x": np.zeros((4, 2), np.float32), "y": np.zeros((4,), np.int32)}
+  with pytest.raises(ValueError, match="num \\* rows per micro-batch must divide by global_rows"):
+    R.replay_mix(memory, jax.random.key(0), batch, num=3, first_row=0, global_rows=8)
+  with pytest.raises(ValueError, match="global_rows must be a multiple"):
+    R.replay_mix(memory, jax.random.key(0), batch, num=4, first_row=0, global_rows=6)
+
+
+def test_recent_batches_ring_keeps_the_last_batches_oldest_first():
+  ring = R.recent_init({"x": jnp.zeros((2, 3))}, 3)
+  push = jax.jit(R.recent_push)
+  for i in range(5):
+    ring = push(ring, {"x": np.full((2, 3), i, np.float32)})
+  assert int(ring.pushes) == 5
+  oldest, full = R.recent_oldest(ring, 2)        # stored: 2, 3, 4; the two oldest: 2, 3
+  assert bool(full) and oldest["x"].shape == (4, 3)
+  np.testing.assert_array_equal(oldest["x"][:, 0], [2, 2, 3, 3])
+  _, full = R.recent_oldest(R.recent_push(R.recent_init({"x": jnp.zeros((2, 3))}, 3), {"x": np.ones((2, 3))}), 1)
+  assert not bool(full)
+  with pytest.raises(ValueError, match="k must be an int in \\[1, size=3\\]"):
+    R.recent_oldest(ring, 4)
+
+
+# --- the replay method inside the step ------------------------------------------------------------------
+
+def _env(cfg):
+  train_ds, test_ds = common.load_splits(cfg)
+  return continual._env(cfg, train_ds), train_ds, test_ds
+
+
+def test_replay_memory_after_n_steps_is_algorithm_r_over_the_presented_batches():
+  cfg = _config()
+  env, train_ds, _ = _env(cfg)
+  setting = continual._setting("permuted", cfg)
+  method = continual.replay(env, setting, continual.Spec("replay", "replay", "replay", {}))
+  step = S.make_train_step(method.loss, method.tx, mesh=env.mesh, transition=method.transition)
+  params = env.init_params(0)
+  state = common.replicated_state(params, method.tx, env.mesh, seed=0, extra=method.extra(params, 0))
+  num_steps, b = 10, cfg.batch_size           # 320 examples offered to a memory of 200
+  source = lambda: TaskSource([train_ds], [num_steps], seed=3, transform=continual._transform(None))
+  result = loop.run(step, state, source(), mesh=env.mesh, batch_size=b, num_steps=num_steps)
+  memory = jax.device_get(result.state.extra["replay"]["memory"])
+  # Reference: Algorithm R one example at a time, with the step's transition keys.
+  cap = cfg.replay.capacity
+  ref_image = np.zeros((cap,) + train_ds.images.shape[1:], np.float32)
+  ref_label = np.zeros((cap,), np.int32)
+  rng, seen, src = np.asarray(jax.random.key_data(jax.random.key(0))), 0, source()
+  for _ in range(num_steps):
+    nxt, _, transition_key = jax.random.split(jax.random.wrap_key_data(rng), 3)
+    rng = jax.random.key_data(nxt)
+    batch = src.next(b).data
+    draws = np.asarray(jax.random.randint(transition_key, (b,), 0, seen + np.arange(b) + 1))
+    for i in range(b):
+      slot = seen if seen < cap else draws[i]
+      if slot < cap:
+        ref_image[slot], ref_label[slot] = batch["image"][i], batch["label"][i]
+      seen += 1
+  assert int(memory.seen) == num_steps * b
+  np.testing.assert_array_equal(memory.data["label"], ref_label)
+  np.testing.assert_array_equal(memory.data["image"], ref_image)
+
+
+def test_class_incremental_split_has_no_logit_mask():
+  cfg = _config()
+  train_ds, test_ds = common.load_splits(cfg)
+  tasks = continual._tasks("split_class", cfg, train_ds, test_ds, 0)
+  for stream, masked in (("split_class", False), ("split", True), ("permuted", False)):
+    setting = continual._setting(stream, cfg)
+    assert setting.masked == masked
+  assert continual._setting("split_class", cfg).shared_head and not continual._setting("split", cfg).shared_head
+  source = TaskSource([t.train.materialize() for t in tasks], [1] * len(tasks), seed=0,
+                      transform=continual._transform(None))
+  labels = []
+  for _ in tasks:
+    batch = source.next(cfg.batch_size)
+    assert set(batch.data) == {"image", "label", "row"}   # no logit_mask: one head over all classes
+    labels.append(set(batch.data["label"].tolist()))
+  assert labels == [{0, 1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}]
+  masked = TaskSource([tasks[1].train.materialize()], [1], seed=0,
+                      transform=continual._transform([t.logit_mask for t in tasks[1:]])).next(4).data
+  np.testing.assert_array_equal(masked["logit_mask"][0], np.arange(10) // 2 == 1)
+
+
+# --- EWC consolidated inside the step when the detector fires --------------------------------------------
+
+def _linear_logprob(params, example):
+  logits = example["image"] @ params["w"] + params["b"]
+  return jax.nn.log_softmax(logits)[example["label"]]
+
+
+def _info(step, loss, batch):
+  return S.StepInfo(step=jnp.int32(step), samples=None, batch_size=None, rng=None, meta=None, params=None,
+                    opt_state=None, grads=None, loss=jnp.float32(loss), metrics=None, grad_stats=None,
+                    group_stats=None, batch=batch, valid=None)
+
+
+@pytest.mark.parametrize("fisher_batches, fires", [(2, True), (3, False)])
+def test_in_step_ewc_consolidation_when_the_detector_fires_equals_a_hand_computation(fisher_batches, fires):
+  rng = np.random.default_rng(0)
+  d, c, b = 3, 4, 5
+  params = {"w": rng.normal(size=(d, c)).astype(np.float32), "b": rng.normal(size=(c,)).astype(np.float32)}
+  batches = [{"image": rng.normal(size=(b, d)).astype(np.float32), "label": rng.integers(0, c, b).astype(np.int32)}
+             for _ in range(3)]
+  lam, lr = 7.0, 0.1
+  tx = optax.chain(E.ewc(lam), optax.sgd(lr))
+  detector = SD.shift_detector(reference_window=2, test_window=1, threshold=1.0)
+  transition = jax.jit(continual.ewc_detect_transition(
+      detector, _linear_logprob, fields=("image", "label"), fisher_batches=fisher_batches, learning_rate=lr,
+      stability_limit=2.0))
+  extra = continual.ewc_detect_extra(detector, batches[0], 1 + fisher_batches)   # ring: W + k batches
+  state = S.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), model_state={},
+                       extra=extra, rng=None, samples=jnp.int32(0))
+  for i, loss in enumerate((1.0, 1.1, 5.0)):   # the third loss jumps: z = 45 > 1
+    state = transition(state, _info(i, loss, batches[i]))
+    if i < 2:
+      assert float(jnp.sum(E.find_ewc_state(state.opt_state).fisher["w"])) == 0.0
+  ex = state.extra["detect"]
+  assert int(ex["detector"].num_switches) == 1 and int(ex["switch_steps"][0]) == 3
+  ewc_state = E.find_ewc_state(state.opt_state)
+  if not fires:   # the ring holds 3 of its 4 batches: no consolidation, counted
+    assert int(ex["consolidations"]) == 0 and int(ex["without_data"]) == 1
+    assert float(jnp.sum(ewc_state.fisher["w"])) == 0.0 and int(ewc_state.num_tasks) == 0
+    return
+  # Hand computation (float64): per-example gradients of log softmax(x W + b)[y] on the two oldest
+  # batches of the ring (the first two), squared and averaged; the anchor is the current weights.
+  x = np.concatenate([bt["image"] for bt in batches[:2]]).astype(np.float64)
+  y = np.concatenate([bt["label"] for bt in batches[:2]])
+  z = x @ params["w"].astype(np.float64) + params["b"]
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  delta = np.eye(c)[y] - p                                   # d log p_y / d z
+  fisher_w = np.mean(x[:, :, None] ** 2 * delta[:, None, :] ** 2, axis=0)
+  fisher_b = np.mean(delta ** 2, axis=0)
+  np.testing.assert_allclose(ewc_state.fisher["w"], fisher_w, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ewc_state.fisher["b"], fisher_b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(ewc_state.anchor["w"], params["w"])
+  assert int(ewc_state.num_tasks) == 1 and int(ex["consolidations"]) == 1 and int(ex["without_data"]) == 0
+  expected_stability = lam * max(fisher_w.max(), fisher_b.max()) * lr
+  np.testing.assert_allclose(float(ex["max_stability"]), expected_stability, rtol=1e-5)
+  # The next update carries the penalty gradient lambda F (w - m): zero at the anchor, lambda F dw away.
+  moved = jax.tree.map(lambda v: v + 0.5, params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, state.opt_state, moved)
+  np.testing.assert_allclose(updates["w"], -lr * lam * fisher_w * 0.5, rtol=1e-5, atol=1e-8)
+
+
+# --- config errors -----------------------------------------------------------------------------------------
 
 def _cli(workdir, *overrides):
   cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}", f"--workdir={workdir}",
@@ -77,7 +236,7 @@ BAD = [
      "permuted.ewc_lambdas: ewc_lambda must be a finite number >= 0, got -1.0"),
     (("--config.ewc.gamma=1.5",), "ewc.gamma: gamma must be in [0, 1], got 1.5"),
     (("--config.methods=naive,ewc2",), "unknown method 'ewc2'; known: naive, replay, ewc, ewc_online, gpm"),
-    (("--config.streams=permuted,rotated",), "unknown stream 'rotated'; known: permuted, split"),
+    (("--config.streams=permuted,rotated",), "unknown stream 'rotated'; known: permuted, split, split_class"),
 ]
 
 
@@ -88,42 +247,89 @@ def test_bad_config_values_are_one_line_cli_errors(tmp_path):
     assert proc.returncode == 2, (args, err[-2000:])
     assert err.strip().splitlines()[-1].startswith("prox: error: " + expected), err
     assert "Traceback" not in err and out == ""
-    assert not (tmp_path / str(i) / "checkpoints").exists()
+    assert not (tmp_path / str(i) / "runs").exists()
 
 
 @pytest.mark.parametrize("fields, expected", [
     ({"split__ewc_detect_lambda": -5.0}, "split.ewc_detect_lambda: ewc_lambda must be a finite number >= 0, got -5.0"),
-    ({"split__ewc_lambdas": (1.0, float("nan"))}, "split.ewc_lambdas: ewc_lambda must be a finite number >= 0, got nan"),
+    ({"split_class__ewc_lambdas": (1.0, float("nan"))},
+     "split_class.ewc_lambdas: ewc_lambda must be a finite number >= 0, got nan"),
     ({"ewc__gamma": -0.1}, "ewc.gamma: gamma must be in [0, 1], got -0.1"),
-    ({"permuted__epochs_per_task": 0}, "permuted.epochs_per_task must be a positive integer, got 0"),
+    ({"permuted__epochs_per_task": 0}, "permuted.epochs_per_task must be an integer >= 1, got 0"),
     ({"replay__batch_size": 300}, "replay.batch_size 300 exceeds replay.capacity 200"),
-    ({"model": "cnn", "methods": "naive,gpm"}, "method 'gpm' reads the dense layers' inputs and needs model"),
-    ({"gpm__threshold_base": 1.5}, "gpm.threshold_base must be in (0, 1], got 1.5"),
+    ({"model": "cnn", "model_kwargs": {"width": 8, "hidden": 16}, "methods": "naive,gpm"},
+     "method 'gpm' reads the dense layers' inputs and needs model"),
+    ({"model": "resnet20", "model_kwargs": {"width": 4}}, "continual supports models without batch statistics"),
+    ({"gpm__threshold_base": 1.5}, "gpm.threshold_base must be a finite number in (0, 1], got 1.5"),
     ({"slca__backbone_scale": -1.0}, "slca.backbone_scale: slow_learner: scale must be finite and >= 0"),
     ({"detector__test_window": 0}, "detector: test_window must be an int >= 1, got 0"),
-    ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+    ({"momentum": 1.0}, "momentum must be a finite number in [0, 1), got 1.0"),
+    ({"learning_rate": 0.0}, "learning_rate must be a finite number in (0, inf], got 0.0"),
+    ({"scaling": "minmax"}, "unknown scaling 'minmax'; known: standard, unit"),
+    ({"model_kwargs": {"hidden": (8,), "init": "xavier"}}, "model 'mlp' rejects model_kwargs"),
     ({"streams": "", "methods": "", "scole__enabled": False}, "nothing to run"),
 ])
 def test_validate_names_the_bad_value(tmp_path, fields, expected):
-  with pytest.raises(train.ConfigError, match="^" + re.escape(expected)):
-    continual.validate(_config(quick=False, **fields), str(tmp_path))
+  cfg = _config(quick=False)
+  for dotted, value in fields.items():
+    if isinstance(value, dict):
+      cfg[dotted] = ml_collections.ConfigDict(value)
+    else:
+      cfg.update_from_flattened_dict({dotted.replace("__", "."): value})
+  with pytest.raises(common.ConfigError, match="^" + re.escape(expected)):
+    continual.validate(cfg, str(tmp_path))
 
 
 def test_detector_windows_longer_than_a_task_fail_before_training(tmp_path):
   cfg = _config(quick=False, methods="ewc_detect", streams="split", scole__enabled=False)
   cfg.detector.reference_window = 80   # split tasks have ~85 steps of 10 epochs; 80 + 10 >= that
-  with pytest.raises(train.ConfigError, match="detector windows reference_window \\+ test_window = 90"):
+  with pytest.raises(common.ConfigError, match="detector windows reference_window \\+ test_window = 90"):
     continual.run(cfg, str(tmp_path))
-  assert not (tmp_path / "checkpoints").exists()
+  assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_directory_of_another_config_is_refused(tmp_path):
+  cfg = _config(streams="split", methods="naive", scole__enabled=False)
+  continual.run(cfg, str(tmp_path))
+  other = _config(streams="split", methods="naive", scole__enabled=False, learning_rate=0.02)
+  with pytest.raises(common.ConfigError, match="holds a run of continual with learning_rate=0.05 \\(now 0.02\\)"):
+    continual.run(other, str(tmp_path))
+  # Fields that only select runs may change: the finished naive run is read back, not trained again.
+  first = json.loads((tmp_path / "runs" / "split" / "naive" / "seed0" / "result.json").read_text())
+  more = _config(streams="split", methods="naive", scole__enabled=False, split__ewc_lambdas=(5.0,))
+  continual.run(more, str(tmp_path))
+  assert _read(tmp_path)["streams"]["split"]["naive"]["seeds"]["0"] == first
+
+
+# --- end to end (slow) --------------------------------------------------------------------------------------
+
+QUICK_FIELDS = {"permuted__num_tasks": 2, "scole__num_tasks": 3}
 
 
 def _read(workdir):
   return json.loads((Path(workdir) / "results.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+  """The quick config (every method and stream, SCoLe) on 1 device here, and its permuted and split
+  streams (every code path: shared and masked heads) on 4 fake devices in a subprocess at the same time."""
+  tmp = tmp_path_factory.mktemp("continual")
+  overrides = [f"--config.{k.replace('__', '.')}={v}" for k, v in QUICK_FIELDS.items()]
+  overrides.append("--config.streams=permuted,split")
+  four = subprocess.Popen(
+      [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}:quick", f"--workdir={tmp / 'four'}",
+       "--config.progress=False", *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  headline = continual.run(_config(**QUICK_FIELDS), str(tmp / "one"))
+  _, err = four.communicate(timeout=1200)
+  assert four.returncode == 0, err[-3000:]
+  return headline, _read(tmp / "one"), _read(tmp / "four"), tmp
+
+
 def _check_stream(res, stream, num_tasks):
   runs = res["streams"][stream]
-  assert sorted({r["kind"] for r in runs.values()}) == sorted(M.KINDS)
+  assert sorted({r["kind"] for r in runs.values()}) == sorted(continual.METHODS)
   for run in runs.values():
     (result,) = run["seeds"].values()
     r = np.asarray(result["R"])
@@ -134,100 +340,103 @@ def _check_stream(res, stream, num_tasks):
     assert np.isclose(result["metrics"]["bwt"], np.mean(r[-1, :-1] - np.diag(r)[:-1]))
     assert np.isclose(result["metrics"]["fwt"], np.mean(r[np.arange(num_tasks - 1), np.arange(1, num_tasks)]
                                                          - np.asarray(result["initial"])[1:]))
-    assert result["tasks_done"] == num_tasks and result["steps"] > 0
+    assert len(result["task_end_steps"]) == num_tasks and result["steps"] == result["task_end_steps"][-1]
+    assert result["nonfinite_steps"] == 0
   assert np.mean(np.diag(np.asarray(runs["naive"]["seeds"]["0"]["R"]))) > 0.5   # it learns
   detect = next(r for r in runs.values() if r["kind"] == "ewc_detect")["seeds"]["0"]["log"]
-  assert detect["switch_steps"] and "stability" in detect   # the detector triggered a consolidation
+  assert detect["switch_steps"] and detect["consolidations"] >= 1   # consolidated inside the step
   gpm_log = runs["gpm"]["seeds"]["0"]["log"]
   assert len(gpm_log["ranks"]) == num_tasks and max(gpm_log["ranks"][0].values()) > 0
+  ewc_log = next(r for r in runs.values() if r["kind"] == "ewc")["seeds"]["0"]["log"]
+  low, high = ewc_log["lambda_range"][0]
+  assert 0 < low < high and len(ewc_log["lambda_range"]) == num_tasks - 1
+  replay_log = runs["replay"]["seeds"]["0"]["log"]
+  assert replay_log["memory_seen"] == runs["replay"]["seeds"]["0"]["steps"] * 32
+  assert len(runs["slca"]["seeds"]["0"]["log"]["align_loss"]) == num_tasks
   return runs
 
 
 @pytest.mark.slow
-def test_tiny_run_of_every_method(tmp_path):
-  cfg = _config(streams="permuted", permuted__num_tasks=2, scole__num_tasks=3)
-  headline = continual.run(cfg, str(tmp_path))
-  res = _read(tmp_path)
-  runs = _check_stream(res, "permuted", 2)
-  for run in runs.values():   # all logits live: task- and class-incremental accuracies agree
-    np.testing.assert_allclose(run["seeds"]["0"]["R_class"], run["seeds"]["0"]["R"])
-  assert any("head" in k for k in runs["gpm"]["seeds"]["0"]["log"]["ranks"][0])   # single head: projected
+def test_quick_run_of_every_method_and_stream(quick_runs):
+  headline, res, _, tmp = quick_runs
+  permuted = _check_stream(res, "permuted", 2)
+  split = _check_stream(res, "split", 5)
+  split_class = _check_stream(res, "split_class", 5)
+  for runs in (permuted, split_class):   # no mask: the scored and the all-class accuracies are one
+    for run in runs.values():
+      np.testing.assert_array_equal(run["seeds"]["0"]["R_class"], run["seeds"]["0"]["R"])
+  assert any(np.asarray(run["seeds"]["0"]["R_class"]).sum() < np.asarray(run["seeds"]["0"]["R"]).sum()
+             for run in split.values())   # task-incremental: the mask helps
+  assert any("head" in k for k in permuted["gpm"]["seeds"]["0"]["log"]["ranks"][0])      # shared head
+  assert any("head" in k for k in split_class["gpm"]["seeds"]["0"]["log"]["ranks"][0])
+  assert not any("head" in k for k in split["gpm"]["seeds"]["0"]["log"]["ranks"][0])    # per-task heads
+  # class-incremental naive fine-tuning forgets the old classes (one head, no mask)
+  naive_class = np.asarray(split_class["naive"]["seeds"]["0"]["R"])
+  assert naive_class[-1, :-1].mean() < 0.2 < naive_class.diagonal().mean()
   scole = res["scole"]["0"]
   assert len(scole["accuracy"]) == 3 and np.asarray(scole["class_accuracy"]).shape == (3, 10)
   assert all(len(c) == 2 for c in scole["classes"])
-  for name in ("results.md", "heatmap_permuted.png", "accuracy_permuted.png", "scole_accuracy.png"):
-    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" or name.endswith(".md")
-  table = (tmp_path / "results.md").read_text()
+  one = tmp / "one"
+  for name in ("heatmap_permuted.png", "accuracy_split_class.png", "scole_accuracy.png"):
+    assert (one / name).read_bytes()[:4] == b"\x89PNG"
+  table = (one / "results.md").read_text()
   assert "| EWC separate λ=10 |" in table and "| GPM |" in table and "## SCoLe" in table
-  assert headline["permuted_naive_forgetting"] == res["summary"]["permuted"]["naive"]["forgetting"][0]
+  assert "class-incremental" in table and "`ewc_lambda_range`" in table
+  assert headline["split_class_naive_forgetting"] == pytest.approx(
+      np.mean(res["summary"]["split_class"]["naive"]["forgetting"]))
+  assert (one / "runs" / "permuted" / "naive" / "seed0" / "result.json").exists()
 
 
 @pytest.mark.slow
-def test_tiny_run_of_every_method_on_split(tmp_path):
-  continual.run(_config(streams="split", scole__enabled=False), str(tmp_path))
-  res = _read(tmp_path)
-  runs = _check_stream(res, "split", 5)
-  assert not any("head" in k for k in runs["gpm"]["seeds"]["0"]["log"]["ranks"][0])   # per-task heads
-  assert "class-IL avg acc" in (tmp_path / "results.md").read_text()
-  assert (tmp_path / "heatmap_split.png").read_bytes()[:4] == b"\x89PNG"
+def test_four_devices_give_the_numbers_of_one(quick_runs):
+  """Plain SGD is scale-sensitive: a step applying D x the mean gradient, a replay draw per device or a
+  consolidation on one device's data would change these numbers."""
+  _, one, four, _ = quick_runs
+  for stream in ("permuted", "split"):
+    for run_id, run in one["streams"][stream].items():
+      a, b = run["seeds"]["0"], four["streams"][stream][run_id]["seeds"]["0"]
+      np.testing.assert_allclose(b["R"], a["R"], atol=1e-9, err_msg=f"{stream} {run_id}")
+      np.testing.assert_allclose(b["R_class"], a["R_class"], atol=1e-9, err_msg=f"{stream} {run_id}")
+      np.testing.assert_allclose(float(b["param_norm"]), float(a["param_norm"]), rtol=1e-4,
+                                 err_msg=f"{stream} {run_id}")
+      assert a["nonfinite_steps"] == b["nonfinite_steps"] == 0, (stream, run_id)
+      for key in ("memory_classes", "ranks", "switch_steps", "consolidations"):
+        assert b["log"].get(key) == a["log"].get(key), (stream, run_id, key)
+  np.testing.assert_allclose(four["scole"]["0"]["accuracy"], one["scole"]["0"]["accuracy"], atol=1e-9)
 
 
 def _crash_after(monkeypatch, calls):
-  real = continual._train_task
+  """The ``calls + 1``-th batch drawn by any TaskSource raises, as a killed process would stop."""
+  real = TaskSource.next
   count = {"n": 0}
 
-  def crashing(*args, **kwargs):
+  def crashing(self, batch_size, context=None):
     count["n"] += 1
     if count["n"] > calls:
       raise KeyboardInterrupt("simulated crash")
-    return real(*args, **kwargs)
+    return real(self, batch_size, context)
 
-  monkeypatch.setattr(continual, "_train_task", crashing)
+  monkeypatch.setattr(TaskSource, "next", crashing)
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-  fields = {"streams": "permuted", "methods": "replay,ewc_detect", "permuted__num_tasks": 2,
-            "scole__num_tasks": 4}   # SCoLe checkpoints every 2 tasks in the quick config
+def test_resume_after_a_crash_mid_stream_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+  fields = {"streams": "permuted", "methods": "replay,ewc_detect,slca", "permuted__num_tasks": 2,
+            "scole__num_tasks": 4}   # 42 steps per permuted task, about 10 per SCoLe task
   whole, crashed = tmp_path / "whole", tmp_path / "crashed"
   continual.run(_config(**fields), str(whole))
-  with monkeypatch.context() as m:
-    _crash_after(m, 3)   # replay tasks 1-2 and ewc_detect task 1 run; the crash hits ewc_detect's task 2
-    with pytest.raises(KeyboardInterrupt):
-      continual.run(_config(**fields), str(crashed))
-  assert (crashed / "runs" / "permuted" / "replay" / "seed0.json").exists()
-  assert not (crashed / "runs" / "permuted" / "ewc_detect_lam10" / "seed0.json").exists()
-  with monkeypatch.context() as m:
-    _crash_after(m, 4)   # ewc_detect's task 2, SCoLe tasks 1-3 (checkpoint after 2); crash in task 4
-    with pytest.raises(KeyboardInterrupt):
-      continual.run(_config(**fields), str(crashed))
+  for calls in (84 + 60, 42 + 84 + 20):   # mid-task: ewc_detect's 2nd task (replay done), SCoLe's 3rd
+    with monkeypatch.context() as m:
+      _crash_after(m, calls)
+      with pytest.raises(KeyboardInterrupt):
+        continual.run(_config(**fields), str(crashed))
+  assert (crashed / "runs" / "permuted" / "slca" / "seed0" / "result.json").exists()
+  assert not (crashed / "runs" / "scole" / "seed0" / "result.json").exists()
   continual.run(_config(**fields), str(crashed))
   a, b = _read(whole), _read(crashed)
-  for run_id in ("replay", "ewc_detect_lam10"):
+  for run_id in ("replay", "ewc_detect_lam30", "slca"):
     ra, rb = a["streams"]["permuted"][run_id]["seeds"]["0"], b["streams"]["permuted"][run_id]["seeds"]["0"]
-    assert ra["R"] == rb["R"] and ra["log"] == rb["log"] and ra["steps"] == rb["steps"]
-  assert a["scole"]["0"]["accuracy"] == b["scole"]["0"]["accuracy"]
-  assert a["scole"]["0"]["class_accuracy"] == b["scole"]["0"]["class_accuracy"]
-  assert b["scole"]["0"]["steps"] == a["scole"]["0"]["steps"]
-
-
-def test_a_workdir_of_another_config_is_refused(tmp_path):
-  cfg = _config(streams="split", methods="naive", scole__enabled=False)
-  continual.run(cfg, str(tmp_path))
-  other = _config(streams="split", methods="naive", scole__enabled=False, learning_rate=0.05)
-  with pytest.raises(train.ConfigError, match="different config"):
-    continual.run(other, str(tmp_path))
-
-
-@pytest.mark.slow
-def test_every_method_runs_on_four_devices(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}:quick", f"--workdir={tmp_path}",
-       "--config.streams=permuted", "--config.permuted.num_tasks=2", "--config.scole.num_tasks=2",
-       "--config.progress=False"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  runs = _read(tmp_path)["streams"]["permuted"]
-  assert sorted(r["kind"] for r in runs.values()) == sorted(M.KINDS)
-  assert all(np.asarray(r["seeds"]["0"]["R"]).shape == (2, 2) for r in runs.values())
+    assert ra["R"] == rb["R"] and ra["log"] == rb["log"] and ra["steps"] == rb["steps"], run_id
+    assert ra["param_norm"] == rb["param_norm"], run_id
+  for key in ("accuracy", "class_accuracy", "classes", "train_loss"):
+    assert a["scole"]["0"][key] == b["scole"]["0"][key]
