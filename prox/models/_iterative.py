@@ -19,7 +19,7 @@ every step through ``U e``, and ``train_from <= 1`` trains the whole chain).
 
 The loop over steps is unrolled in Python (``K`` is small), so every call of the shared layers is a
 ``prox.taps`` tap: per-example gradient norms of the weight-tied cell are exact when the taps of one
-kernel are summed before squaring (``prox.optim.dp_clipped_grad`` does this).
+kernel are summed before squaring (``prox.optim.per_example_grad_norms`` does this).
 
 Works on any input shape (flattened): digits ``[8, 8, 1]``, MNIST-1D ``[40, 1]``.
 """

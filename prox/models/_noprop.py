@@ -18,6 +18,11 @@ loss is zero on every other slice.
     model = NoPropDT((8, 8, 1), 10, num_blocks=10, rngs=nnx.Rngs(0))
     terms = model.loss(x, y, key, block=t)            # t ~ U{0..T-1} each step: one block trained alone
     logits = model(x)                                 # the chain, noise-free
+
+The gradient of a step is local to block ``t``; an optimizer with memory shared by all blocks (Adam's
+moments, weight decay) still moves the other blocks on their old momentum. That is how the tests and the
+benchmark train; to keep the other blocks exactly still, zero their updates (e.g. multiply the update of
+``blocks`` by a one-hot of ``t`` along the leading axis) or give each block its own optimizer state.
 """
 from __future__ import annotations
 

@@ -138,3 +138,45 @@ def test_entropy_curriculum_samples_distinct_examples_with_its_probabilities():
   np.testing.assert_allclose(first, np.asarray(cur.probabilities(state)), atol=0.03)
   with pytest.raises(ValueError, match="sample size"):
     cur.sample(state, jax.random.key(0), 6)
+
+
+def test_budget_and_interval_machines_run_inside_prox_step():
+  """The machines live in TrainState.extra, the loss reads them from ctx.extra, a transition updates them."""
+  import optax
+  from flax import nnx
+  from prox import step as S
+  from prox.losses import interval_step_loss, per_step_cross_entropy
+  from prox.models import IterativeClassifier, functional
+  from prox.tasks import backward_interval
+
+  K = 4
+  f = functional(IterativeClassifier((8, 8, 1), 10, width=8, hidden=8, max_steps=K, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(IterativeClassifier((8, 8, 1), 10, width=8, hidden=8, max_steps=K, rngs=nnx.Rngs(0)))
+  schedule = budget_schedule(start=K, end=1, kind="linear", total_steps=6)
+  interval = backward_interval(K, total_steps=6)
+
+  def loss(params, model_state, batch, ctx):
+    budget = schedule.budget(ctx.extra["budget"])
+    t_start = interval.t_start(ctx.extra["interval"])
+    model = nnx.merge(graphdef, nnx.State(params))
+    logits = model(batch["image"], budget, train_from=t_start)
+    value = jnp.mean(interval_step_loss(per_step_cross_entropy(logits, batch["label"]), t_start))
+    return value, ({"budget": budget.astype(jnp.float32), "t_start": t_start.astype(jnp.float32)}, model_state)
+
+  transition = S.chain_transitions(
+      S.in_extra("budget", lambda s, info: schedule.update(s, step=info.step + 1)),
+      S.in_extra("interval", lambda s, info: interval.update(s, step=info.step + 1)))
+  tx = optax.sgd(0.1)
+  mesh = S.data_mesh(jax.devices()[:1])
+  step = S.make_train_step(loss, tx, mesh=mesh, transition=transition)
+  state = S.replicate(S.init_state(f.params, tx, extra={"budget": schedule.init(), "interval": interval.init()}),
+                      mesh)
+  rng = np.random.default_rng(0)
+  seen = []
+  for _ in range(8):
+    batch = {"image": rng.normal(size=(4, 8, 8, 1)).astype(np.float32), "label": rng.integers(0, 10, 4)}
+    state, out = step(state, S.shard_batch(batch, mesh))
+    seen.append((int(out.metrics["budget"]), int(out.metrics["t_start"])))
+  budgets = [math.ceil(K + (1 - K) * min(s / 6, 1.0) - 1e-4) for s in range(8)]
+  t_starts = [K - min(K, 1 + (s * K) // 6) + 1 for s in range(8)]
+  assert seen == list(zip(budgets, t_starts))
