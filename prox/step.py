@@ -39,8 +39,9 @@ The step knows no method by name. It composes
   micro-batch; ``ctx`` is a :class:`LossContext` (the micro-batch's rng, the step, samples seen,
   ``TrainState.extra`` and the step's metadata) so a loss can read e.g. distillation targets or stage
   weights from ``extra``;
-- an optax transform, called as ``tx.update(g, opt_state, params, value=loss, samples=samples)`` (plain
-  transforms are wrapped with ``optax.with_extra_args_support``, which drops what they do not take);
+- an optax transform, called as ``tx.update(g, opt_state, params, value=loss, samples=samples,
+  batch_size=b)`` (examples consumed before the step, and in it; plain transforms are wrapped with
+  ``optax.with_extra_args_support``, which drops what they do not take);
 - optional hooks: ``forward_fn(params, state)`` for the weights used in the forward pass (e.g. sparse
   masks from the optimizer state, with gradients flowing to the dense ``params``), ``group_stats_fn`` for
   statistics of the per-group gradients, and ``transition(state, info) -> state`` for state machines
@@ -299,8 +300,8 @@ def make_train_step(
   Args:
     loss_fn: ``(params, model_state, batch, ctx) -> (loss, (metrics, new_model_state))``, the mean loss
       of one micro-batch (see ``stateless`` for ``loss(params, batch, rng)``).
-    tx: the optax transform; receives ``params``, ``value=loss`` and ``samples`` (examples consumed
-      before this step) as extra arguments.
+    tx: the optax transform; receives ``params``, ``value=loss``, ``samples`` (examples consumed
+      before this step) and ``batch_size`` (examples in it) as extra arguments.
     mesh: a mesh with a ``data`` axis (default: ``data_mesh()``). The batch is split over it.
     micro_batch_size: examples per micro-batch per device; ``None`` means one micro-batch of the whole
       per-device batch. The per-device batch must be a multiple of it.
@@ -486,7 +487,8 @@ def make_train_step(
     if ex is not None:
       ex = ex._replace(covered=static["covered"])   # known when tracing: not a device value
     samples = jnp.asarray(state.samples, jnp.int32)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, samples=samples)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, samples=samples,
+                                   batch_size=batch_size.astype(jnp.int32))
     params = optax.apply_updates(state.params, updates)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
                      extra=state.extra, rng=jax.random.key_data(next_key),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,32 +100,32 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
 
 # --- one run: the composition -------------------------------------------------------------------------
 
-def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int, workdir: str,
-              shared: dict) -> dict:
-  """One run with the given methods on (``batch``, ``nm``, ``ewc``, ``teacher``)."""
-  train_ds, test_ds = shared["data"]
-  mesh = step_lib.data_mesh()
-  net = common.build_model(c, train_ds, seed=seed)
-  key_teacher, key_refit = jax.random.split(jax.random.key(seed))
+class Composition(NamedTuple):
+  """The methods as the step and the loop take them."""
+  tx: optax.GradientTransformation
+  forward_fn: Any
+  transition: Any
+  extra: dict
+  step_options: dict
+  refit: Any                      # (state, key) -> state: the teacher's EM, a jitted action
 
+
+def composition(c: ml_collections.ConfigDict, apply: Any, methods: tuple[str, ...], key: jax.Array) -> Composition:
+  """The user code of the composition: ``methods`` from (``batch``, ``nm``, ``ewc``, ``teacher``)."""
   inner = common.build_optimizer(c)
   if "ewc" in methods:
     inner = optax.chain(ewc_lib.ewc(c.ewc_lambda, mode="online", gamma=c.ewc_gamma), inner)
   tx = (nm_sparsity(inner, c.n, c.m, method="mdgf", clock="samples", total_samples=c.budget_samples,
                     decay_end=c.decay_end) if "nm" in methods else inner)
   forward = forward_params if "nm" in methods else None
-  teacher = (episodic_teacher("alp_gmm", ([0.0, 0.0], [1.0, 1.0]), episode_steps=c.episode_steps,
-                              fit_rate=c.fit_rate) if "teacher" in methods else
-             episodic_teacher("random", ([0.0, 0.0], [1.0, 1.0]), episode_steps=c.episode_steps))
+  teacher = episodic_teacher("alp_gmm" if "teacher" in methods else "random", ([0.0, 0.0], [1.0, 1.0]),
+                             episode_steps=c.episode_steps,
+                             **({"fit_rate": c.fit_rate, "history_size": 256} if "teacher" in methods else {}))
   ctrl = optim.adaptive_batch_size("norm", b0=c.b0, b_max=c.b_max, multiple_of=c.b0, eta=c.eta)
   detector = shift_detector(c.detector.reference_window, c.detector.test_window, c.detector.threshold)
-  extra = {"teacher": teacher.init(key_teacher), "detector": detector.init(), "consolidations": jnp.int32(0)}
-  if "batch" in methods:
-    extra["batch_size"] = ctrl.init()
 
   def logprob(params, image, label):       # one example, through the weights the forward pass uses
-    logits, _ = net.apply(params, {}, image[None], train=False)
-    return jax.nn.log_softmax(logits[0])[label]
+    return jax.nn.log_softmax(apply(params, {}, image[None], train=False)[0][0])[label]
 
   def ewc_on_shift(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
     det, fired = detector.update(state.extra["detector"], info.loss)
@@ -133,7 +133,7 @@ def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int,
     def consolidate(s):
       fwd = info.params if forward is None else forward(info.params, info.opt_state)
       g = jax.vmap(jax.grad(logprob), in_axes=(None, 0, 0))(fwd, info.batch["image"], info.batch["label"])
-      w = info.valid.astype(jnp.float32) / jnp.sum(info.valid)
+      w = info.valid.astype(jnp.float32) / jnp.sum(info.valid)         # the batch's real rows
       fisher = jax.tree.map(lambda x: jnp.tensordot(w, x * x, axes=1), g)
       return s._replace(opt_state=ewc_lib.consolidate_opt_state(s.opt_state, info.params, fisher))
 
@@ -145,12 +145,26 @@ def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int,
       step_lib.in_extra("batch_size", ctrl.update) if "batch" in methods else None,
       ewc_on_shift,
       step_lib.in_extra("teacher", lambda t, i: teacher.update(t, i.metrics["accuracy"], i.rng)))
-  step = shared.setdefault(("step", methods), step_lib.make_train_step(
-      classification_loss(net.apply), tx, mesh=mesh, forward_fn=forward, transition=transition,
-      **(ctrl.step_options if "batch" in methods else {})))
-  state = common.replicated_state(net.params, tx, mesh, seed=seed, extra=extra)
-  refit = shared.setdefault(("refit", methods), jax.jit(lambda s, k: s._replace(
-      extra={**s.extra, "teacher": teacher.refit(s.extra["teacher"], jax.random.fold_in(k, s.step))})))
+  extra = {"teacher": teacher.init(key), "detector": detector.init(), "consolidations": jnp.int32(0)}
+  if "batch" in methods:
+    extra["batch_size"] = ctrl.init()
+  refit = jax.jit(lambda s, k: s._replace(extra={**s.extra, "teacher": teacher.refit(
+      s.extra["teacher"], jax.random.fold_in(k, s.step))}))
+  return Composition(tx, forward, transition, extra, ctrl.step_options if "batch" in methods else {}, refit)
+
+
+def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int, workdir: str,
+              shared: dict) -> dict:
+  """One run with the given methods on the one loop."""
+  train_ds = shared["data"][0]
+  mesh = step_lib.data_mesh()
+  net = common.build_model(c, train_ds, seed=seed)
+  key_teacher, key_refit = jax.random.split(jax.random.key(seed))
+  comp = composition(c, net.apply, methods, key_teacher)
+  step, refit = shared.setdefault(methods, (step_lib.make_train_step(
+      classification_loss(net.apply), comp.tx, mesh=mesh, forward_fn=comp.forward_fn,
+      transition=comp.transition, **comp.step_options), comp.refit))
+  state = common.replicated_state(net.params, comp.tx, mesh, seed=seed, extra=comp.extra)
   source = ParametricTaskSource(train_ds, seed, task_of=lambda ctx: ctx.state.extra["teacher"].task,
                                 transform=family(c.seed, int(np.prod(train_ds.images.shape[1:]))))
   result = loop.run(

@@ -670,9 +670,11 @@ def test_sample_clock_in_prox_step_with_a_growing_batch(method, kwargs):
     before = int(state.samples)
     state, _ = step(state, step_lib.shard_batch(batch, mesh), np.int32(size // micro))
     s = state.opt_state
-    assert int(state.samples) == before + size and int(s.clock) == before
-    assert float(s.beta) == float(sched.beta(before))
-    stage = int(sched.stage(before))
+    # prox.step passes samples= (before the step) and batch_size=: the clock includes this step's batch.
+    after = before + size
+    assert int(state.samples) == after and int(s.clock) == after
+    assert float(s.beta) == float(sched.beta(after))
+    stage = int(sched.stage(after))
     w = np.asarray(state.params["w"])
     expect = np.ones(w.shape, bool) if stage < 0 else ref_mask(w, *sched.stages[stage])
     np.testing.assert_array_equal(np.asarray(s.masks["w"]), expect)
