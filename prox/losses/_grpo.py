@@ -28,8 +28,9 @@ Departures. GRPO on language models averages the surrogate over the tokens of ea
 has one log-probability (``logp``: the sum over its decisions, e.g. the halting step and the class of an
 iterative classifier), so the surrogate is per sample. The papers' formatting reward (structural tags)
 has no counterpart outside text. Both papers describe the length term as a function of the length and
-the budget; ``"triangular"`` follows Reinforcement Mid-Training's description (a triangle peaking at the
-budget), ``"within"`` and ``"linear"`` are the two simplest alternatives, offered for ablations.
+the budget; Reinforcement Mid-Training calls its length reward triangular, which ``"triangular"`` reads as
+a triangle peaking at the budget (the exact shape was not available to us); ``"within"`` and ``"linear"``
+are the two simplest alternatives, offered for ablations.
 """
 from __future__ import annotations
 

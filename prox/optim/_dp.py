@@ -21,7 +21,8 @@ clipped gradients needs only the per-example *norms*, not the per-example gradie
    ``sum_i c_i g_i``, the sum of clipped gradients.
 
 :func:`dp_gradient` does both (``method="ghost"``) or the reference ``vmap(grad)`` form
-(``method="vmap"``, materialises ``m`` gradients). For ``prox.step`` (which owns the backward pass),
+(``method="vmap"``: ``m`` per-example gradients, clipped and summed by optax's
+``per_example_global_norm_clip``, as ``optax.contrib.dpsgd`` does). For ``prox.step`` (which owns the backward pass),
 :func:`ghost_clipped_loss` turns a per-example loss into one whose gradient is the mean clipped
 gradient (pass 1 inside the loss, the step's own backward is pass 2), and :func:`dp_noise` adds the
 noise ``sigma C xi / B`` to the step's mean gradient as an optax transform.
@@ -155,9 +156,10 @@ def clipped_grad_sum(loss_per_example_fn: LossPerExample, params: PyTree, batch:
     losses, grads = jax.vmap(one)(batch)
     norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1).astype(jnp.promote_types(g.dtype, jnp.float32)) ** 2, 1)
                          for g in jax.tree.leaves(grads)))
-    scale = clip_factors(norms, clip)
-    grad_sum = jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1), grads)
-    return ClippedGrad(grad_sum=grad_sum, losses=losses, norms=norms, scale=scale)
+    leaves, treedef = jax.tree.flatten(grads)
+    clipped, _ = optax.per_example_global_norm_clip(leaves, clip)     # optax's clip-and-sum
+    return ClippedGrad(grad_sum=jax.tree.unflatten(treedef, clipped), losses=losses, norms=norms,
+                       scale=clip_factors(norms, clip))
   losses, norms = per_example_grad_norms(loss_per_example_fn, params, batch, axis_name=axis_name)
   scale = lax.stop_gradient(clip_factors(norms, clip))
   grad_sum = jax.grad(lambda p: jnp.sum(scale * loss_per_example_fn(p, batch)))(params)
