@@ -1,6 +1,8 @@
 """Data, task streams, teachers and other pure state machines."""
 from prox.tasks._episodes import EpisodeState, EpisodicTeacher, episodic_teacher
-from prox.tasks._sources import Batch, EpochSource, ParametricTaskSource, StreamSource, SubsetSource, TaskSource
+from prox.tasks._grain import EpochOrder
+from prox.tasks._sources import Batch, EpochSource, GrainSource, ParametricTaskSource, StreamSource, SubsetSource
+from prox.tasks._sources import TaskSource
 from prox.tasks._stages import Stage, StageMachine, StageState, ernie_tiny_stages, orca_stages, stage_machine
 from prox.tasks._teachers import TeacherBank, stacked_teacher_bank, switched_teacher_bank
 from prox.tasks._elastic_sampling import GapSamplerState, ProgressiveShrinking, RobustGapSampler, ShrinkingState
@@ -20,7 +22,9 @@ __all__ = [
     "Batch",
     "EpisodeState",
     "EpisodicTeacher",
+    "EpochOrder",
     "EpochSource",
+    "GrainSource",
     "ParametricTaskSource",
     "StreamSource",
     "SubsetSource",

@@ -6,8 +6,11 @@ read the train state, e.g. the task a teacher in ``state.extra`` chose); it retu
 of ``jax.process_count()`` by default) and keeps only plain ints as its position, so a checkpoint stores
 it as JSON and a resumed run sees exactly the batches an uninterrupted one would.
 
-* :class:`EpochSource`: epochs of seeded permutations of an in-memory dataset (``data.next_batch``); any
-  batch size, changing from step to step; ``boundary="epoch"`` on the batch that ends an epoch.
+* :class:`GrainSource` (also named :class:`EpochSource`): epochs of seeded permutations of a dataset (in
+  memory, or records read from a ``tfds.data_source``) on grain: the order is a ``grain.MapDataset`` of
+  example indices, the order of ``data.next_batch``; any batch size, changing from step to step, gathered
+  in one vectorised read; optional grain worker processes; ``boundary="epoch"`` on the batch that ends an
+  epoch.
 * :class:`StreamSource`: an unlimited stream of fresh samples: augmented images
   (``data.next_stream_batch``) or newly generated MNIST-1D sequences (``data.next_mnist1d_stream_batch``).
 * :class:`TaskSource`: a sequence of tasks, each a dataset trained for a number of steps; the batch that
@@ -24,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from prox.tasks import _grain
 from prox.tasks import data as data_lib
 
 
@@ -39,40 +43,101 @@ def _process(process_index: int | None, process_count: int | None) -> dict[str, 
           "process_count": jax.process_count() if process_count is None else process_count}
 
 
-class EpochSource:
-  """Epochs of ``ds`` in seeded random order (see ``data.next_batch``); the batch size may vary.
+class GrainSource:
+  """Epochs of ``data`` in seeded random order on grain; the batch size may change at every call.
+
+  The global order is ``sigma_k = pi_{k // N}[k mod N]``, ``pi_e = default_rng([seed, e]).permutation(N)``
+  (:class:`prox.tasks.EpochOrder`, a ``grain.MapDataset`` of example indices; the order of
+  ``data.next_batch``, whose batches this source serves exactly). ``next(b)`` takes the next ``b``
+  positions: process ``p`` of ``n`` gets ``sigma[P + p b/n : P + (p+1) b/n]`` (``P``: positions taken
+  before), read in one vectorised gather; a batch that crosses the end of an epoch takes the rest of it
+  and continues into the next one, and carries ``boundary="epoch"``. The position is ``{"seed",
+  "epoch", "index"}`` (plain ints: ``P = epoch N + index``), so a checkpoint stores it as JSON and a
+  resumed run sees exactly the batches an uninterrupted one would.
 
   Args:
-    ds: the dataset.
-    seed: the order's seed.
-    transform: optional ``batch -> batch`` applied to each host batch (e.g. adding a logit mask).
+    data: a ``prox.tasks.data.ArrayDataset`` (batches ``{"image", "label"}``), a mapping of arrays with
+      one leading dimension ``N`` (batches with the same keys), or a random-access source of records
+      such as ``tfds.data_source(name, split=...)`` (ArrayRecord) or a finite ``grain.MapDataset``
+      (batches: the records stacked field by field).
+    seed: the order's seed, an int in ``[0, 2**32)``.
+    transform: optional ``batch -> batch`` applied to each host batch (e.g. normalising images read from
+      TFDS, or adding a logit mask); it runs in the worker processes when they are on (then it must be
+      picklable by cloudpickle).
+    worker_count: grain ``mp_prefetch`` worker processes reading ahead (0: read in the calling process).
+      They pay where reading is slow (records decoded from disk), not for arrays in memory; each change
+      of the batch size restarts them (see ``prox.tasks._grain``), so for a size that changes at every
+      step leave them off.
+    worker_buffer_size: batches each worker keeps ready.
     process_index, process_count: this process's shard (default: from JAX).
   """
 
-  def __init__(self, ds: data_lib.ArrayDataset, seed: int, *,
-               transform: Callable[[dict], dict] | None = None,
+  def __init__(self, data: Any, seed: int, *, transform: Callable[[dict], dict] | None = None,
+               worker_count: int = 0, worker_buffer_size: int = 2,
                process_index: int | None = None, process_count: int | None = None):
-    self.ds = ds
+    self.data = data
     self.transform = transform
     self._process = _process(process_index, process_count)
-    self._state = data_lib.loader_init(seed)
+    count, index = self._process["process_count"], self._process["process_index"]
+    if not _is_int(count) or count < 1 or not _is_int(index) or not 0 <= index < count:
+      raise ValueError(f"process_index must be an int in [0, process_count), process_count a positive "
+                       f"int; got {index!r} of {count!r}")
+    self._reader = _grain.reader_for(data)
+    self._num = self._reader.num_examples
+    self._worker_count, self._worker_buffer_size = worker_count, worker_buffer_size
+    self._position = 0
+    self._batches = self._make_batches(_grain.check_seed(seed))
 
-  def next(self, batch_size: int, context: Any = None) -> Batch:
-    epoch = self._state.epoch
-    rows, self._state = data_lib.next_batch(self.ds, self._state, batch_size, **self._process)
-    if self.transform is not None:
-      rows = self.transform(rows)
-    return Batch(rows, None, "epoch" if self._state.epoch > epoch else None)
+  def _make_batches(self, seed: int) -> _grain.BatchReader:
+    return _grain.BatchReader(self._reader, _grain.EpochOrder(self._num, seed),
+                              transform=self.transform, worker_count=self._worker_count,
+                              worker_buffer_size=self._worker_buffer_size, **self._process)
 
-  def get_state(self) -> dict:
-    return data_lib.loader_state_to_dict(self._state)
-
-  def set_state(self, state: dict) -> None:
-    self._state = data_lib.loader_state_from_dict(state)
+  @property
+  def order(self) -> _grain.EpochOrder:
+    """The global order (a ``grain.MapDataset`` of example indices)."""
+    return self._batches.order
 
   @property
   def epoch(self) -> int:
-    return self._state.epoch
+    """The epoch the next batch starts in."""
+    return self._position // self._num
+
+  @property
+  def position(self) -> int:
+    """Positions taken so far (global examples served, over all processes)."""
+    return self._position
+
+  def next(self, batch_size: int, context: Any = None) -> Batch:
+    if not _is_int(batch_size) or batch_size < 1 or batch_size % self._process["process_count"]:
+      raise ValueError(f"batch_size must be a positive int divisible by the process count "
+                       f"{self._process['process_count']}, got {batch_size!r}")
+    start = self._position
+    rows = self._batches.read(start, int(batch_size))
+    self._position = start + int(batch_size)
+    return Batch(rows, None, "epoch" if self._position // self._num > start // self._num else None)
+
+  def get_state(self) -> dict:
+    epoch, index = divmod(self._position, self._num)
+    return {"seed": self.order.seed, "epoch": epoch, "index": index}
+
+  def set_state(self, state: dict) -> None:
+    loader = data_lib.loader_state_from_dict(state)
+    if loader.index >= self._num:
+      raise ValueError(f"source state index {loader.index} is outside an epoch of {self._num} examples")
+    if loader.seed != self.order.seed:
+      self._batches.close()
+      self._batches = self._make_batches(_grain.check_seed(loader.seed))
+    self._position = loader.epoch * self._num + loader.index
+
+  def close(self) -> None:
+    """Stops the worker processes, if any (they also stop when the source is collected)."""
+    self._batches.close()
+
+
+# The name the experiments use: epochs of an in-memory dataset (formerly read with ``data.next_batch``,
+# now on grain; the same batches and the same checkpointed position).
+EpochSource = GrainSource
 
 
 _MATERIALIZED: dict[tuple[int, int], dict[str, np.ndarray]] = {}   # (seed, n) -> the first n samples
@@ -140,7 +205,12 @@ class TaskSource:
     self.transform = transform
     self._process = _process(process_index, process_count)
     self._task, self._done = 0, 0
-    self._loader = data_lib.loader_init(self._task_seed(0))
+    self._loader = self._task_loader(0)
+
+  def _task_loader(self, t: int) -> GrainSource | None:
+    if t >= len(self.datasets):
+      return None
+    return GrainSource(self.datasets[t], self._task_seed(t), **self._process)
 
   def _task_seed(self, t: int) -> int:
     return int(np.random.SeedSequence((self.seed, t)).generate_state(1)[0])
@@ -154,7 +224,7 @@ class TaskSource:
     t = self._task
     if t >= len(self.datasets):
       return None
-    rows, self._loader = data_lib.next_batch(self.datasets[t], self._loader, batch_size, **self._process)
+    rows = self._loader.next(batch_size).data
     if self.transform is not None:
       rows = self.transform(rows, t)
     self._done += 1
@@ -162,15 +232,19 @@ class TaskSource:
     if self._done == self.steps[t]:
       boundary = "task"
       self._task, self._done = t + 1, 0
-      self._loader = data_lib.loader_init(self._task_seed(t + 1))
+      self._loader = self._task_loader(t + 1)
     return Batch(rows, {"task": np.int32(t)}, boundary)
 
   def get_state(self) -> dict:
-    return {"task": self._task, "done": self._done, "loader": data_lib.loader_state_to_dict(self._loader)}
+    loader = (self._loader.get_state() if self._loader is not None
+              else {"seed": self._task_seed(self._task), "epoch": 0, "index": 0})
+    return {"task": self._task, "done": self._done, "loader": loader}
 
   def set_state(self, state: dict) -> None:
     self._task, self._done = int(state["task"]), int(state["done"])
-    self._loader = data_lib.loader_state_from_dict(state["loader"])
+    self._loader = self._task_loader(self._task)
+    if self._loader is not None:
+      self._loader.set_state(state["loader"])
 
 
 def _materialized(seed: int, n: int) -> dict[str, np.ndarray]:
@@ -199,21 +273,21 @@ class ParametricTaskSource:
     self.ds, self.seed = ds, int(seed)
     self.task_of, self.transform = task_of, transform
     self._process = _process(process_index, process_count)
-    self._state = data_lib.loader_init(seed)
+    self._loader = GrainSource(ds, seed, **self._process)
     self._drawn = 0
 
   def next(self, batch_size: int, context: Any = None) -> Batch:
     task = np.asarray(jax.device_get(self.task_of(context)), np.float32)
-    rows, self._state = data_lib.next_batch(self.ds, self._state, batch_size, **self._process)
+    rows = self._loader.next(batch_size).data
     rng = np.random.default_rng((self.seed, self._drawn, self._process["process_index"]))
     self._drawn += batch_size
     return Batch(self.transform(rows, task, rng), {"task": task})
 
   def get_state(self) -> dict:
-    return {"loader": data_lib.loader_state_to_dict(self._state), "drawn": self._drawn}
+    return {"loader": self._loader.get_state(), "drawn": self._drawn}
 
   def set_state(self, state: dict) -> None:
-    self._state = data_lib.loader_state_from_dict(state["loader"])
+    self._loader.set_state(state["loader"])
     self._drawn = int(state["drawn"])
 
 
