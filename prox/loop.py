@@ -218,7 +218,7 @@ def run(
     raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
   cache = compile_cache if compile_cache is not None else CompileCache()
   compiles0, compile_seconds0 = cache.count, cache.seconds
-  num_devices = mesh.shape[step_lib.DATA_AXIS]
+  num_devices = mesh.size                   # the batch is split over every device of the mesh
   local_devices = num_devices // jax.process_count()
   checkpoint = checkpoint or Every(end=True)
   ckpt = (ckpt_lib.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)

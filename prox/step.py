@@ -65,6 +65,8 @@ PyTree = Any
 Metrics = dict[str, jax.Array]
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+FSDP_MIN_SIZE = 1024   # leaves with fewer elements stay replicated on an fsdp mesh
 
 
 class TrainState(NamedTuple):
@@ -220,6 +222,61 @@ def data_mesh(devices: Any = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def fsdp_mesh(data: int, fsdp: int, devices: Any = None) -> Mesh:
+  """A ``data x fsdp`` mesh: the batch is split over all ``data * fsdp`` devices, and the parameters,
+  optimizer state and ``extra`` over the ``fsdp`` axis (fully sharded data parallelism; see
+  :func:`make_train_step`). ``fsdp=1`` is plain data parallelism."""
+  devices = jax.devices() if devices is None else list(devices)
+  if data * fsdp != len(devices):
+    raise ValueError(f"a {data} x {fsdp} mesh needs {data * fsdp} devices, got {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def _fsdp_size(mesh: Mesh) -> int:
+  return mesh.shape.get(FSDP_AXIS, 1)
+
+
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return (DATA_AXIS, FSDP_AXIS) if FSDP_AXIS in mesh.axis_names else (DATA_AXIS,)
+
+
+def fsdp_dim(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> int | None:
+  """The axis a leaf of ``shape`` is sharded on over ``fsdp`` devices, or ``None`` (replicated).
+
+  A leaf of at least ``min_size`` elements is split along its last axis if ``fsdp`` divides it (a
+  kernel's output features: N:M groups, which run along the input axis, stay on one device), else along
+  its largest divisible axis; otherwise it is replicated.
+  """
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size or not shape:
+    return None
+  if shape[-1] % fsdp == 0:
+    return len(shape) - 1
+  candidates = [i for i, n in enumerate(shape) if n % fsdp == 0]
+  return max(candidates, key=lambda i: shape[i]) if candidates else None
+
+
+def _spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  d = fsdp_dim(shape, fsdp, min_size)
+  return P() if d is None else P(*[FSDP_AXIS if i == d else None for i in range(len(shape))])
+
+
+def state_shardings(tree: PyTree, mesh: Mesh, *, min_size: int = FSDP_MIN_SIZE) -> PyTree:
+  """``NamedSharding`` of every leaf of ``tree`` on ``mesh``: split over ``fsdp`` as :func:`fsdp_dim` says
+  (replicated on a data mesh)."""
+  fsdp = _fsdp_size(mesh)
+  return jax.tree.map(lambda x: NamedSharding(mesh, _spec(np.shape(x), fsdp, min_size)), tree)
+
+
+def place(tree: PyTree, mesh: Mesh, *, min_size: int = FSDP_MIN_SIZE) -> PyTree:
+  """Places a host pytree (the same on every process) on ``mesh``: fully sharded over ``fsdp`` where a
+  leaf is large enough (:func:`state_shardings`), replicated otherwise. On a data mesh: ``replicate``."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree, state_shardings(tree, mesh, min_size=min_size))
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a host pytree (the same on every process) on all devices of ``mesh``, replicated."""
   sharding = NamedSharding(mesh, P())
@@ -232,11 +289,12 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def shard_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
-  """Builds the global batch from this process's shard (rows split over the ``data`` axis).
+  """Builds the global batch from this process's shard (rows split over every device of the mesh:
+  the ``data`` axis, and ``fsdp`` on a 2-D mesh).
 
   Each process passes only the rows it loaded; on a single process this is the whole batch.
   """
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  sharding = NamedSharding(mesh, P(_batch_axes(mesh)))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
 
@@ -268,6 +326,13 @@ def _tree_zeros(tree: PyTree, dtype: Any = None) -> PyTree:
   return jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
 
 
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """``x`` marked as varying over ``axes`` (a gathered fsdp shard already varies over ``fsdp``)."""
+  have = jax.typeof(x).manual_axis_type.varying
+  missing = tuple(a for a in axes if a not in have)
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _is_float(x: jax.Array) -> bool:
   return jnp.issubdtype(x.dtype, jnp.inexact)
 
@@ -293,6 +358,7 @@ def make_train_step(
     transition: Transition | None = None,
     skip_nonfinite: bool = False,
     example_stats: tuple[str, ...] = (),
+    fsdp_min_size: int = FSDP_MIN_SIZE,
     donate: bool = True,
 ) -> Callable[..., tuple[TrainState, StepOutput]]:
   """Builds ``step(state, batch, num_micro_batches=None, meta=None) -> (state, StepOutput)``, jitted.
@@ -302,7 +368,14 @@ def make_train_step(
       of one micro-batch (see ``stateless`` for ``loss(params, batch, rng)``).
     tx: the optax transform; receives ``params``, ``value=loss``, ``samples`` (examples consumed
       before this step) and ``batch_size`` (examples in it) as extra arguments.
-    mesh: a mesh with a ``data`` axis (default: ``data_mesh()``). The batch is split over it.
+    mesh: a mesh with a ``data`` axis (default: ``data_mesh()``), or ``data x fsdp`` (``fsdp_mesh``). The
+      batch is split over all its devices. On an ``fsdp`` mesh the parameters, optimizer state, model state
+      and ``extra`` are fully sharded over ``fsdp`` (leaves of ``fsdp_min_size`` elements or more, along
+      the axis ``fsdp_dim`` picks; place the initial state with ``place``): each device gathers the
+      whole forward-pass weights for its micro-batches and the gradient is reduce-scattered, so each
+      device keeps and updates only its shard; the optimizer and transitions run on the sharded global
+      arrays (XLA inserts the communication a whole-tensor method needs: a global top-k, the norms of a
+      Sinkhorn step, an SVD).
     micro_batch_size: examples per micro-batch per device; ``None`` means one micro-batch of the whole
       per-device batch. The per-device batch must be a multiple of it.
     grad_stats: also return ``GradStats`` (first and second moments of the group gradients).
@@ -310,7 +383,8 @@ def make_train_step(
       gradients (stacked ``[K, ...]``, ``valid`` a bool ``[K]`` marking the real micro-batches) given the
       global mean gradient; the result is summed over devices and returned as ``group_stats``. Keeping
       the group gradients costs K copies of the gradient; only asked for when this hook is given.
-    forward_fn: ``(params, state) -> params`` used in the forward pass; gradients flow to ``params``.
+    forward_fn: ``(params, state) -> params`` used in the forward pass (built once per step, on the global
+      arrays); gradients flow to ``params`` through its vector-Jacobian product.
     transition: ``(state, info) -> state`` applied after the update (see :func:`in_extra`,
       :func:`chain_transitions`); it sees the updated state and the step's :class:`StepInfo`.
     skip_nonfinite: when the step is not finite (see :class:`StepOutput`), keep the state's params,
@@ -336,18 +410,42 @@ def make_train_step(
     raise ValueError(f"mesh axes {mesh.axis_names} have no {DATA_AXIS!r} axis")
   if micro_batch_size is not None and micro_batch_size <= 0:
     raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
-  num_devices = mesh.shape[DATA_AXIS]
+  axes = _batch_axes(mesh)
+  fsdp = _fsdp_size(mesh)
+  num_devices = int(np.prod([mesh.shape[a] for a in axes]))
   tx = optax.with_extra_args_support(tx)
   want_groups = group_stats_fn is not None
   example_stats = tuple(example_stats)
   unknown = sorted(set(example_stats) - {"norm", "inner", "diag"})
   if unknown:
     raise ValueError(f"example_stats {unknown} unknown; known: 'norm', 'inner', 'diag'")
+  need_full_mean = grad_stats or want_groups or "inner" in example_stats
+  dims = lambda tree: jax.tree.map(lambda x: fsdp_dim(np.shape(x), fsdp, fsdp_min_size), tree)
+  specs = lambda tree: jax.tree.map(lambda x: _spec(np.shape(x), fsdp, fsdp_min_size), tree)
+
+  def gather(tree: PyTree, tree_dims: PyTree) -> PyTree:
+    """The whole leaves of this device's fsdp shards (identity on a data mesh); ``tree_dims`` come from
+    the global shapes (inside the shard_map a leaf has its shard's shape)."""
+    if fsdp == 1:
+      return tree
+    return jax.tree.map(lambda x, d: x if d is None else lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
+                        tree, tree_dims)
+
+  def reduce_grads(tree: PyTree) -> PyTree:
+    """The mean over all devices, each leaf left sharded as the parameters are (reduce-scatter)."""
+    def one(g, d):
+      if d is None:
+        return lax.pmean(g, axes)
+      return lax.pmean(lax.psum_scatter(g, FSDP_AXIS, scatter_dimension=d, tiled=True) / fsdp, DATA_AXIS)
+    return jax.tree.map(one, tree, dims(tree))
 
   static = {}   # trace-time facts the per-device code leaves for the step (the taps' coverage)
 
-  def per_device(state: TrainState, batch: PyTree, num_micro: jax.Array | None, meta: PyTree,
-                 step_key: jax.Array):
+  def per_device(fwd_params: PyTree, model_state: PyTree, extra: PyTree, counters: tuple, batch: PyTree,
+                 num_micro: jax.Array | None, meta: PyTree, step_key: jax.Array):
+    step_count, samples = counters
+    full_params = gather(fwd_params, static["dims"][0])
+    model_state, extra = gather(model_state, static["dims"][1]), gather(extra, static["dims"][2])
     local_rows = jax.tree.leaves(batch)[0].shape[0]
     m = local_rows if micro_batch_size is None else micro_batch_size
     if local_rows % m:
@@ -356,22 +454,22 @@ def make_train_step(
     k_max = local_rows // m
     micro = jax.tree.map(lambda x: x.reshape((k_max, m) + x.shape[1:]), batch)
     n = jnp.asarray(k_max if num_micro is None else num_micro, jnp.int32)
-    first_group = lax.axis_index(DATA_AXIS) * k_max
+    device = lax.axis_index(DATA_AXIS) * fsdp + (lax.axis_index(FSDP_AXIS) if fsdp > 1 else 0)
+    first_group = device * k_max
 
     def micro_loss(params, mb, k):
-      fwd = params if forward_fn is None else forward_fn(params, state)
-      ctx = LossContext(rng=jax.random.fold_in(step_key, first_group + k), step=state.step,
-                        samples=state.samples, extra=state.extra, meta=meta)
-      return loss_fn(fwd, state.model_state, mb, ctx)
+      ctx = LossContext(rng=jax.random.fold_in(step_key, first_group + k), step=step_count,
+                        samples=samples, extra=extra, meta=meta)
+      return loss_fn(params, model_state, mb, ctx)
 
-    # Per-device gradients: see the module docstring (the parameters are invariant over the data axis;
+    # Per-device gradients: see the module docstring (the parameters are invariant over the mesh axes;
     # the gradient with respect to an invariant value would already be summed over devices).
-    params = lax.pcast(state.params, (DATA_AXIS,), to="varying")
-    zeros = _tree_zeros(state.params)
+    params = jax.tree.map(lambda x: _varying(x, axes), full_params)
+    zeros = _tree_zeros(full_params)
     first_mb = jax.tree.map(lambda x: x[0], micro)
-    _, (metrics_shape, model_state_shape) = jax.eval_shape(micro_loss, state.params, first_mb, 0)
+    _, (metrics_shape, model_state_shape) = jax.eval_shape(micro_loss, full_params, first_mb, 0)
     if example_stats:
-      grad_fn = taps_lib.value_and_grad(micro_loss, has_aux=True, axis_name=DATA_AXIS)
+      grad_fn = taps_lib.value_and_grad(micro_loss, has_aux=True, axis_name=axes)
     else:
       plain_grad = jax.value_and_grad(micro_loss, has_aux=True)
       grad_fn = lambda params, mb, k: (*plain_grad(params, mb, k), None)
@@ -385,24 +483,24 @@ def make_train_step(
     if grad_stats:
       carry["sq"] = zeros
     if want_groups:
-      carry["groups"] = jax.tree.map(lambda x: jnp.zeros((k_max,) + x.shape, x.dtype), state.params)
+      carry["groups"] = jax.tree.map(lambda x: jnp.zeros((k_max,) + x.shape, x.dtype), full_params)
     if "norm" in example_stats:
       carry["ex_sq"] = jnp.zeros((), jnp.float32)
     if "diag" in example_stats:
-      carry["ex_diag"] = _tree_zeros(state.params, jnp.float32)
+      carry["ex_diag"] = _tree_zeros(full_params, jnp.float32)
     single = k_max == 1 and num_micro is None
     if example_stats:
-      shapes = jax.eval_shape(grad_fn, state.params, first_mb, 0)[2]
+      shapes = jax.eval_shape(grad_fn, full_params, first_mb, 0)[2]
       static["covered"] = taps_lib.covered_size(shapes.taps) / max(1, sum(
-          x.size for x in jax.tree.leaves(state.params)))
+          x.size for x in jax.tree.leaves(full_params)))
     if "inner" in example_stats and not single:
       # The inner products need the step's mean gradient: keep every micro-batch's layer inputs and
       # output cotangents (the activations of the whole per-device batch) until after the reduction.
       carry["ex_tapped"] = jax.tree.map(lambda x: jnp.zeros((k_max,) + x.shape, x.dtype), shapes)
     kept = {}
 
-    # Per-device accumulators differ between devices: mark them as varying over the data axis.
-    carry = jax.tree.map(lambda x: lax.pcast(x, (DATA_AXIS,), to="varying"), carry)
+    # Per-device accumulators differ between devices: mark them as varying over the mesh axes.
+    carry = jax.tree.map(lambda x: lax.pcast(x, axes, to="varying"), carry)
 
     def body(k, c):
       mb = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, k, keepdims=False), micro)
@@ -421,7 +519,7 @@ def make_train_step(
         out["groups"] = jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, k, 0),
                                      c["groups"], g)
       if example_stats:
-        sums = taps_lib.example_stats(tapped, state.params, [w for w in example_stats if w != "inner"])
+        sums = taps_lib.example_stats(tapped, full_params, [w for w in example_stats if w != "inner"])
         if sums.sq_norm_sum is not None:
           out["ex_sq"] = c["ex_sq"] + sums.sq_norm_sum
         if sums.diag_sum is not None:
@@ -439,51 +537,68 @@ def make_train_step(
       c = lax.fori_loop(0, n, body, carry)
     inv_n = 1.0 / n.astype(jnp.float32)
     scale = lambda tree: jax.tree.map(lambda x: (x * inv_n).astype(x.dtype), tree)
-    grads = lax.pmean(scale(c["grad"]), DATA_AXIS)
-    loss = lax.pmean(c["loss"] * inv_n, DATA_AXIS)
-    metrics = lax.pmean(scale(c["metrics"]), DATA_AXIS)
+    local_mean = scale(c["grad"])
+    grads = reduce_grads(local_mean)
+    mean = lax.pmean(local_mean, axes) if need_full_mean else None   # the whole mean, every device
+    loss = lax.pmean(c["loss"] * inv_n, axes)
+    metrics = lax.pmean(scale(c["metrics"]), axes)
     metrics = {"loss": loss, **metrics}
     model_state = jax.tree.map(
-        lambda x: lax.pmean(x * inv_n, DATA_AXIS).astype(x.dtype) if _is_float(x)
-        else lax.pmax(x, DATA_AXIS), c["model_state"])
+        lambda x: lax.pmean(x * inv_n, axes).astype(x.dtype) if _is_float(x)
+        else lax.pmax(x, axes), c["model_state"])
 
     stats = None
     if grad_stats:
-      stats = GradStats(mean=grads, second_moment=lax.pmean(scale(c["sq"]), DATA_AXIS),
+      stats = GradStats(mean=mean, second_moment=lax.pmean(scale(c["sq"]), axes),
                         num_groups=n * num_devices, group_size=m)
     group_stats = None
     if want_groups:
       valid = jnp.arange(k_max) < n
-      group_stats = lax.psum(group_stats_fn(c["groups"], valid, grads), DATA_AXIS)
+      group_stats = lax.psum(group_stats_fn(c["groups"], valid, mean), axes)
     valid_rows = jnp.arange(local_rows) < n * m
     ex = None
     if example_stats:
-      psum = lambda x: None if x is None else lax.psum(x, DATA_AXIS)
+      psum = lambda x: None if x is None else lax.psum(x, axes)
       inner = inner_sq = None
       if "inner" in example_stats and single:
-        found = taps_lib.example_stats(kept["tapped"], state.params, ("inner",), direction=grads)
+        found = taps_lib.example_stats(kept["tapped"], full_params, ("inner",), direction=mean)
         inner, inner_sq = found.inner_sum, found.inner_sq_sum
       elif "inner" in example_stats:
         def products(t):
-          return taps_lib.inner_products(t.taps, t.deltas, grads) * m
+          return taps_lib.inner_products(t.taps, t.deltas, mean) * m
         p = jax.vmap(products)(c["ex_tapped"]) * (jnp.arange(k_max) < n)[:, None]
         inner, inner_sq = jnp.sum(p), jnp.sum(p * p)
       ex = ExampleStats(count=n * m * num_devices, sq_norm_sum=psum(c.get("ex_sq")), inner_sum=psum(inner),
                         inner_sq_sum=psum(inner_sq),
-                        diag_sum=None if "ex_diag" not in c else lax.psum(c["ex_diag"], DATA_AXIS),
+                        diag_sum=None if "ex_diag" not in c else lax.psum(c["ex_diag"], axes),
                         covered=None)
     return grads, loss, metrics, model_state, stats, group_stats, n * m * num_devices, valid_rows, ex
-
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P(), P()),
-                          out_specs=(P(), P(), P(), P(), P(), P(), P(), P(DATA_AXIS), P()))
 
   def step(state: TrainState, batch: PyTree, num_micro_batches: jax.Array | None = None,
            meta: PyTree = None):
     key = jax.random.wrap_key_data(state.rng)
     next_key, step_key, transition_key = jax.random.split(key, 3)
     num_micro = None if num_micro_batches is None else jnp.asarray(num_micro_batches, jnp.int32)
+    # The forward-pass weights (e.g. masked) are built once, at the level of global arrays; the
+    # per-device code differentiates the loss with respect to them, and the mean gradient goes back
+    # through forward_fn's vector-Jacobian product (linear, so the mean commutes with it).
+    if forward_fn is None:
+      fwd_params, pullback = state.params, None
+    else:
+      fwd_params, pullback = jax.vjp(lambda p: forward_fn(p, state), state.params)
+    param_specs = specs(state.params)
+    static["dims"] = (dims(state.params), dims(state.model_state), dims(state.extra))
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(param_specs, specs(state.model_state), specs(state.extra), P(), P(axes), P(), P(), P()),
+        out_specs=(param_specs, P(), P(), P(), P(), P(), P(), P(axes), P()))
+    fwd_params = jax.lax.with_sharding_constraint(
+        fwd_params, jax.tree.map(lambda sp: NamedSharding(mesh, sp), param_specs))
     grads, loss, metrics, model_state, stats, group_stats, batch_size, valid, ex = sharded(
-        state, batch, num_micro, meta, step_key)
+        fwd_params, state.model_state, state.extra, (state.step, state.samples), batch, num_micro, meta,
+        step_key)
+    if pullback is not None:
+      grads = pullback(grads)[0]
     if ex is not None:
       ex = ex._replace(covered=static["covered"])   # known when tracing: not a device value
     samples = jnp.asarray(state.samples, jnp.int32)
@@ -499,9 +614,10 @@ def make_train_step(
                       metrics=metrics, grad_stats=stats, group_stats=group_stats, batch=batch,
                       valid=valid, example_stats=ex)
       new = transition(new, info)
-    # The state stays replicated (a transition reducing over the sharded batch could leave XLA free to
-    # choose another layout; the next step and the checkpoint expect this one).
-    new = jax.lax.with_sharding_constraint(new, NamedSharding(mesh, P()))
+    # The state keeps its layout (replicated on a data mesh; fully sharded over fsdp): a transition
+    # reducing over the sharded batch could leave XLA free to choose another, and the next step and the
+    # checkpoint expect this one.
+    new = jax.lax.with_sharding_constraint(new, state_shardings(new, mesh, min_size=fsdp_min_size))
     finite = _all_finite(loss, grads, new.params)
     if skip_nonfinite:
       keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
@@ -516,14 +632,30 @@ def make_train_step(
 
 
 def make_eval_step(eval_fn: Callable[[PyTree, PyTree, PyTree], dict[str, jax.Array]], *,
-                   mesh: Mesh | None = None) -> Callable[[TrainState, PyTree], dict[str, jax.Array]]:
+                   mesh: Mesh | None = None,
+                   fsdp_min_size: int = FSDP_MIN_SIZE) -> Callable[[TrainState, PyTree], dict[str, jax.Array]]:
   """Builds ``eval_step(state, batch) -> sums``: ``eval_fn(params, model_state, batch)`` returns
   per-device sums (e.g. correct predictions and example counts, honouring a padding mask); they are
-  summed over the ``data`` axis."""
+  summed over the mesh (the batch is split as in the train step; fsdp-sharded weights are gathered)."""
   mesh = data_mesh() if mesh is None else mesh
+  axes, fsdp = _batch_axes(mesh), _fsdp_size(mesh)
 
-  def per_device(params: PyTree, model_state: PyTree, batch: PyTree):
-    return lax.psum(eval_fn(params, model_state, batch), DATA_AXIS)
+  def gather(tree, tree_dims):
+    if fsdp == 1:
+      return tree
+    return jax.tree.map(lambda x, d: x if d is None else lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
+                        tree, tree_dims)
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P())
-  return jax.jit(lambda state, batch: sharded(state.params, state.model_state, batch))
+  def evaluate(state: TrainState, batch: PyTree):
+    spec = lambda tree: jax.tree.map(lambda x: _spec(np.shape(x), fsdp, fsdp_min_size), tree)
+    dims = lambda tree: jax.tree.map(lambda x: fsdp_dim(np.shape(x), fsdp, fsdp_min_size), tree)
+    param_dims, state_dims = dims(state.params), dims(state.model_state)   # global shapes
+
+    def per_device(params: PyTree, model_state: PyTree, batch: PyTree):
+      return lax.psum(eval_fn(gather(params, param_dims), gather(model_state, state_dims), batch), axes)
+
+    sharded = jax.shard_map(per_device, mesh=mesh,
+                            in_specs=(spec(state.params), spec(state.model_state), P(axes)), out_specs=P())
+    return sharded(state.params, state.model_state, batch)
+
+  return jax.jit(evaluate)

@@ -264,8 +264,8 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False, axis_name: str | Non
   ``fun(params, *args)`` must run a tapped model (``prox.models.functional`` taps ``nnx.Linear`` and
   ``nnx.Conv``) and return the mean loss over the batch. The returned function gives
   ``(value_or_(value, aux), grads, tapped)``; pass ``tapped`` to :func:`example_stats`. Inside a
-  ``shard_map`` give the data ``axis_name``: the zero perturbations are then per-device values, so
-  their cotangents are this device's (see ``prox.step``).
+  ``shard_map`` give the mesh axis name(s) the batch is split over (``axis_name``): the zero
+  perturbations are then per-device values, so their cotangents are this device's (see ``prox.step``).
   """
 
   def wrapped(params, *args):
@@ -287,7 +287,8 @@ def value_and_grad(fun: Callable, *, has_aux: bool = False, axis_name: str | Non
 
     zeros = [jnp.zeros(shape, dtype) for shape, dtype in discovery.output_shapes]
     if axis_name is not None:
-      zeros = [lax.pcast(z, (axis_name,), to="varying") for z in zeros]
+      names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+      zeros = [lax.pcast(z, names, to="varying") for z in zeros]
     (value, (aux, inputs)), (grads, deltas) = jax.value_and_grad(
         tapped_fun, argnums=(0, 1), has_aux=True)(params, zeros, *args)
     tapped = Tapped([t._replace(inputs=x) for t, x in zip(meta, inputs)], deltas, count)

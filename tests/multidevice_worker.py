@@ -8,10 +8,13 @@ Every scenario is scale-sensitive on purpose (plain SGD, no clipping, no Adam): 
 sum of the device gradients instead of their mean, or built statistics from sums over devices, changes
 every saved number.
 
-Scenarios (global batch 32, 20 steps):
+Scenarios (global batch 64, 20 steps):
 - ``sgd``: an MLP with plain SGD; params after steps 1 and 20, loss and accuracy of every step. Its
   micro-batch size is ``--sgd-micro`` (0: the whole per-device batch).
-- ``stats``: AdaGradNorm, micro-batches of 8 on every layout (4 groups of 8 in all), ``GradStats``, the
+Layouts: 1, 2, 4 or 8 devices, several processes, and ``data x fsdp`` meshes (``--fsdp``: parameters,
+optimizer state and ``extra`` fully sharded).
+
+- ``stats``: AdaGradNorm, micro-batches of 8 on every layout (8 groups of 8 in all), ``GradStats``, the
   group inner-product statistics, the norm test and a batch-size controller updated in the step;
   AdaGradNorm's accumulator, the controller's decisions and the statistics of every step.
 - ``continual``: SGD under EWC and GPM; at step 10 a transition consolidates EWC with the Fisher of the
@@ -29,6 +32,7 @@ parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--sgd-micro", type=int, default=0)
+parser.add_argument("--fsdp", type=int, default=1, help="devices per parameter shard (a data x fsdp mesh)")
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
@@ -51,19 +55,24 @@ from prox.transforms import gpm as gpm_lib  # noqa: E402
 if args.num_processes > 1:
   distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
 
-GLOBAL_BATCH = 32
+GLOBAL_BATCH = 64
 rng = np.random.default_rng(0)
 x_all = rng.normal(size=(args.steps * GLOBAL_BATCH, 20)).astype(np.float32)
 y_all = ((x_all[:, :3].sum(1) > 0).astype(np.int32) + (x_all[:, 3] > 1).astype(np.int32)).astype(np.int32)
-mesh = S.data_mesh()
+mesh = S.data_mesh() if args.fsdp == 1 else S.fsdp_mesh(jax.device_count() // args.fsdp, args.fsdp)
 per_process = GLOBAL_BATCH // jax.process_count()
 lo = jax.process_index() * per_process
 saved: dict[str, np.ndarray] = {}
 
 
 def host(x):
-  """A replicated global array as a numpy array (every process holds a full copy)."""
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+  """A global array (replicated, or sharded over fsdp) as a numpy array on every process."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save(prefix, tree):
@@ -101,7 +110,7 @@ def loss(params, b, rng):
 
 def train(name, tx, loss_fn, *, micro, model_state=None, extra=(), bn=False, params=None, **step_kwargs):
   params = init_params(jax.random.key(42), bn) if params is None else params
-  state = S.replicate(S.init_state(params, tx, model_state=model_state, extra=extra, seed=1), mesh)
+  state = S.place(S.init_state(params, tx, model_state=model_state, extra=extra, seed=1), mesh)
   step = S.make_train_step(loss_fn, tx, mesh=mesh, micro_batch_size=micro or None, **step_kwargs)
   for i in range(args.steps):
     state, out = step(state, batch(i))

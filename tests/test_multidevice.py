@@ -1,4 +1,6 @@
-"""One step, every layout: 1 device == 2 == 4 == 1 device x 4 micro-batches == 2 processes x 2 devices.
+"""One step, every layout: 1 device == 2 == 4 == 1 device x 8 micro-batches == 2 processes x 2 devices,
+and the fully sharded meshes: 8 devices as data x fsdp = 8 x 1, 4 x 2, 2 x 4, 1 x 8, and 2 processes x 4
+devices as 2 x 4.
 
 The worker (``multidevice_worker.py``) runs scale-sensitive scenarios (plain SGD, no clipping, no Adam:
 a step applying the sum of the device gradients moves the weights D times too far) in fresh subprocesses
@@ -46,17 +48,24 @@ def _free_port():
 def layouts(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("layouts")
   runs = {"1 device": ("--devices", 1), "2 devices": ("--devices", 2), "4 devices": ("--devices", 4),
-          "1 device x 4 micro-batches": ("--devices", 1, "--sgd-micro", 8)}
-  procs = {name: _start(tmp / f"{i}.npz", *a) for i, (name, a) in enumerate(runs.items())}
-  for p in procs.values():
-    _finish(p)
-  port = _free_port()
-  hosts = [_start(tmp / "hosts.npz", "--devices", 2, "--num-processes", 2, "--process-id", i, "--port", port)
-           for i in range(2)]
-  outputs = [_finish(p) for p in hosts]
-  assert "ok 4 2" in outputs[0], outputs[0]
+          "1 device x 8 micro-batches": ("--devices", 1, "--sgd-micro", 8),
+          "8 x 1": ("--devices", 8), "4 x 2": ("--devices", 8, "--fsdp", 2),
+          "2 x 4": ("--devices", 8, "--fsdp", 4), "1 x 8": ("--devices", 8, "--fsdp", 8)}
+  names = list(runs)
+  for first in range(0, len(names), 2):        # two at a time: the machine has 2 cores
+    procs = [_start(tmp / f"{i}.npz", *runs[names[i]]) for i in range(first, min(first + 2, len(names)))]
+    for p in procs:
+      _finish(p)
+  for label, extra, total in (("2 processes x 2 devices", (), 4),
+                              ("2 processes x 4 devices, 2 x 4", ("--fsdp", 4), 8)):
+    port = _free_port()
+    hosts = [_start(tmp / f"{label}.npz", "--devices", total // 2, "--num-processes", 2, "--process-id", i,
+                    "--port", port, *extra) for i in range(2)]
+    outputs = [_finish(p) for p in hosts]
+    assert f"ok {total} 2" in outputs[0], outputs[0]
   out = {name: _load(tmp / f"{i}.npz") for i, name in enumerate(runs)}
-  out["2 processes x 2 devices"] = _load(tmp / "hosts.npz")
+  out["2 processes x 2 devices"] = _load(tmp / "2 processes x 2 devices.npz")
+  out["2 processes x 4 devices, 2 x 4"] = _load(tmp / "2 processes x 4 devices, 2 x 4.npz")
   return out
 
 
@@ -70,7 +79,7 @@ def test_every_layout_gives_the_same_numbers(layouts, scenario):
   for name, got in layouts.items():
     assert {k for k in got if k.startswith(scenario + "/")} == set(ref), name
     for k, v in ref.items():
-      np.testing.assert_allclose(got[k], v, rtol=2e-5, atol=2e-6, err_msg=f"{name}: {k}")
+      np.testing.assert_allclose(got[k], v, rtol=2e-5, atol=1e-5, err_msg=f"{name}: {k}")
 
 
 def test_the_scenarios_are_scale_sensitive(layouts):
@@ -80,7 +89,7 @@ def test_the_scenarios_are_scale_sensitive(layouts):
   assert np.abs(ref["sgd/params['h']['w']"] - before).max() > 1e-2   # SGD moved the weights
   # The controller asked for growing batches and the accumulator grew every step.
   sizes = [ref[f"stats/extra['controller'].batch_size"]]
-  assert int(sizes[0]) > 32
+  assert int(sizes[0]) > 64
   assert float(ref["stats/extra['norm_test']"]) > 0
   fisher = ref["continual/fisher['h']['w']"]
   assert fisher.max() > 0

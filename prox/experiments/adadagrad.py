@@ -113,6 +113,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   """Checks every value of the sweep before anything compiles."""
   c = config
   common.check_data(c)
+  common.check_mesh(c)
   common.positive_ints(c, "seed", zero_ok=True)
   common.positive_ints(c, "num_seeds")
   for model in names(c, "models"):
@@ -163,7 +164,7 @@ class Shared:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.datasets = common.load_splits(config)
-    self.mesh = step_lib.data_mesh()
+    self.mesh = common.build_mesh(config)
     self.steps: dict[tuple, Any] = {}
     self.cache = loop.CompileCache()
     self.evaluators: dict[str, Any] = {}

@@ -29,6 +29,7 @@ from prox.tasks import EpochSource
 def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   """Checks every value ``train_and_evaluate`` uses; raises ``ConfigError`` naming the first bad one."""
   common.check_data(config)
+  common.check_mesh(config)
   common.check_model(config)
   common.check_optimizer(config)
   common.positive_ints(config, "num_steps", "log_every", "eval_every", "checkpoint_every",
@@ -52,7 +53,7 @@ def train_and_evaluate(
 ) -> dict:
   """Trains and evaluates as ``config`` says; returns the final metrics (also in ``metrics.json``)."""
   train_ds, test_ds = datasets or common.load_splits(config)
-  mesh = step_lib.data_mesh()
+  mesh = common.build_mesh(config)
   net = common.build_model(config, train_ds)
   tx = tx if tx is not None else common.build_optimizer(config)
   step = step_lib.make_train_step(classification_loss(net.apply), tx, mesh=mesh,

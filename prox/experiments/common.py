@@ -313,9 +313,23 @@ def summary(result: loop_lib.LoopResult, **more: Any) -> dict[str, Any]:
 
 def replicated_state(params: PyTree, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, *,
                      seed: int, model_state: PyTree = None, extra: PyTree = ()) -> step_lib.TrainState:
-  """``prox.step.init_state`` placed on ``mesh``."""
-  return step_lib.replicate(step_lib.init_state(params, tx, model_state=model_state, extra=extra, seed=seed),
-                            mesh)
+  """``prox.step.init_state`` placed on ``mesh`` (replicated on a data mesh; fully sharded over fsdp)."""
+  return step_lib.place(step_lib.init_state(params, tx, model_state=model_state, extra=extra, seed=seed), mesh)
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh the config names: ``fsdp`` (default 1) devices per parameter shard, the rest data parallel."""
+  fsdp = int(config.get("fsdp", 1))
+  if fsdp == 1:
+    return step_lib.data_mesh()
+  return step_lib.fsdp_mesh(jax.device_count() // fsdp, fsdp)
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+  """``fsdp`` divides the device count."""
+  fsdp = config.get("fsdp", 1)
+  require(is_int(fsdp) and fsdp >= 1 and jax.device_count() % fsdp == 0,
+          f"fsdp={fsdp!r} must be a positive integer dividing the device count {jax.device_count()}")
 
 
 def seeds(config: ml_collections.ConfigDict) -> Sequence[int]:

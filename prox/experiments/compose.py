@@ -78,6 +78,7 @@ def family(seed: int, num_pixels: int):
 def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   c = config
   common.check_data(c)
+  common.check_mesh(c)
   common.check_model(c)
   common.check_optimizer(c)
   common.names(c, "runs", RUNS)
@@ -157,7 +158,7 @@ def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int,
               shared: dict) -> dict:
   """One run with the given methods on the one loop."""
   train_ds = shared["data"][0]
-  mesh = step_lib.data_mesh()
+  mesh = common.build_mesh(c)
   net = common.build_model(c, train_ds, seed=seed)
   key_teacher, key_refit = jax.random.split(jax.random.key(seed))
   comp = composition(c, net.apply, methods, key_teacher)
@@ -235,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       run_dir = os.path.join(workdir, "runs", name, f"seed{seed}")
       record = {"run": name, "seed": seed, "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}}
       if "evaluate" not in shared:
-        shared["evaluate"] = common.evaluator(common.build_model(config, data[0]).apply, step_lib.data_mesh())
+        shared["evaluate"] = common.evaluator(common.build_model(config, data[0]).apply, common.build_mesh(config))
       out = common.run_once(run_dir, "compose", record, lambda: train_run(config, RUNS[name], seed, run_dir, shared))
       results.append({"run": name, "seed": seed, **out})
       print(f"compose: {name:12s} seed {seed}: grid accuracy {out['final_mean']:.4f} (noise <= 0.5: "

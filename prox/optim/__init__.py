@@ -42,8 +42,10 @@ from prox.optim.sinkgd import (
     matrix_labels,
     scale_by_sinkhorn,
     sinkgd,
+    matching_learning_rate,
     sinkgd_for_matrices,
     sinkhorn_normalize,
+    update_rms,
 )
 from prox.optim.slow_learner import ScaleGroupState, scale_group, slow_learner
 from prox.optim._dp import (
@@ -71,6 +73,7 @@ __all__ = [
     "adagrad_accumulator",
     "adagrad_norm",
     "adagrad_step_size",
+    "matching_learning_rate",
     "adaptive_batch_size",
     "augmented_inner_product_test",
     "augmented_inner_product_test_from_examples",
@@ -107,6 +110,7 @@ __all__ = [
     "sinkhorn_normalize",
     "slow_learner",
     "stagewise_doubling",
+    "update_rms",
     # DP-SGD gradients (ghost clipping)
     "ClippedGrad",
     "DPNoiseState",

@@ -4,13 +4,13 @@ from prox.transforms.filters import kernels, negate, path_str, select, sparsity_
 from prox.transforms.masking import find_mask_states, forward_params, hard_masked_params
 from prox.transforms.masking import straight_through_scale
 from prox.transforms.nm import NMSchedule, NMSparsityState, nm_mask, nm_masks, nm_schedule, nm_sparsity
-from prox.transforms.nm import structure_stages
+from prox.transforms.nm import nm_filter, nm_skipped, structure_stages, training_steps
 from prox.transforms.pruning import PruningState, erk_sparsities, gradual_pruning, layer_sparsities
 from prox.transforms.pruning import polynomial_sparsity, rigl, sparse_evolutionary_training
 from prox.transforms.sara import SaRAState
 from prox.transforms.unfreeze import progressive_unfreezing
 from prox.transforms.ewc import EWCState, consolidate, consolidate_opt_state, diagonal_fisher
-from prox.transforms.ewc import ewc_penalty, find_ewc_state
+from prox.transforms.ewc import EWCLambdaRange, ewc_lambda_range, ewc_penalty, find_ewc_state, sgd_stability_limit
 from prox.transforms.gpm import GPMState, gpm_threshold, gpm_update_bases, gpm_update_opt_state
 from prox.transforms._structured import ChannelAxis, ChannelGroup, ChannelPruningState, LinearOp, Structure
 from prox.transforms._structured import apply_channel_masks, channel_importance, channel_pruning, check_structure

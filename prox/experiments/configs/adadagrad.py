@@ -68,6 +68,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every = 100
   c.checkpoint_every = 500
   c.keep_checkpoints = 1
+  c.fsdp = 1                           # devices per parameter shard (fully sharded data parallel)
   if variant == "digits":
     c.dataset = "digits"
     c.num_seeds = 1

@@ -37,6 +37,8 @@ def get_config(model: str = "mlp") -> ml_collections.ConfigDict:
   # Batches: global batch split over all devices; micro-batches are accumulated inside the step.
   c.batch_size = 128
   c.micro_batch_size = 0               # per device; 0 = the whole per-device batch
+  # Mesh: fsdp devices share each parameter shard (fully sharded data parallel); 1 = pure data parallel.
+  c.fsdp = 1
   c.eval_batch_size = 512
   c.num_steps = 1500
   # Output.

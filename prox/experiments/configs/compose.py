@@ -41,5 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 512
   c.log_every = 20
   c.checkpoint_every = 500
+  c.fsdp = 1                           # devices per parameter shard (fully sharded data parallel)
   c.quick = False                      # a small run (compose.QUICK), for tests
   return c
