@@ -174,13 +174,27 @@ def _cotangents(delta: jax.Array) -> jax.Array:
   return delta.reshape(delta.shape[0], -1, delta.shape[-1])
 
 
+def _layers(taps: Sequence[Tap], deltas: Sequence[jax.Array]) -> list[tuple[Tap, jax.Array, jax.Array]]:
+  """``(tap, x [m, T, fan_in], d [m, T, fan_out])`` per parameter: the calls of a layer used several times
+  (weight tying, an iterative model) are one layer whose positions are all its calls' positions, since
+  its per-example gradient sums over them. Computation in float32 (float64 for float64 inputs)."""
+  groups: dict[Path, list[tuple[Tap, jax.Array]]] = {}
+  for tap, delta in zip(taps, deltas):
+    groups.setdefault(tap.kernel_path, []).append((tap, delta))
+  out = []
+  for calls in groups.values():
+    dtype = jnp.promote_types(calls[0][0].inputs.dtype, jnp.float32)
+    x = jnp.concatenate([_features(t).astype(dtype) for t, _ in calls], axis=1)
+    d = jnp.concatenate([_cotangents(delta).astype(dtype) for _, delta in calls], axis=1)
+    out.append((calls[0][0], x, d))
+  return out
+
+
 def sq_norms(taps: Sequence[Tap], deltas: Sequence[jax.Array]) -> jax.Array:
   """``[m]``: ``||dL/dtheta restricted to example i||^2`` summed over the tapped layers, where
   ``deltas[k]`` is the cotangent of tap ``k``'s output (for the loss that was differentiated)."""
   total = 0.0
-  for tap, delta in zip(taps, deltas):
-    x = _features(tap).astype(jnp.float32)
-    d = _cotangents(delta).astype(jnp.float32)
+  for tap, x, d in _layers(taps, deltas):
     if x.shape[1] == 1:
       kernel = jnp.sum(x[:, 0] ** 2, -1) * jnp.sum(d[:, 0] ** 2, -1)
     else:
@@ -198,29 +212,26 @@ def sq_norms(taps: Sequence[Tap], deltas: Sequence[jax.Array]) -> jax.Array:
 def inner_products(taps: Sequence[Tap], deltas: Sequence[jax.Array], direction: PyTree) -> jax.Array:
   """``[m]``: ``<dL/dtheta restricted to example i, v>`` for ``v = direction`` (a tree like the params)."""
   total = 0.0
-  for tap, delta in zip(taps, deltas):
-    x = _features(tap).astype(jnp.float32)
-    d = _cotangents(delta).astype(jnp.float32)
-    w = _at(direction, tap.kernel_path).astype(jnp.float32).reshape(x.shape[-1], d.shape[-1])
+  for tap, x, d in _layers(taps, deltas):
+    w = _at(direction, tap.kernel_path).astype(x.dtype).reshape(x.shape[-1], d.shape[-1])
     total = total + jnp.einsum("mti,io,mto->m", x, w, d)
     if tap.bias_path is not None:
-      total = total + jnp.einsum("mto,o->m", d, _at(direction, tap.bias_path).astype(jnp.float32))
+      total = total + jnp.einsum("mto,o->m", d, _at(direction, tap.bias_path).astype(x.dtype))
   return total
 
 
 def diagonal(taps: Sequence[Tap], deltas: Sequence[jax.Array], weights: jax.Array) -> dict[Path, jax.Array]:
   """``sum_i w_i (dL/dtheta restricted to example i)^2`` per tapped parameter, by path."""
   out: dict[Path, jax.Array] = {}
-  for tap, delta in zip(taps, deltas):
-    x = _features(tap).astype(jnp.float32)
-    d = _cotangents(delta).astype(jnp.float32)
+  for tap, x, d in _layers(taps, deltas):
+    w = weights.astype(x.dtype)
     if x.shape[1] == 1:
-      g2 = jnp.einsum("m,mi,mo->io", weights, x[:, 0] ** 2, d[:, 0] ** 2)
+      g2 = jnp.einsum("m,mi,mo->io", w, x[:, 0] ** 2, d[:, 0] ** 2)
     else:
-      g2 = jnp.einsum("m,mio->io", weights, jnp.einsum("mti,mto->mio", x, d) ** 2)
-    out[tap.kernel_path] = out.get(tap.kernel_path, 0.0) + g2.reshape(tap.kernel_shape)
+      g2 = jnp.einsum("m,mio->io", w, jnp.einsum("mti,mto->mio", x, d) ** 2)
+    out[tap.kernel_path] = g2.reshape(tap.kernel_shape)
     if tap.bias_path is not None:
-      out[tap.bias_path] = out.get(tap.bias_path, 0.0) + jnp.einsum("m,mo->o", weights, jnp.sum(d, 1) ** 2)
+      out[tap.bias_path] = jnp.einsum("m,mo->o", w, jnp.sum(d, 1) ** 2)
   return out
 
 

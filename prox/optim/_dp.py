@@ -33,7 +33,6 @@ Requirements of the ghost method: every parameter is in a tapped layer (``nnx.Li
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -80,29 +79,6 @@ def clip_factors(norms: jax.Array, clip: Any) -> jax.Array:
   return jnp.where(norms > 0, jnp.minimum(1.0, clip / jnp.where(norms > 0, norms, 1.0)), 1.0)
 
 
-def _merge_shared(taps: list, deltas: list) -> tuple[list, list]:
-  """Taps of the same kernel (a layer applied more than once) merged along positions, so that the norm
-  is that of their summed gradient."""
-  by_kernel: dict = defaultdict(list)
-  for i, tap in enumerate(taps):
-    by_kernel[tap.kernel_path].append(i)
-  merged_taps, merged_deltas = [], []
-  for path, idx in by_kernel.items():
-    if len(idx) == 1:
-      merged_taps.append(taps[idx[0]])
-      merged_deltas.append(deltas[idx[0]])
-      continue
-    group = [taps[i] for i in idx]
-    if any(t.kind != "dense" for t in group) or len({t.bias_path for t in group}) != 1:
-      raise ValueError(f"per-example norms of a convolution applied more than once ({'/'.join(map(str, path))})"
-                       " are not supported; use method='vmap'")
-    x = jnp.concatenate([t.inputs.reshape(t.inputs.shape[0], -1, t.inputs.shape[-1]) for t in group], 1)
-    d = jnp.concatenate([deltas[i].reshape(deltas[i].shape[0], -1, deltas[i].shape[-1]) for i in idx], 1)
-    merged_taps.append(group[0]._replace(inputs=x))
-    merged_deltas.append(d)
-  return merged_taps, merged_deltas
-
-
 def per_example_grad_norms(loss_per_example_fn: LossPerExample, params: PyTree, batch: PyTree, *,
                            axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """``(losses [m], ||g_i|| [m])`` from one backward pass to the tapped layers' outputs (pass 1).
@@ -137,8 +113,7 @@ def per_example_grad_norms(loss_per_example_fn: LossPerExample, params: PyTree, 
     zeros = [lax.pcast(z, (axis_name,), to="varying") for z in zeros]
   (_, (losses, inputs)), deltas = jax.value_and_grad(fun, has_aux=True)(zeros)
   tapped = [t._replace(inputs=x) for t, x in zip(meta, inputs)]
-  merged, merged_deltas = _merge_shared(tapped, deltas)
-  sq = taps_lib.sq_norms(merged, merged_deltas)        # deltas of the sum: d_i = dl_i / dy_i, no rescaling
+  sq = taps_lib.sq_norms(tapped, deltas)      # deltas of the sum: d_i = dl_i / dy_i, no rescaling
   return losses, jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
