@@ -18,9 +18,11 @@ to the one-process batch, and ``b_t`` may change at every step (the adaptive bat
 :meth:`EpochOrder.take` returns those indices as one numpy slice of a cached epoch permutation, and the
 rows are gathered with one fancy-indexing call per field (in-memory data) or one batched read
 (``__getitems__`` of a ``tfds.data_source``): no Python work per example. Why not grain's own
-``MapDataset.shuffle``: it draws each index with a scalar ``index_shuffle`` call (a Feistel network),
-about 30 us of CPU per example on this project's test machine, more than the whole hand-written loader
-spends on a batch of 128 (``benchmarks/input_pipeline.py``), and ``MapDataset.batch`` has one fixed size.
+per-example pipeline ``MapDataset.range(N).shuffle(seed).repeat().map(read).batch(b)``: its shuffle
+draws each index with a scalar ``index_shuffle`` call (a Feistel network) and each example passes
+through the map and the stacking alone: about 45 us of CPU per example on the 8x8 digits, about 100
+times the hand-written loader's time per batch of 128, where this order took a quarter of it
+(``benchmarks/input_pipeline.py``); and ``MapDataset.batch`` has one fixed size.
 
 Worker processes. :class:`BatchReader` with ``worker_count > 0`` runs the reads (and the batch
 transform) in grain ``mp_prefetch`` worker processes: a ``grain.MapDataset`` whose element ``i`` is this
