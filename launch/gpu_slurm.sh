@@ -26,9 +26,13 @@
 #   PROX_WORKDIR    run directory    (default: runs/slurm-$SLURM_JOB_ID); on a file system every node
 #                   sees (checkpoints are written by all processes), or a gs:// URL
 #   PROX_DIR        repository root  (default: the directory sbatch was called from, SLURM_SUBMIT_DIR)
+#   PROX_FSDP       devices per parameter shard: the mesh is (devices / PROX_FSDP) x PROX_FSDP, parameters
+#                   and optimizer state fully sharded over the second axis (--config.fsdp; default: the
+#                   config's, 1 = data parallel). Keep it within a node (it divides the GPUs per node) so
+#                   the gathers stay on NVLink.
 #   PYTHON          interpreter      (default: python; activate the environment before sbatch, or point
 #                   PYTHON at the venv's python: srun passes the environment on)
-#   PROX_DRY_RUN=1  print the command instead of running it
+#   PROX_DRY_RUN=1  print the command instead of running it, then the command each host runs
 # Extra flags go to `python -m prox.experiments.main` after the defaults (absl: the last value wins).
 set -euo pipefail
 
@@ -42,12 +46,31 @@ if [[ "${SLURM_NTASKS_PER_NODE:-}" == 1 && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
   export JAX_LOCAL_DEVICE_IDS
 fi
 
-cmd=(srun --kill-on-bad-exit=1 "$python" -m prox.experiments.main --config="$config" --workdir="$workdir" "$@")
+mesh=()
+if [[ -n "${PROX_FSDP:-}" ]]; then
+  if ! [[ "$PROX_FSDP" =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_slurm.sh: PROX_FSDP must be a positive integer, got '$PROX_FSDP'" >&2
+    exit 2
+  fi
+  mesh=(--config.fsdp="$PROX_FSDP")
+fi
+program=("$python" -m prox.experiments.main --config="$config" --workdir="$workdir" ${mesh[@]+"${mesh[@]}"} "$@")
+cmd=(srun --kill-on-bad-exit=1 "${program[@]}")
 
 if [[ "${PROX_DRY_RUN:-0}" == 1 ]]; then
   [[ -n "${JAX_LOCAL_DEVICE_IDS:-}" ]] && printf 'JAX_LOCAL_DEVICE_IDS=%q ' "$JAX_LOCAL_DEVICE_IDS"
   printf '%q ' "${cmd[@]}"
   echo
+  # What srun starts on each host (process ids from SLURM; outside a job, the #SBATCH defaults).
+  nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+  per_node="${SLURM_NTASKS_PER_NODE:-8}"
+  per_node="${per_node%%(*}"
+  for ((node = 0; node < nodes; node++)); do
+    first=$((node * per_node)); last=$((first + per_node - 1))
+    printf '# host %d: SLURM_PROCID=%d..%d: ' "$node" "$first" "$last"
+    printf '%q ' "${program[@]}"
+    echo
+  done
   exit 0
 fi
 exec "${cmd[@]}"

@@ -12,6 +12,7 @@
 #   PROX_FAKE_DEVICES  N >= 1: present the CPU as N devices to try data parallelism on a laptop; sets
 #                      XLA_FLAGS=--xla_force_host_platform_device_count=N (kept: any other XLA_FLAGS) and
 #                      JAX_PLATFORMS=cpu unless JAX_PLATFORMS is already set
+#   PROX_FSDP          devices per parameter shard: a data x fsdp mesh (--config.fsdp; default: the config's)
 #   PYTHON             interpreter            (default: python)
 #   PROX_DRY_RUN=1     print the environment and command instead of running them
 set -euo pipefail
@@ -31,7 +32,16 @@ if [[ -n "${PROX_FAKE_DEVICES:-}" ]]; then
   env_vars+=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}")
 fi
 
-cmd=("$python" -m prox.experiments.main --config="$config" --workdir="$workdir" "$@")
+mesh=()
+if [[ -n "${PROX_FSDP:-}" ]]; then
+  if ! [[ "$PROX_FSDP" =~ ^[1-9][0-9]*$ ]]; then
+    echo "local.sh: PROX_FSDP must be a positive integer, got '$PROX_FSDP'" >&2
+    exit 2
+  fi
+  mesh=(--config.fsdp="$PROX_FSDP")
+fi
+
+cmd=("$python" -m prox.experiments.main --config="$config" --workdir="$workdir" ${mesh[@]+"${mesh[@]}"} "$@")
 
 if [[ "${PROX_DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' ${env_vars[@]+"${env_vars[@]}"} "${cmd[@]}"

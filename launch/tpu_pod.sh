@@ -19,7 +19,11 @@
 #   PROX_REPO       git URL to clone (needed with PROX_INSTALL=1 when the checkout is missing); or copy
 #                   the code yourself: gcloud compute tpus tpu-vm scp --recurse --worker=all ...
 #   PYTHON          interpreter on the workers (default: python3)
-#   PROX_DRY_RUN=1  print the gcloud command(s) instead of running them
+#   PROX_FSDP       devices per parameter shard: the mesh is (devices / PROX_FSDP) x PROX_FSDP, parameters
+#                   and optimizer state fully sharded over the second axis (--config.fsdp; default: the
+#                   config's, 1 = data parallel)
+#   PROX_DRY_RUN=1  print the gcloud command(s) instead of running them, then the command each worker runs
+#                   (PROX_WORKERS=N workers; default 1)
 # Extra flags go to `python -m prox.experiments.main` after the defaults (absl: the last value wins).
 # The run lasts as long as the ssh session: start this script inside tmux/screen for long runs, and rerun
 # it to resume from the latest checkpoint in PROX_WORKDIR.
@@ -44,7 +48,15 @@ if [[ -n "${PROX_REPO:-}" ]]; then
   install+="[ -d $(q "$remote_dir")] || git clone $(q "$PROX_REPO" "$remote_dir"); "
 fi
 install+="cd $(q "$remote_dir")&& $(q "$python" -m pip install -U -e . "jax[tpu]>=0.10,<0.11" gcsfs google-cloud-storage)"
-run="cd $(q "$remote_dir")&& $(q "$python" -m prox.experiments.main --config="$config" --workdir="$PROX_WORKDIR" "$@")"
+mesh=()
+if [[ -n "${PROX_FSDP:-}" ]]; then
+  if ! [[ "$PROX_FSDP" =~ ^[1-9][0-9]*$ ]]; then
+    echo "tpu_pod.sh: PROX_FSDP must be a positive integer, got '$PROX_FSDP'" >&2
+    exit 2
+  fi
+  mesh=(--config.fsdp="$PROX_FSDP")
+fi
+run="cd $(q "$remote_dir")&& $(q "$python" -m prox.experiments.main --config="$config" --workdir="$PROX_WORKDIR" ${mesh[@]+"${mesh[@]}"} "$@")"
 
 commands=()
 if [[ "${PROX_INSTALL:-0}" == 1 ]]; then
@@ -60,3 +72,9 @@ for remote in "${commands[@]}"; do
     "${ssh_cmd[@]}" --command="$remote"
   fi
 done
+if [[ "${PROX_DRY_RUN:-0}" == 1 ]]; then
+  # Every worker runs the same command; jax.distributed.initialize() gives worker i its process index.
+  for ((worker = 0; worker < ${PROX_WORKERS:-1}; worker++)); do
+    echo "# worker $worker: $run"
+  done
+fi

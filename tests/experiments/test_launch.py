@@ -83,13 +83,21 @@ def test_local_runs_the_program_with_the_environment(tmp_path):
 def test_slurm_dry_run(tmp_path, tasks_per_node, device_ids):
   env = {"PROX_DRY_RUN": "1", "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(tmp_path),
          "SLURM_NTASKS_PER_NODE": tasks_per_node, "SLURM_GPUS_ON_NODE": "4"}
-  result = run("gpu_slurm.sh", env, [ODD_ARG])
+  result = run("gpu_slurm.sh", {**env, "SLURM_JOB_NUM_NODES": "2", "PROX_FSDP": "4"}, [ODD_ARG])
   assert result.returncode == 0, result.stderr
-  words = shlex.split(result.stdout)
+  lines = result.stdout.splitlines()
+  words = shlex.split(lines[0])
   if device_ids:
     assert words.pop(0) == f"JAX_LOCAL_DEVICE_IDS={device_ids}"
-  assert words == ["srun", "--kill-on-bad-exit=1", "python", *MAIN,
-                   "--config=prox/experiments/configs/classify.py", "--workdir=runs/slurm-77", ODD_ARG]
+  program = ["python", *MAIN, "--config=prox/experiments/configs/classify.py", "--workdir=runs/slurm-77",
+             "--config.fsdp=4", ODD_ARG]
+  assert words == ["srun", "--kill-on-bad-exit=1", *program]
+  per_node = int(tasks_per_node)
+  assert len(lines) == 3        # the srun command, then what each of the 2 hosts runs
+  for node, line in enumerate(lines[1:]):
+    head, command = line.split(": ", 2)[:2], line.split(": ", 2)[2]
+    assert head == [f"# host {node}", f"SLURM_PROCID={node * per_node}..{node * per_node + per_node - 1}"]
+    assert shlex.split(command) == program
 
 
 def test_tpu_requires_its_variables():
@@ -103,9 +111,12 @@ def test_tpu_dry_run(install):
          "PROX_WORKDIR": "gs://bucket/prox/run1"}
   if install:
     env.update(PROX_INSTALL="1", PROX_REPO="https://example.com/prox.git")
-  result = run("tpu_pod.sh", env, [ODD_ARG])
+  result = run("tpu_pod.sh", {**env, "PROX_WORKERS": "2"}, [ODD_ARG])
   assert result.returncode == 0, result.stderr
-  commands = [shlex.split(line) for line in result.stdout.splitlines()]
+  lines = result.stdout.splitlines()
+  per_worker = [line for line in lines if line.startswith("# worker ")]
+  assert [line.split(": ", 1)[0] for line in per_worker] == ["# worker 0", "# worker 1"]
+  commands = [shlex.split(line) for line in lines if not line.startswith("# worker ")]
   assert len(commands) == 1 + install
   remotes = []
   for words in commands:
