@@ -26,7 +26,11 @@ from typing import Any, Iterable, Mapping
 from etils import epath
 
 # JAX-free at import (``prox --help`` lists RESUMABLE without importing JAX): the helpers below import
-# ``writers`` and ``common`` (where the one ``ConfigError`` lives) when they run.
+# ``report`` when they run. The one ``ConfigError`` lives here; ``common`` re-exports it.
+
+
+class ConfigError(ValueError):
+  """A bad flag or config value; ``main`` prints it as one line and exits with status 2."""
 
 RECORD = "config.json"
 
@@ -41,13 +45,12 @@ _SHOWN = 6   # changed fields named in the error; the rest are counted
 
 
 def _config_error(message: str) -> Exception:
-  from prox.experiments.common import ConfigError  # pylint: disable=g-import-not-at-top
   return ConfigError(message)
 
 
 def _plain(value: Any) -> Any:
   """``value`` as strict-JSON-able values; what JSON cannot hold (a callable, say) as its ``repr``."""
-  from prox.experiments import writers  # pylint: disable=g-import-not-at-top
+  from prox.experiments import report  # pylint: disable=g-import-not-at-top
   if hasattr(value, "to_dict"):   # a ConfigDict (not a Mapping), anywhere in the tree
     value = value.to_dict()
   if isinstance(value, Mapping):
@@ -55,7 +58,7 @@ def _plain(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_plain(v) for v in value]
   try:
-    return writers.to_json(value)
+    return report.to_json(value)
   except ValueError:
     return repr(value)
 

@@ -21,7 +21,7 @@ import optax
 from prox import loop
 from prox import step as step_lib
 from prox.experiments import common
-from prox.experiments import writers
+from prox.experiments import report
 from prox.losses import classification_loss
 from prox.tasks import EpochSource
 
@@ -63,7 +63,7 @@ def train_and_evaluate(
   evaluate = common.evaluator(net.apply, mesh)
   test = lambda s: evaluate(s if eval_params is None else s._replace(params=eval_params(s)), test_ds,
                             config.eval_batch_size)
-  writer = writers.MetricWriter(workdir, total_steps=config.num_steps, tensorboard=config.tensorboard,
+  writer = report.MetricWriter(workdir, total_steps=config.num_steps, tensorboard=config.tensorboard,
                                 progress=config.progress)
   with writer:
     result = loop.run(
@@ -75,9 +75,9 @@ def train_and_evaluate(
         keep_checkpoints=config.keep_checkpoints, progress=writer.update)
   final = common.summary(result)
   if jax.process_index() == 0:
-    writers.write_summary(workdir, final)
+    report.write_summary(workdir, final)
     if config.get("plot_curves", True):
-      writers.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
+      report.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
   return final
 
 

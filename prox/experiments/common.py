@@ -26,8 +26,8 @@ from prox.tasks import data as data_lib
 PyTree = Any
 
 
-class ConfigError(ValueError):
-  """A bad flag or config value; ``main`` prints it as one line and exits with status 2."""
+from prox.experiments import _runs
+from prox.experiments._runs import ConfigError  # the one definition (JAX-free, for --help)
 
 
 # --- checks -----------------------------------------------------------------------------------------
@@ -346,7 +346,6 @@ def run_once(directory: str, experiment: str, run_config: Any, fn: Callable[[], 
   A restarted sweep so skips finished runs, resumes unfinished ones from their checkpoints, and refuses a
   run directory made with another config (one line naming the changed fields).
   """
-  from prox.experiments import _runs  # pylint: disable=g-import-not-at-top
   from prox.experiments import report  # pylint: disable=g-import-not-at-top
   _runs.check_config(directory, _runs.record(experiment, run_config),
                      tuple(_runs.RESUMABLE) + tuple(resumable))

@@ -1,4 +1,4 @@
-"""Tests for prox.experiments.writers: JSON lines, TensorBoard events, progress bar, plots, summary."""
+"""Tests for prox.experiments.report's run logs: JSON lines, TensorBoard events, progress bar, plots, summary."""
 import io
 import json
 import re
@@ -13,8 +13,8 @@ from etils import epath
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from prox.experiments import writers
-from prox.experiments.writers import MetricWriter, plot_curves, read_metrics, write_summary
+from prox.experiments import report
+from prox.experiments.report import MetricWriter, plot_curves, read_metrics, write_summary
 
 
 def read_events(path):
@@ -61,7 +61,7 @@ def test_json_lines_content_and_append_on_resume(tmp_path):
 
 def test_rewrite_lines_for_object_stores_matches_append(tmp_path):
   """The gs:// path (rewrite whole file) gives the same bytes as the local append path."""
-  for name, cls in (("a.jsonl", writers._AppendLines), ("r.jsonl", writers._RewriteLines)):
+  for name, cls in (("a.jsonl", report._AppendLines), ("r.jsonl", report._RewriteLines)):
     (tmp_path / name).write_text('{"step": 0}\n{"step": 1, "spl')   # a run killed mid-line
     lines = cls(epath.Path(tmp_path / name))
     lines.append('{"step": 1}')
@@ -228,10 +228,10 @@ def test_write_summary_is_strict_json(tmp_path):
 
 
 def test_dumps_and_to_json(tmp_path):
-  assert writers.dumps({"a": (np.int64(3), np.nan), 2: None}, sort_keys=True) == \
+  assert report.dumps({"a": (np.int64(3), np.nan), 2: None}, sort_keys=True) == \
       '{"2": null, "a": [3, "NaN"]}'
   with pytest.raises(ValueError, match=r"value\.a\[1\]"):
-    writers.to_json({"a": [1, np.ones(2)]})
+    report.to_json({"a": [1, np.ones(2)]})
 
 
 # --- progress lines when stdout is not a terminal ------------------------------------------------------
