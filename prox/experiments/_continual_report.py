@@ -40,8 +40,8 @@ def aggregate(results: dict) -> dict:
         entry["max_stability"] = max(max(map(float, l.get("stability") or [0.0])) for l in logs)
         ranges = [np.asarray(l["lambda_range"], np.float64) for l in logs if l.get("lambda_range")]
         if ranges:
-          entry["lambda_range_first"] = np.mean([r[0] for r in ranges], axis=0).tolist()
-          entry["lambda_range_last"] = np.mean([r[-1] for r in ranges], axis=0).tolist()
+          entry["lambda_range_first"] = _finite_mean([r[0] for r in ranges])
+          entry["lambda_range_last"] = _finite_mean([r[-1] for r in ranges])
       if run["kind"] == "ewc_detect":
         entry["max_stability"] = max(float(l.get("max_stability", 0.0)) for l in logs)
         entry["detection"] = [_detection(l, s["task_end_steps"]) for l, s in zip(logs, seeds)]
@@ -53,6 +53,13 @@ def aggregate(results: dict) -> dict:
       rows[run_id] = entry
     out[stream] = rows
   return out
+
+
+def _finite_mean(pairs: list) -> list[float]:
+  """The mean of the finite ``(low, high)`` pairs (a diverged run's Fisher gives NaN); NaN if none."""
+  pairs = np.asarray(pairs, np.float64).reshape(-1, 2)
+  pairs = pairs[np.all(np.isfinite(pairs), axis=1)]
+  return pairs.mean(axis=0).tolist() if len(pairs) else [float("nan")] * 2
 
 
 def _detection(log: dict, task_end_steps: list[int]) -> dict:
@@ -130,14 +137,14 @@ def markdown(results: dict, agg: dict, scole: dict | None) -> str:
         cells.append(report.fmt_mean_std(e["avg_acc_class_il"]))
       table.append(cells + [_notes(e), f"{e['seconds_per_run']:.1f}"])
     lines += [report.markdown_table(headers, table, align="l" + "r" * (len(headers) - 3) + "lr")]
-    first = [e["lambda_range_first"] for e in rows.values() if "lambda_range_first" in e]
-    if first:
-      (low, high), (low_t, high_t) = np.mean(first, axis=0), np.mean(
-          [e["lambda_range_last"] for e in rows.values() if "lambda_range_last" in e], axis=0)
+    stable = [e for e in rows.values() if "lambda_range_first" in e and not e["skipped_steps"]]
+    if stable:
+      (low, high) = _finite_mean([e["lambda_range_first"] for e in stable])
+      (low_t, high_t) = _finite_mean([e["lambda_range_last"] for e in stable])
       lines += [f"`ewc_lambda_range` (the accumulated per-example Fisher against the curvature of the next "
                 f"task's loss at the anchor, retention 0.5, SGD lr {cfg['learning_rate']}; mean over seeds and "
-                f"EWC runs): after task 1 λ in [{low:.3g}, {high:.3g}], after task {tasks - 1} "
-                f"[{low_t:.3g}, {high_t:.3g}].", ""]
+                f"the EWC runs without skipped steps): after task 1 λ in [{low:.3g}, {high:.3g}], after task "
+                f"{tasks - 1} [{low_t:.3g}, {high_t:.3g}].", ""]
   if scole:
     sc = cfg["scole"]
     lines += [f"## SCoLe ({scole['num_tasks']} tasks of {sc['classes_per_task']} random classes, "

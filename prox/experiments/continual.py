@@ -164,10 +164,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.require(jax.process_count() == 1, "continual runs in one process (any number of local devices)")
   common.check_batch("batch_size", cfg.batch_size)
   common.check_batch("eval_batch_size", cfg.eval_batch_size)
-  per_device = cfg.batch_size // jax.device_count()
-  common.require(cfg.replay.batch_size * per_device % cfg.batch_size == 0,
-                 f"replay.batch_size {cfg.replay.batch_size} must split evenly over the "
-                 f"{jax.device_count()} devices (a multiple of {cfg.batch_size // math.gcd(cfg.batch_size, per_device)})")
+  common.check_batch("replay.batch_size", cfg.replay.batch_size)   # each device mixes its share in
   if workdir is not None:
     common.check_workdir(workdir)
 
@@ -415,9 +412,11 @@ def ewc(env: Env, setting: Setting, spec: Spec) -> Method:
       log.setdefault("stability", []).append(float(ewc_lib.ewc_stability(accumulated, lr)))
       log["stability_warnings"] = log.get("stability_warnings", 0) + sum(
           issubclass(w.category, RuntimeWarning) for w in caught)
-      r = ewc_lib.ewc_lambda_range(accumulated, curvature=fisher(params, run, t + 1), learning_rate=lr,
-                                   momentum=momentum)
-      log.setdefault("lambda_range", []).append([r.low, r.high])
+      curvature = fisher(params, run, t + 1)
+      finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((accumulated.fisher, curvature)))
+      r = ewc_lib.ewc_lambda_range(accumulated, curvature=curvature, learning_rate=lr, momentum=momentum
+                                   ) if finite else None    # not finite: the run diverged
+      log.setdefault("lambda_range", []).append([r.low, r.high] if r else [math.nan, math.nan])
     return state._replace(opt_state=opt_state)
 
   tx = _ewc_tx(env, spec.options["ewc_lambda"], spec.options["mode"])

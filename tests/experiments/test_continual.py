@@ -301,6 +301,19 @@ def test_a_run_directory_of_another_config_is_refused(tmp_path):
   assert _read(tmp_path)["streams"]["split"]["naive"]["seeds"]["0"] == first
 
 
+def test_avalanche_setting_unit_inputs_and_torch_init(tmp_path):
+  cfg = _config(streams="split_class", methods="naive", scole__enabled=False, scaling="unit")
+  cfg.model_kwargs.init = "torch"
+  continual.validate(cfg, str(tmp_path))
+  train_ds, _ = common.load_splits(cfg)
+  assert float(train_ds.images.min()) == 0.0 and float(train_ds.images.max()) == 1.0   # x / 16
+  env = continual._env(cfg, train_ds)
+  bias = np.asarray(env.init_params(0)["head"]["bias"])
+  assert np.all(bias != 0) and np.all(np.abs(bias) <= 1 / np.sqrt(32))   # U(+-1/sqrt(fan_in)), hidden 32
+  result = continual.run(cfg, str(tmp_path))
+  assert 0.0 <= result["split_class_naive_forgetting"] <= 1.0
+
+
 # --- end to end (slow) --------------------------------------------------------------------------------------
 
 QUICK_FIELDS = {"permuted__num_tasks": 2, "scole__num_tasks": 3}

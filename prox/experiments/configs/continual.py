@@ -36,10 +36,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model_kwargs = ml_collections.ConfigDict({"hidden": (256, 256)})   # init=torch: PyTorch's init
   c.streams = "permuted,split,split_class"
   c.methods = "naive,replay,ewc,ewc_online,gpm,slca,ewc_detect"
-  # Optimiser of every method: SGD (the EWC stability bound lr * lambda * max(F) < 2 is stated for it). At
-  # lr 0.1 the accumulated Fisher of the shared head caps a stable permuted lambda near 30-50; at 0.01
-  # prox.transforms.ewc.ewc_lambda_range puts the permuted stream's range at [~1, ~100] after nine tasks,
-  # the split streams' at [~2 (task-incr.) / ~170 (class-incr.), ~3000-6000]: the sweeps below span them.
+  # Optimiser of every method: SGD (the EWC stability bound lr * lambda * max(F) < 2 is stated for it).
+  # prox.transforms.ewc.ewc_lambda_range of the accumulated Fisher (results/continual/results.md): at lr
+  # 0.1 the shared head caps a stable permuted lambda near 50-75 after nine tasks (lambda = 100
+  # diverges); at lr 0.01 the permuted range is [~0.9, ~870] after task 1 and [~0.4, ~170] after task 9,
+  # task-incremental split [~1.4, ~2e4] -> [~0.4, ~5e3], class-incremental [~130, ~2e4] -> [~3, ~2e3].
+  # The sweeps below span these ranges, up to and past their stability ends.
   c.learning_rate = 0.01
   c.momentum = 0.0
   c.batch_size = 32
