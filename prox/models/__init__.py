@@ -43,6 +43,7 @@ from prox.models._nnx import (
 from prox.models._elastic import (
     BlockSpec,
     ElasticConfig,
+    depthwise_conv,
     elastic_apply,
     elastic_flops,
     extract_subnet,
@@ -81,6 +82,7 @@ __all__ = [
     # elastic networks (Once-for-All) and the zoo's channel structure (structured pruning)
     "BlockSpec",
     "ElasticConfig",
+    "depthwise_conv",
     "elastic_apply",
     "elastic_flops",
     "extract_subnet",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prox.models import (ElasticConfig, elastic_apply, elastic_flops, extract_subnet, init_elastic, reorder_channels,
+from prox.models import (ElasticConfig, depthwise_conv, elastic_apply, elastic_flops, extract_subnet, init_elastic, reorder_channels,
                          sandwich_loss, transformed_kernel)
 from prox.tasks import Subnet
 
@@ -171,6 +171,21 @@ def test_sandwich_loss_by_hand_and_kd_stops_at_the_teacher():
   # The teacher receives no gradient from the KD term: d/dtheta of KD alone only reaches the student path.
   loss_same, aux_same = sandwich_loss(PARAMS, X, y, (big, big), config=CFG)
   assert abs(float(aux_same["kd_1"])) < 1e-6
+
+
+@pytest.mark.parametrize("stride,size,k", [(1, 7, 3), (2, 7, 5), (2, 8, 3), (1, 6, 7)])
+def test_depthwise_conv_matches_lax_in_value_and_gradient(stride, size, k):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 3)), jnp.float32)
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
+  np.testing.assert_allclose(depthwise_conv(x, w, stride), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  got = jax.grad(loss(lambda x, w: depthwise_conv(x, w, stride)), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_config_validation_names_the_bad_value():
