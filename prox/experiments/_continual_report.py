@@ -162,7 +162,9 @@ def markdown(results: dict, agg: dict, scole: dict | None) -> str:
       lines.append(report.markdown_table(
           ["k"] + [str(o["k"]) for o in occ],
           [["before"] + [f"{o['before']:.3f}" for o in occ], ["after"] + [f"{o['after']:.3f}" for o in occ]]))
-  lines += [f"Wall time of this invocation: {results['seconds_this_run']:.0f} s.", ""]
+  lines += [f"Wall time of this invocation: {results['seconds_this_run']:.0f} s ({results['runs']} runs, "
+            f"{results['runs_read_back']} of them read back from an earlier invocation; s/run is each run's "
+            f"own wall time, compilation included).", ""]
   return "\n".join(lines)
 
 

@@ -771,7 +771,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.perf_counter()
   env = _env(cfg, train_ds)
   seeds = common.seeds(cfg)
-  results: dict[str, Any] = {"streams": {}, "scole": {}}
+  results: dict[str, Any] = {"streams": {}, "scole": {}, "runs": 0, "runs_read_back": 0}
+
+  def once(run_dir: str, run_config: dict, train: Callable[[], dict]) -> dict:
+    results["runs"] += 1
+    results["runs_read_back"] += os.path.exists(os.path.join(run_dir, "result.json"))
+    return common.run_once(run_dir, "continual", run_config, train)
+
   for stream in streams:
     setting = _setting(stream, cfg)
     runs = {}
@@ -786,8 +792,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       cache = loop.CompileCache()
       for seed in seeds:
         run_dir = os.path.join(workdir, "runs", stream, spec.run_id, f"seed{seed}")
-        result = common.run_once(
-            run_dir, "continual", _run_config(cfg, stream, spec.kind, spec.options, seed),
+        result = once(
+            run_dir, _run_config(cfg, stream, spec.kind, spec.options, seed),
             lambda: train_stream(env, setting, method, step, cache, runs[seed], cfg[stream].epochs_per_task,
                                  run_dir))
         table.setdefault(spec.run_id, {"label": spec.label, "kind": spec.kind, "seeds": {}})["seeds"][str(seed)] = result
@@ -801,9 +807,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cache = loop.CompileCache()
     for seed in seeds:
       run_dir = os.path.join(workdir, "runs", "scole", f"seed{seed}")
-      run_config = {**_run_config(cfg, "scole", "naive", {}, seed)}
-      result = common.run_once(run_dir, "continual", run_config,
-                               lambda: train_scole(env, method, step, cache, seed, train_ds, test_ds, run_dir))
+      result = once(run_dir, _run_config(cfg, "scole", "naive", {}, seed),
+                    lambda: train_scole(env, method, step, cache, seed, train_ds, test_ds, run_dir))
       results["scole"][str(seed)] = result
       acc = result["accuracy"]
       _progress(cfg, f"scole seed {seed}: accuracy over all classes after task 1 {acc[0]:.3f}, after task "
