@@ -42,17 +42,16 @@ class EpisodicTeacher(NamedTuple):
   refit: Callable[[EpisodeState, jax.Array], EpisodeState]
 
 
-def episodic_teacher(teacher: str | alp_gmm.Teacher, bounds, *, episode_steps: int,
+def episodic_teacher(teacher: str, bounds, *, episode_steps: int,
                      **teacher_options: Any) -> EpisodicTeacher:
   """See the module docstring. ``teacher_options`` go to the teacher's ``init`` (e.g. ``fit_rate``)."""
   if isinstance(episode_steps, bool) or not isinstance(episode_steps, int) or episode_steps < 1:
     raise ValueError(f"episode_steps must be a positive int, got {episode_steps!r}")
-  t = alp_gmm.get_teacher(teacher)
-  t.init(bounds, key=jax.random.key(0), **teacher_options)    # checks bounds and options now
+  t = alp_gmm.teacher(teacher, bounds, **teacher_options)     # checks bounds and options now
 
   def init(key: jax.Array) -> EpisodeState:
     k_init, k_task = jax.random.split(key)
-    state = t.init(bounds, key=k_init, **teacher_options)
+    state = t.init(k_init)
     task, state = t.sample(state, k_task)
     return EpisodeState(state, task, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
                         jnp.zeros((), jnp.int32))

@@ -6,6 +6,10 @@ state transitions on a pytree, so that sampling and updating run inside jitted c
     tasks, state = sample(state, key)              # [D]  (or sample(state, key, num_tasks=B) -> [B, D])
     state = update(state, tasks, rewards)          # rewards in [0, 1]; one task or a batch [B, D]
 
+Convention: ``teacher("alp_gmm", bounds, **options)`` returns the state machine as a NamedTuple of pure
+functions (``init(key)``, ``sample``, ``update``, ...), like an optax transform; the module functions
+below are its parts.
+
 Rule (the paper and its reference code). After each episode on task p with reward r:
     alp = |r - r_nn|, r_nn = reward of the nearest previous task (Euclidean), alp = 0 while the history
     holds <= 5 tasks; append (p, alp).
@@ -381,3 +385,30 @@ def get_teacher(name: str | Teacher) -> Teacher:
   if name not in TEACHERS:
     raise ValueError(f"unknown teacher {name!r}; expected one of {sorted(TEACHERS)}")
   return TEACHERS[name]
+
+
+class BoundTeacher(NamedTuple):
+  """A teacher for one task box, in prox's state-machine convention: ``init(key)``, ``sample(state, key,
+  num_tasks=None) -> (tasks, state)``, ``update(state, tasks, rewards)``, and ``update`` split into
+  ``observe`` and ``maybe_refit(state, due)`` with ``due = refit_due(state)`` (see :class:`Teacher`)."""
+  init: Callable[[Any], Any]
+  sample: Callable[..., Any]
+  update: Callable[..., Any]
+  observe: Callable[..., Any]
+  refit_due: Callable[[Any], jax.Array]
+  maybe_refit: Callable[[Any, jax.Array], Any]
+
+
+def teacher(name: str, bounds, **options: Any) -> BoundTeacher:
+  """The teacher ``name`` (``"alp_gmm"`` or ``"random"``) over the task box ``bounds = (low, high)``, with
+  ``options`` for ALP-GMM (``fit_rate``, ``random_task_ratio``, ``ks``, ``history_size``, ... as
+  :func:`init` takes them; checked now)::
+
+      t = teacher("alp_gmm", ([0., 0.], [1., 1.]), fit_rate=100)
+      s = t.init(key); task, s = t.sample(s, key); s = t.update(s, task, reward)
+  """
+  base = get_teacher(name)
+  base.init(bounds, key=jax.random.key(0), **options)     # argument checks, before anything compiles
+  return BoundTeacher(init=lambda key: base.init(bounds, key=key, **options), sample=base.sample,
+                      update=base.update, observe=base.observe, refit_due=base.refit_due,
+                      maybe_refit=base.maybe_refit)

@@ -22,7 +22,7 @@ which gives the same ordering of items and, with a crowd of reasonable size, nea
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +265,20 @@ def pudf_step(state: PUDFState, difficulties, probe, probe_correct, *, prior_mea
 
 def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class PUDF(NamedTuple):
+  """The PUDF schedule in prox's state-machine convention: ``init()``, ``update(state, theta_hat,
+  difficulties) -> (state, selection)`` and ``step(state, difficulties, probe, probe_correct) -> (state,
+  selection, theta_hat)`` (ability estimated on the probe items, then ``update``)."""
+  init: Callable[[], PUDFState]
+  update: Callable[..., tuple[PUDFState, PUDFSelection]]
+  step: Callable[..., tuple[PUDFState, PUDFSelection, jax.Array]]
+
+
+def pudf(*, patience: int = 2, bump: float = 0.1, min_items: int = 1, prior_mean: float = 0.0,
+         prior_std: float = 1.0) -> PUDF:
+  """PUDF (Meng et al. 2024; see :func:`pudf_update` for the rule), options checked now."""
+  pudf_init(patience=patience, bump=bump, min_items=min_items)
+  return PUDF(init=lambda: pudf_init(patience=patience, bump=bump, min_items=min_items), update=pudf_update,
+              step=functools.partial(pudf_step, prior_mean=prior_mean, prior_std=prior_std))

@@ -159,3 +159,26 @@ def ece(probs, labels, num_bins: int = 15) -> jax.Array:
   conf_sum = jnp.zeros((num_bins,)).at[bins].add(conf)
   acc_sum = jnp.zeros((num_bins,)).at[bins].add(correct)
   return jnp.sum(jnp.abs(acc_sum - conf_sum)) / probs.shape[0]
+
+
+class PSKDStore(NamedTuple):
+  """The PS-KD store in prox's state-machine convention: ``init()``, ``targets(state, indices, labels,
+  epoch)``, ``write(state, indices, logits, valid=None)``, and the pieces for ``prox.step``:
+  ``targets_fn`` (for ``classification_loss(apply, targets_fn=...)``) and ``transition(apply)``."""
+  init: Callable[[], PSKDState]
+  targets: Callable[..., jax.Array]
+  write: Callable[..., PSKDState]
+  targets_fn: Callable[[jax.Array, Any, Any], jax.Array]
+  transition: Callable[[Callable], Callable[[Any, Any], Any]]
+
+
+def pskd_store(num_examples: int, num_classes: int, *, num_epochs: int, alpha_T: float = 0.8,
+               name: str = "pskd", dtype=jnp.float32) -> PSKDStore:
+  """PS-KD (Kim et al. 2021) for ``num_examples`` examples over ``num_epochs``, the store kept in
+  ``TrainState.extra[name]``; options checked now."""
+  fn = targets_fn(num_epochs=num_epochs, alpha_T=alpha_T, name=name)
+  return PSKDStore(
+      init=lambda: init(num_examples, num_classes, dtype),
+      targets=lambda state, indices, labels, epoch: targets(state, indices, labels, epoch=epoch,
+                                                            num_epochs=num_epochs, alpha_T=alpha_T),
+      write=store, targets_fn=fn, transition=lambda apply: transition(apply, name=name))

@@ -239,3 +239,17 @@ def test_bad_input_is_one_line_error(call, match):
   with pytest.raises(ValueError, match=match) as e:
     call()
   assert "\n" not in str(e.value)
+
+
+def test_bound_teacher_is_the_module_functions_with_bounds_and_options():
+  bounds = ([0.0, 0.0], [1.0, 1.0])
+  t = alp_gmm.teacher("alp_gmm", bounds, fit_rate=12, random_task_ratio=0.3)
+  key = jax.random.key(3)
+  a, b = t.init(key), alp_gmm.init(bounds, key=key, fit_rate=12, random_task_ratio=0.3)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  task, _ = t.sample(a, jax.random.key(4))
+  np.testing.assert_array_equal(task, alp_gmm.sample(b, jax.random.key(4))[0])
+  with pytest.raises(ValueError):
+    alp_gmm.teacher("alp_gmm", ([1.0], [0.0]))
+  with pytest.raises(ValueError, match="unknown teacher"):
+    alp_gmm.teacher("curious", bounds)

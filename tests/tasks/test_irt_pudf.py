@@ -247,3 +247,15 @@ def test_pudf_on_the_loop_resumes_exactly(tmp_path):
   np.testing.assert_array_equal(resumed.state.params["w"], whole.state.params["w"])
   for a, b in zip(jax.tree.leaves(resumed.state.extra), jax.tree.leaves(whole.state.extra)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_pudf_factory_is_init_update_and_step():
+  machine = irt.pudf(patience=3, bump=0.2, min_items=2)
+  state = machine.init()
+  assert int(state.patience) == 3 and float(state.bump) == np.float32(0.2) and int(state.min_items) == 2
+  b = jnp.array([-1.0, 0.0, 1.0, 2.0])
+  new, sel = machine.update(state, 0.5, b)
+  ref, ref_sel = irt.pudf_update(state, 0.5, b)
+  jax.tree.map(np.testing.assert_array_equal, (new, sel), (ref, ref_sel))
+  with pytest.raises(ValueError, match="patience"):
+    irt.pudf(patience=0)

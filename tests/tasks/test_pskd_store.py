@@ -149,3 +149,14 @@ def test_targets_fn_and_transition_check_their_arguments():
     with pytest.raises(ValueError, match=match) as e:
       call()
     assert "\n" not in str(e.value)
+
+
+def test_pskd_store_factory_bundles_the_functions():
+  store = pskd.pskd_store(6, 3, num_epochs=4, alpha_T=0.5)
+  state = store.init()
+  idx, labels = np.array([0, 2]), np.array([1, 2])
+  state = store.write(state, idx, jnp.ones((2, 3)))
+  np.testing.assert_allclose(store.targets(state, idx, labels, 2),
+                             pskd.targets(state, idx, labels, epoch=2, num_epochs=4, alpha_T=0.5))
+  with pytest.raises(ValueError):
+    pskd.pskd_store(6, 3, num_epochs=0)
