@@ -43,7 +43,7 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from prox.tasks._elastic_sampling import Subnet
+if TYPE_CHECKING:  # only for annotations: importing prox.tasks here would pull in its data loaders
+  from prox.tasks._elastic_sampling import Subnet
 
 PyTree = Any
 
