@@ -54,6 +54,7 @@ EXPERIMENTS: dict[str, str] = {
     "curriculum": "prox.experiments.curriculum",
     "nm_sparsity": "prox.experiments.nm_sparsity",
     "compose": "prox.experiments.compose",
+    "distill": "prox.experiments.distill",
 }
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
