@@ -1,24 +1,36 @@
-"""A distillation step with prox's teacher bank, stage machine and KD loss, jitted as one function, vs
-the same work written by hand as two jitted calls (teacher forward, then student step).
+"""A distillation step built with prox (``prox.step.make_train_step``: teacher bank and stage machine in
+``TrainState.extra``, the KD loss reading them through ``ctx.extra``, the stage machine stepped by a
+transition), vs the same work written by hand as two jitted calls (teacher forward, then student step).
 
 Teacher: MLP 64-512-512-10 (digits-sized, 301,066 parameters); student: MLP 64-90-90-10 (14,950
 parameters, 1/20 of the teacher); Adam; Hinton loss ``alpha T^2 KL + (1 - alpha) CE`` with T = 4,
-alpha = 0.9.
+alpha = 0.9. These are the digits models of the ``distill`` experiment, whose steps have this form.
 
-* prox (one ``jax.jit``): the teacher's logits from a ``prox.tasks.stacked_teacher_bank`` of two
-  teachers indexed by a ``prox.tasks.stage_machine`` (the stage switches teachers half-way through the
-  timed steps), ``prox.losses.distillation_loss``, the Adam update and the stage-machine update.
+* prox step (``step``): ``prox.step.make_train_step`` as the ``distill`` experiment builds it: the
+  teachers are a ``prox.tasks.switched_teacher_bank`` of two teachers in ``extra`` (an argument of the
+  compiled step, so one compile serves every seed; ``lax.switch`` runs the selected teacher on its
+  parameters in place), a ``prox.tasks.stage_machine`` in ``extra`` switches teachers half-way through
+  the timed steps (a transition updates it inside the step), the loss is
+  ``prox.losses.distillation_loss`` and the batch carries its data-source index as metadata.
+* ``step/stacked``: the same with a ``prox.tasks.stacked_teacher_bank`` (the default ``"slice"``
+  selection copies the selected teacher's 301,066 parameters out of the stack in every step).
+* ``step/4mb``: the step with 4 micro-batches (the teacher's forward runs per micro-batch inside the
+  step's accumulation loop, on a quarter of the batch each time: the same work in total).
+* ``bank``: prox's teacher bank, stage machine and loss in one hand-written ``jax.jit`` (no
+  ``prox.step``).
 * hand-written baseline (jax/optax, what a user writes first): ``teacher_forward = jax.jit(mlp)`` and
   ``student_step = jax.jit(...)`` taking the teacher's logits; a step is the two calls.
 * also printed, for reference: the same hand-written code fused into one ``jax.jit`` (no prox), and the
   two calls made serial (``block_until_ready`` after each), which removes the overlap that asynchronous
   dispatch allows between the next step's teacher forward and the current student step.
 
-Prints, per batch size, time(prox one jit) / time(hand-written two calls) (target <= 1.1). The steps
+Prints, per batch size, time(prox step) / time(hand-written two calls) (target <= 1.1). The steps
 alternate within each repeat so that machine noise hits them alike; times are medians over repeats and
 ratios medians of the per-repeat ratios (on a shared machine, other processes' load, printed before and
-after, still moves them). ``cpu prox/two`` is the same paired ratio of process CPU time (all threads),
-which a busy machine hardly moves: it compares the work done, not the overlap of the two calls.
+after, still moves them). ``cpu step/two`` is the same paired ratio of process CPU time (all threads),
+which a busy machine moves less: it compares the work done, not the overlap of the two calls; ``min cpu
+step/two`` divides the smallest CPU time per step of each variant over the repeats (the least disturbed
+measurement of each).
 
   python benchmarks/distill_step.py [--batches 128 256 512 1024] [--repeats 31] [--steps 20]
 """
@@ -35,6 +47,7 @@ import numpy as np
 import optax
 
 from prox import losses, tasks
+from prox import step as S
 from _timing import timed  # benchmarks/_timing.py
 
 TEACHER = (64, 512, 512, 10)
@@ -132,9 +145,47 @@ def measure(batch: int, repeats: int, steps: int) -> tuple[float, float, float]:
     one[0], one[1], one[2], one[3], loss = prox_step(one[0], one[1], one[2], one[3], bank_state, x, y)
     return loss
 
-  for fn in (run_two, run_serial, run_fused, run_prox):
+  # --- prox.step: the distill experiment's form (teachers and stage machine in extra, a transition)
+  def transition(state, info):
+    stage = machine.update(state.extra["stage"], step=info.step + 1, samples=info.samples + info.batch_size,
+                           metric=info.loss)
+    return state._replace(extra={**state.extra, "stage": stage})
+
+  def step_loss(teacher_bank):
+    def loss_fn(params, model_state, batch, ctx):
+      stage = ctx.extra["stage"]
+      t = teacher_bank.apply(ctx.extra["teachers"], machine.teacher(stage), batch["image"])
+      s = mlp(params, batch["image"])
+      w = machine.weights(stage)[0]
+      loss = w * losses.distillation_loss(s, t, batch["label"], temperature=TEMPERATURE, alpha=ALPHA).mean()
+      return loss, ({}, model_state)
+    return loss_fn
+
+  switched = tasks.switched_teacher_bank([mlp, mlp])   # the distill experiment's bank
+  mesh = S.data_mesh(jax.devices()[:1])
+  batch_dev = S.shard_batch({"image": np.asarray(x), "label": np.asarray(y)}, mesh)
+  meta = {"source": np.int32(0)}
+  steps_prox = {}
+  for name, teacher_bank, micro in (("step", switched, None), ("step/stacked", bank, None),
+                                    ("step/4mb", switched, batch // 4)):
+    fn = S.make_train_step(step_loss(teacher_bank), tx, mesh=mesh, micro_batch_size=micro, transition=transition)
+    state = S.replicate(S.init_state(jax.device_get(student0), tx, extra={
+        "teachers": jax.device_get(teacher_bank.init(teachers)), "stage": jax.device_get(machine.init())}), mesh)
+    steps_prox[name] = [fn, state]
+
+  def make_run_step(name):
+    holder = steps_prox[name]
+
+    def run_step():
+      holder[1], out = holder[0](holder[1], batch_dev, None, meta)
+      return out.metrics["loss"]
+
+    return run_step
+
+  runs = {"two": run_two, "step": make_run_step("step"), "step/stacked": make_run_step("step/stacked"),
+          "step/4mb": make_run_step("step/4mb"), "bank": run_prox, "fused": run_fused, "serial": run_serial}
+  for fn in runs.values():
     timed(fn, 3)
-  runs = {"two": run_two, "prox": run_prox, "fused": run_fused, "serial": run_serial}
   times = {name: [] for name in runs}
   cpu = {name: [] for name in runs}
   for _ in range(repeats):
@@ -144,10 +195,17 @@ def measure(batch: int, repeats: int, steps: int) -> tuple[float, float, float]:
       cpu[name].append((time.process_time() - start) / steps)
   if int(one[2].stage) != 1 or prox_step._cache_size() != 1:
     raise RuntimeError("the stage machine did not switch teachers once without recompiling")
+  for name, (fn, state) in steps_prox.items():
+    if int(state.extra["stage"].stage) != 1 or fn._cache_size() != 1:
+      raise RuntimeError(f"{name}: the stage machine did not switch teachers once without recompiling")
   paired = lambda t, a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))
-  ratios = {"prox/two": paired(times, "prox", "two"), "fused/two": paired(times, "fused", "two"),
-            "prox/serial": paired(times, "prox", "serial"), "prox/fused": paired(times, "prox", "fused"),
-            "cpu prox/two": paired(cpu, "prox", "two")}
+  ratios = {"step/two": paired(times, "step", "two"), "step/fused": paired(times, "step", "fused"),
+            "stacked/two": paired(times, "step/stacked", "two"), "step4/two": paired(times, "step/4mb", "two"),
+            "bank/two": paired(times, "bank", "two"), "fused/two": paired(times, "fused", "two"),
+            "cpu step/two": paired(cpu, "step", "two"), "cpu stacked/two": paired(cpu, "step/stacked", "two"),
+            "cpu step/fused": paired(cpu, "step", "fused"),
+            "min cpu step/two": min(cpu["step"]) / min(cpu["two"]),
+            "min cpu stacked/two": min(cpu["step/stacked"]) / min(cpu["two"])}
   return {k: statistics.median(v) for k, v in times.items()}, ratios
 
 
@@ -166,15 +224,16 @@ def main():
   print(f"load average before: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
   print("time per step: median over repeats; ratios: median over repeats of the paired ratio (the variants")
   print("run back to back within a repeat, so a busy machine slows both sides of a ratio alike)")
-  print(f"{'batch':>6} {'two calls':>11} {'two serial':>11} {'fused (hand)':>13} {'prox (1 jit)':>13} "
-        f"{'prox/two':>9} {'fused/two':>10} {'prox/serial':>12} {'prox/fused':>11} {'cpu prox/two':>13}")
+  columns = ("two", "serial", "fused", "bank", "step", "step/stacked", "step/4mb")
+  ratio_columns = ("step/two", "step/fused", "stacked/two", "step4/two", "bank/two", "fused/two", "cpu step/two",
+                   "cpu stacked/two", "cpu step/fused", "min cpu step/two", "min cpu stacked/two")
+  print(f"{'batch':>6} " + " ".join(f"{c:>12}" for c in columns) + " " + " ".join(f"{c:>15}" for c in ratio_columns))
   for batch in args.batches:
     t, r = measure(batch, args.repeats, args.steps)
-    print(f"{batch:>6} {t['two'] * 1e3:>9.3f}ms {t['serial'] * 1e3:>9.3f}ms {t['fused'] * 1e3:>11.3f}ms "
-          f"{t['prox'] * 1e3:>11.3f}ms {r['prox/two']:>9.3f} {r['fused/two']:>10.3f} {r['prox/serial']:>12.3f} "
-          f"{r['prox/fused']:>11.3f} {r['cpu prox/two']:>13.3f}")
+    print(f"{batch:>6} " + " ".join(f"{t[c] * 1e3:>10.3f}ms" for c in columns) + " "
+          + " ".join(f"{r[c]:>15.3f}" for c in ratio_columns), flush=True)
   print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-  print("target: prox/two <= 1.1 (prox's one-jit distillation step vs the hand-written two jitted calls)")
+  print("target: step/two <= 1.1 (the prox.step distillation step vs the hand-written two jitted calls)")
 
 
 if __name__ == "__main__":
