@@ -8,6 +8,10 @@ every ``eval_every`` steps and at the end). Outputs in ``workdir``: ``metrics.js
 (``tb/``), ``curves.png``, ``metrics.json`` and ``checkpoints/`` (a killed run started again resumes
 exactly). Other experiments reuse it with another transform (``tx``), forward-pass weights
 (``forward_fn``), evaluation weights (``eval_params``) or logged state scalars (``state_metrics``).
+
+``--config.noise_scale=True`` logs the gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish
+et al. 2018) with every train record, from exact per-example gradient norms taken in the step (layer
+taps; near the cost of a plain step), as a ratio of exponential moving averages (``noise_scale_decay``).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import ml_collections
 import optax
 
 from prox import loop
+from prox import optim
 from prox import step as step_lib
 from prox.experiments import common
 from prox.experiments import report
@@ -56,9 +61,18 @@ def train_and_evaluate(
   mesh = common.build_mesh(config)
   net = common.build_model(config, train_ds)
   tx = tx if tx is not None else common.build_optimizer(config)
+  extra, noise = {}, {}
+  if config.get("noise_scale", False):   # B_simple from exact per-example norms, smoothed (an EMA)
+    ema = optim.noise_scale_ema(config.get("noise_scale_decay", 0.95))
+    extra["noise_scale"] = ema.init()
+    noise = {"example_stats": ("norm",),
+             "transition": step_lib.in_extra("noise_scale", lambda s, i: ema.update(s, i.example_stats, i.grads))}
+    state_metrics = _with_noise_scale(state_metrics, ema)
   step = step_lib.make_train_step(classification_loss(net.apply), tx, mesh=mesh,
-                                  micro_batch_size=config.micro_batch_size or None, forward_fn=forward_fn)
-  state = common.replicated_state(net.params, tx, mesh, seed=config.seed, model_state=net.model_state)
+                                  micro_batch_size=config.micro_batch_size or None, forward_fn=forward_fn,
+                                  **noise)
+  state = common.replicated_state(net.params, tx, mesh, seed=config.seed, model_state=net.model_state,
+                                  extra=extra)
 
   evaluate = common.evaluator(net.apply, mesh)
   test = lambda s: evaluate(s if eval_params is None else s._replace(params=eval_params(s)), test_ds,
@@ -79,6 +93,13 @@ def train_and_evaluate(
     if config.get("plot_curves", True):
       report.plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
   return final
+
+
+def _with_noise_scale(state_metrics: Callable | None, ema: optim.NoiseScaleEMA) -> Callable:
+  def metrics(state: step_lib.TrainState) -> dict:
+    out = {} if state_metrics is None else dict(state_metrics(state))
+    return {**out, "noise_scale": ema.value(state.extra["noise_scale"])}
+  return metrics
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

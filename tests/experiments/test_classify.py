@@ -43,3 +43,12 @@ def test_resume_after_the_last_checkpoint_still_reports_train_metrics_and_total_
   for key in ("train_loss", "train_accuracy", "test_accuracy"):
     assert resumed[key] == done[key], key
   assert resumed["train_seconds_this_run"] == 0 and resumed["train_seconds"] == done["train_seconds"] > 0
+
+
+def test_noise_scale_is_logged_when_asked(tmp_path):
+  proc = _prox(tmp_path, "--config.num_steps=20", "--config.log_every=10", "--config.noise_scale=True")
+  assert proc.returncode == 0, proc.stderr
+  final = json.loads((tmp_path / "metrics.json").read_text())
+  assert final["train_noise_scale"] > 0
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all("noise_scale" in r for r in logged if r["split"] == "train")

@@ -46,6 +46,8 @@ def get_config(model: str = "mlp") -> ml_collections.ConfigDict:
   c.eval_every = 250
   c.checkpoint_every = 250
   c.keep_checkpoints = 3
+  c.noise_scale = False                # log the gradient noise scale B_simple (per-example norms, EMA)
+  c.noise_scale_decay = 0.95
   c.progress = True
   c.tensorboard = True
   return c
