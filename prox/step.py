@@ -586,8 +586,9 @@ def make_train_step(
       fwd_params, pullback = state.params, None
     else:
       fwd_params, pullback = jax.vjp(lambda p: forward_fn(p, state), state.params)
-    param_specs = specs(state.params)
-    static["dims"] = (dims(state.params), dims(state.model_state), dims(state.extra))
+    # forward_fn may change the tree (e.g. scores + weights -> weights): shard what is differentiated.
+    param_specs = specs(fwd_params)
+    static["dims"] = (dims(fwd_params), dims(state.model_state), dims(state.extra))
     sharded = jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(param_specs, specs(state.model_state), specs(state.extra), P(), P(axes), P(), P(), P()),

@@ -28,7 +28,7 @@ def test_short_run_writes_every_output(tmp_path):
   final = json.loads((tmp_path / "metrics.json").read_text())
   assert final["step"] == 120 and final["test_accuracy"] > 0.9
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines if l["split"] == "train"] == [20, 40, 60, 80, 100, 120]
+  assert [l["step"] for l in lines if l["split"] == "train"] == [1, 20, 40, 60, 80, 100, 120]
   assert [l["step"] for l in lines if l["split"] == "test"] == [60, 120]
   assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert any((tmp_path / "tb").iterdir())
