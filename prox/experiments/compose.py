@@ -125,6 +125,11 @@ def composition(c: ml_collections.ConfigDict, apply: Any, methods: tuple[str, ..
   ctrl = optim.adaptive_batch_size("norm", b0=c.b0, b_max=c.b_max, multiple_of=c.b0, eta=c.eta)
   detector = shift_detector(c.detector.reference_window, c.detector.test_window, c.detector.threshold)
 
+  lr = c.learning_rate
+  stable = (0.5 * ewc_lib.sgd_stability_limit(c.optimizer_kwargs.get("momentum", 0.0),
+                                              nesterov=c.optimizer_kwargs.get("nesterov", False))
+            if c.optimizer == "sgd" else jnp.inf)       # the peak rate; adaptive optimizers normalise the step
+
   def logprob(params, image, label):       # one example, through the weights the forward pass uses
     return jax.nn.log_softmax(apply(params, {}, image[None], train=False)[0][0])[label]
 
@@ -136,7 +141,16 @@ def composition(c: ml_collections.ConfigDict, apply: Any, methods: tuple[str, ..
       g = jax.vmap(jax.grad(logprob), in_axes=(None, 0, 0))(fwd, info.batch["image"], info.batch["label"])
       w = info.valid.astype(jnp.float32) / jnp.sum(info.valid)         # the batch's real rows
       fisher = jax.tree.map(lambda x: jnp.tensordot(w, x * x, axes=1), g)
-      return s._replace(opt_state=ewc_lib.consolidate_opt_state(s.opt_state, info.params, fisher))
+      opt_state = ewc_lib.consolidate_opt_state(s.opt_state, info.params, fisher)
+      # A batch's Fisher at a shift can be large (max F ~ 9 on this family): the stored Fisher is scaled so
+      # that lr * lambda * max F stays at most half SGD's stability limit 2 (1 + momentum) (the penalty
+      # alone cannot make the run diverge); the same as capping lambda at that consolidation.
+      def cap(e):
+        factor = jnp.minimum(1.0, stable / jnp.maximum(ewc_lib.ewc_stability(e, lr), 1e-30))
+        return e._replace(fisher=jax.tree.map(lambda f: (f * factor).astype(f.dtype), e.fisher))
+      opt_state = jax.tree.map(lambda e: cap(e) if isinstance(e, ewc_lib.EWCState) else e, opt_state,
+                               is_leaf=lambda e: isinstance(e, ewc_lib.EWCState))
+      return s._replace(opt_state=opt_state)
 
     state = lax.cond(fired, consolidate, lambda s: s, state) if "ewc" in methods else state
     return state._replace(extra={**state.extra, "detector": det,

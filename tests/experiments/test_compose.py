@@ -80,3 +80,13 @@ def test_family_transform_and_config_errors(tmp_path):
   c.n = 4
   with pytest.raises(common.ConfigError, match="sparsity"):
     compose.validate(c, str(tmp_path))
+
+
+def test_ewc_on_detected_shifts_stays_stable_with_a_large_lambda(tmp_path):
+  """The Fisher consolidated at a detected shift is capped at half SGD's stability limit (a batch's Fisher at
+  a shift made lambda = 10 diverge at lr 0.05, momentum 0.9): lambda = 1e4 trains to a finite end."""
+  out = _prox(tmp_path, "--config.quick=True", "--config.runs=ewc_detector", "--config.ewc_lambda=1e4")
+  assert out.returncode == 0, out.stderr[-2000:]
+  run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+  assert run["log"][-1]["consolidations"] > 0            # the detector fired: the penalty was active
+  assert np.isfinite(run["final_mean"])
