@@ -54,6 +54,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from prox.step import TrainState
 
+__all__ = ["CORRUPT", "CheckpointError", "Checkpointer"]
+
 _ITEMS = ("state", "meta")
 # Metadata files of one step (relative to the step directory) that must hold a JSON object.
 _JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import jax
 
+__all__ = ["initialize", "is_main_process"]
+
 
 def _in_cluster() -> bool:
   """Whether the environment describes a job of several processes that JAX can join by itself."""

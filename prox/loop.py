@@ -42,6 +42,8 @@ from prox import checkpoint as ckpt_lib
 from prox import step as step_lib
 from prox.tasks._sources import Batch  # the one definition; re-exported here
 
+__all__ = ["Source", "Batch", "Action", "Every", "Context", "Diverged", "LoopResult", "CompileCache", "run"]
+
 PyTree = Any
 
 

@@ -61,6 +61,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prox import taps as taps_lib
 
+__all__ = ["DATA_AXIS", "FSDP_AXIS", "FSDP_MIN_SIZE", "TrainState", "LossContext", "GradStats",
+    "ExampleStats", "StepInfo", "StepOutput", "stateless", "in_extra", "chain_transitions", "init_state",
+    "data_mesh", "fsdp_mesh", "fsdp_dim", "state_shardings", "place", "replicate", "shard_batch",
+    "pack_micro_batches", "make_train_step", "make_eval_step"]
+
 PyTree = Any
 Metrics = dict[str, jax.Array]
 

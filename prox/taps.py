@@ -39,6 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+__all__ = ["Tap", "Tapped", "Recorder", "ExampleStats", "recording", "active", "dense", "conv",
+    "value_and_grad", "example_stats", "sq_norms", "inner_products", "diagonal", "tree_from_paths",
+    "covered_size"]
+
 PyTree = Any
 Path = tuple[str, ...]
 
