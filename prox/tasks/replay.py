@@ -114,6 +114,29 @@ def reservoir_sample(state: ReservoirState, key: jax.Array, n: int) -> tuple[PyT
   return jax.tree.map(lambda m: m[idx], state.data), valid
 
 
+class Reservoir(NamedTuple):
+  """The reservoir memory as a state machine (the convention of prox's other machines): pure functions
+  ``init(example) -> state``, ``add(state, batch, key, valid=None) -> state``,
+  ``sample(state, key, n) -> (examples, valid)`` and ``size(state) -> int32``."""
+  init: Any
+  add: Any
+  sample: Any
+  size: Any
+
+
+def reservoir(capacity: int) -> Reservoir:
+  """A reservoir memory of ``capacity`` examples (Algorithm R; module docstring)::
+
+    memory = reservoir(500)
+    state = memory.init({"image": x[0], "label": y[0]})
+    state = memory.add(state, {"image": x, "label": y}, key)
+    examples, valid = memory.sample(state, key, 32)
+  """
+  reservoir_init(jnp.zeros(()), capacity)          # checks capacity now, not at the first init
+  return Reservoir(init=lambda example: reservoir_init(example, capacity), add=reservoir_add,
+                   sample=reservoir_sample, size=reservoir_size)
+
+
 @jax.jit
 def mix_batches(batch: PyTree, memory_batch: PyTree, memory_valid: jax.Array) -> tuple[PyTree, jax.Array]:
   """Concatenate the current batch and a memory batch; float32 weights ``[B + n]`` (1 for the current

@@ -97,3 +97,21 @@ def test_bad_input():
     RP.reservoir_sample(state, jax.random.key(0), 5)
   with pytest.raises(ValueError, match="does not match the memory"):
     RP.reservoir_add(state, {"image": jnp.zeros((3, 3, 2))}, jax.random.key(0))
+
+
+def test_reservoir_factory_is_the_same_machine():
+  from prox.tasks.replay import reservoir
+  memory = reservoir(5)
+  x = {"x": jnp.arange(12, dtype=jnp.float32).reshape(12, 1)}
+  state = memory.init({"x": jnp.zeros((1,), jnp.float32)})
+  ref = RP.reservoir_init({"x": jnp.zeros((1,), jnp.float32)}, 5)
+  key = jax.random.key(3)
+  state, ref = memory.add(state, x, key), RP.reservoir_add(ref, x, key)
+  np.testing.assert_array_equal(state.data["x"], ref.data["x"])
+  assert int(memory.size(state)) == 5
+  got, valid = jax.jit(memory.sample, static_argnums=2)(state, key, 3)
+  want, want_valid = RP.reservoir_sample(ref, key, 3)
+  np.testing.assert_array_equal(got["x"], want["x"])
+  np.testing.assert_array_equal(valid, want_valid)
+  with pytest.raises(ValueError, match="capacity"):
+    reservoir(0)
