@@ -55,6 +55,7 @@ EXPERIMENTS: dict[str, str] = {
     "nm_sparsity": "prox.experiments.nm_sparsity",
     "compose": "prox.experiments.compose",
     "distill": "prox.experiments.distill",
+    "budgets": "prox.experiments.budgets",
 }
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
