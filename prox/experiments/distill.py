@@ -20,8 +20,10 @@ dataset's config section.
 Teachers, trained once per seed (one ``prox.loop`` run each, cached with ``common.run_once``): the
 *pretrained* teacher on the general stream, its checkpoint after ``weak_teacher_steps`` as Orca's
 *weaker* teacher, and the *fine-tuned* teacher (the pretrained one trained further on the task split).
-Every student run is one loop run whose step holds the teachers in ``TrainState.extra`` (one compile
-serves every seed) and draws the teacher's logits inside the step.
+Every student run is one loop run whose step holds the teachers in ``TrainState.extra`` (an argument of
+the compiled step: one compile serves every seed) as a ``prox.tasks.switched_teacher_bank``, and
+computes the teacher's logits inside the step. Every run decays its learning rate with a cosine over the
+run, a staged run over each of its stages (as if each stage were its own run).
 
 Runs (students: ``student_steps`` steps each, the same initialisation and data order per seed):
 
@@ -450,11 +452,19 @@ def arch(env: Env, s: Setting, model: str, kwargs: dict) -> models.Functional:
   """The network of an architecture, built once, so its ``apply`` (and every step and evaluator that
   closes over it) is shared by all seeds; ``params(...)`` gives a seed's initialisation."""
   return memo(env, ("net", s.name, model, repr(sorted(dict(kwargs).items()))),
-              lambda: make_net(s, model, kwargs, 0))
+              lambda: make_net(s, model, kwargs, 0, abstract=True))
+
+
+_PARAMS: dict = {}
 
 
 def params(s: Setting, model: str, kwargs: dict, seed: int) -> Any:
-  return jax.device_get(make_net(s, model, kwargs, seed).params)
+  """A seed's initial parameters (host arrays), built once in one jitted call: one compile per
+  architecture and seed, where building the model eagerly compiles every initialiser for every shape."""
+  key = (s.name, model, repr(sorted(dict(kwargs).items())), tuple(s.train.images.shape[1:]), int(seed))
+  if key not in _PARAMS:
+    _PARAMS[key] = jax.device_get(jax.jit(lambda: make_net(s, model, kwargs, seed).params)())
+  return _PARAMS[key]
 
 
 def evaluate(env: Env, s: Setting, apply: Callable, params_tree: Any) -> float:
