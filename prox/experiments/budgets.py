@@ -922,6 +922,25 @@ def per_example_losses(apply: Callable) -> Callable:
   return fn
 
 
+def base_losses(per_example: Callable, clip: float, buffer: int, batch_size: int) -> dict[str, Callable]:
+  """The ``prox.step.stateless`` losses of the base models on Poisson batches padded to ``buffer`` rows
+  (``per_example`` is 0 on a weight-0 row): ``"dp"``, whose gradient is ``1/B sum_i c_i g_i`` with
+  ``c_i = min(1, C / ||g_i||)`` (ghost clipping) and ``B = batch_size`` the *expected* batch size
+  (DP-SGD's normalisation: the noise std ``sigma C / B`` is calibrated to it), and ``"plain"``,
+  ``1/B sum_i l_i``. The step averages over the buffer, so both scale its mean by ``buffer / B``."""
+  scale = buffer / batch_size
+  ghost = optim.ghost_clipped_loss(per_example, clip, axis_name=step_lib.DATA_AXIS)
+
+  def dp_loss(params, batch, rng):
+    value, metrics = ghost(params, batch)
+    return value * scale, metrics
+
+  def plain_loss(params, batch, rng):
+    return jnp.mean(per_example(params, batch)) * scale, {}
+
+  return {"dp": dp_loss, "plain": plain_loss}
+
+
 class PrivacyTools(NamedTuple):
   net: models.Functional
   base_step: dict          # "dp" / "plain": (step, tx, cache)
@@ -943,19 +962,9 @@ def privacy_tools(cfg: ml_collections.ConfigDict, train: data_lib.ArrayDataset) 
   net = mlp(train, c.hidden, 0)
   per_example = per_example_losses(net.apply)
   buffer = poisson_buffer(c.batch_size, jax.device_count())
-  scale = buffer / c.batch_size        # mean over the buffer -> sum over the batch / expected batch size
-  ghost = optim.ghost_clipped_loss(per_example, c.clip, axis_name=step_lib.DATA_AXIS)
-
-  def dp_loss(params, batch, rng):
-    value, metrics = ghost(params, batch)
-    return value * scale, metrics
-
-  def plain_loss(params, batch, rng):
-    return jnp.mean(per_example(params, batch)) * scale, {}
-
   mesh = step_lib.data_mesh()
   base = {}
-  for name, loss in (("dp", dp_loss), ("plain", plain_loss)):
+  for name, loss in base_losses(per_example, c.clip, buffer, c.batch_size).items():
     tx = dp_tx(c, cfg.seed) if name == "dp" else optax.adam(c.learning_rate)
     base[name] = (step_lib.make_train_step(step_lib.stateless(loss), tx, mesh=mesh), tx, loop.CompileCache())
   machine = tasks.unlearning(n, finetune_steps=c.finetune_steps)
