@@ -198,7 +198,8 @@ def run(
       is required). Both count from the start of the run, over all resumed segments.
     micro_batch_size: with a variable ``batch_size``: examples per micro-batch per device; each batch is
       packed into a buffer of the next power of two of micro-batches (``pack_micro_batches``) and the
-      real count passed to the step, so the step compiles once per power of two. ``None``: batches go to
+      real count passed to the step, so the step compiles once per power of two. The step must be built
+      with the same ``micro_batch_size`` (checked). ``None``: batches go to
       the step as they are (one compile per distinct batch size).
     actions: ``(Every, action)`` pairs, run in order after each step they are due at.
     checkpoint_dir: where checkpoints go (``None``: no checkpoints, no resume).
@@ -214,6 +215,11 @@ def run(
   Returns:
     A :class:`LoopResult`.
   """
+  built = getattr(step, "micro_batch_size", micro_batch_size)
+  if micro_batch_size is not None and built != micro_batch_size:
+    raise ValueError(f"loop.run(micro_batch_size={micro_batch_size}) packs micro-batches of "
+                     f"{micro_batch_size} examples per device, but the step was built with "
+                     f"micro_batch_size={built}: pass the same value to make_train_step")
   if num_steps is None and num_samples is None:
     raise ValueError("run needs a budget: num_steps or num_samples")
   if on_nonfinite not in ("stop", "skip"):

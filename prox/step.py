@@ -581,6 +581,9 @@ def make_train_step(
 
   def step(state: TrainState, batch: PyTree, num_micro_batches: jax.Array | None = None,
            meta: PyTree = None):
+    if num_micro_batches is not None and micro_batch_size is None:
+      raise ValueError("num_micro_batches counts micro-batches of micro_batch_size examples: build the step "
+                       "with make_train_step(..., micro_batch_size=...) (the size pack_micro_batches used)")
     key = jax.random.wrap_key_data(state.rng)
     next_key, step_key, transition_key = jax.random.split(key, 3)
     num_micro = None if num_micro_batches is None else jnp.asarray(num_micro_batches, jnp.int32)
@@ -634,7 +637,9 @@ def make_train_step(
     return new, StepOutput(metrics=metrics, grad_stats=stats, group_stats=group_stats, finite=finite,
                            example_stats=ex)
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+  jitted.micro_batch_size = micro_batch_size   # read by prox.loop.run, which packs batches to match
+  return jitted
 
 
 def make_eval_step(eval_fn: Callable[[PyTree, PyTree, PyTree], dict[str, jax.Array]], *,

@@ -183,3 +183,43 @@ def test_a_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
   result = L.run(step, state, EpochSource(_dataset(), 0), num_steps=6, **kw)
   assert result.resumed_from == 2 and result.steps_this_run == 4
   assert "checkpoint 4" in capsys.readouterr().err
+
+
+def test_micro_batch_size_must_match_the_step():
+  """The loop packs micro-batches of its micro_batch_size; a step built without (or with another) size
+  would read the padded buffer as one micro-batch n times (the step's sample clock then ran ahead)."""
+  from prox import loop as L
+  from prox import step as S
+  mesh = S.data_mesh()
+  tx = optax.sgd(0.1)
+  params = {"w": np.zeros((3,), np.float32)}
+  state = S.replicate(S.init_state(params, tx), mesh)
+  loss = S.stateless(lambda p, b, r: (jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {}))
+  for built in (None, 2):
+    step = S.make_train_step(loss, tx, mesh=mesh, micro_batch_size=built)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+      L.run(step, state, None, mesh=mesh, batch_size=4, num_steps=1, micro_batch_size=4)
+  step = S.make_train_step(loss, tx, mesh=mesh)
+  batch = S.shard_batch({"x": np.ones((4, 3), np.float32), "y": np.ones((4,), np.float32)}, mesh)
+  with pytest.raises(ValueError, match="num_micro_batches"):
+    step(state, batch, np.int32(1))
+
+
+def test_step_sample_clock_follows_the_loop_with_a_varying_batch():
+  """The step counts real examples only (not the padded buffer): state.samples == the loop's samples."""
+  mesh = S.data_mesh()
+  train = data_lib.load("digits", "train")
+  tx = optax.sgd(0.01)
+  params = {"w": np.zeros((64, 10), np.float32)}
+
+  def loss(p, b, r):
+    logits = b["image"].reshape(len(b["label"]), -1) @ p["w"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b["label"])), {}
+
+  step = S.make_train_step(S.stateless(loss), tx, mesh=mesh, micro_batch_size=4)
+  seen = []
+  L.run(step, S.replicate(S.init_state(params, tx), mesh), EpochSource(train, seed=0), mesh=mesh,
+        batch_size=lambda ctx: 4 * (1 + ctx.step % 3), num_steps=7, micro_batch_size=4,
+        actions=((L.Every(steps=1), lambda ctx: seen.append((ctx.samples, int(ctx.state.samples)))),))
+  assert [a for a, _ in seen] == [4, 12, 24, 28, 36, 48, 52]
+  assert [b for _, b in seen] == [a for a, _ in seen]

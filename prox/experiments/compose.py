@@ -176,14 +176,15 @@ def train_run(c: ml_collections.ConfigDict, methods: tuple[str, ...], seed: int,
   net = common.build_model(c, train_ds, seed=seed)
   key_teacher, key_refit = jax.random.split(jax.random.key(seed))
   comp = composition(c, net.apply, methods, key_teacher)
+  micro = c.b0 // jax.device_count()
   step, refit = shared.setdefault(methods, (step_lib.make_train_step(
-      classification_loss(net.apply), comp.tx, mesh=mesh, forward_fn=comp.forward_fn,
+      classification_loss(net.apply), comp.tx, mesh=mesh, micro_batch_size=micro, forward_fn=comp.forward_fn,
       transition=comp.transition, **comp.step_options), comp.refit))
   state = common.replicated_state(net.params, comp.tx, mesh, seed=seed, extra=comp.extra)
   source = ParametricTaskSource(train_ds, seed, task_of=lambda ctx: ctx.state.extra["teacher"].task,
                                 transform=family(c.seed, int(np.prod(train_ds.images.shape[1:]))))
   result = loop.run(
-      step, state, source, mesh=mesh, num_samples=c.budget_samples, micro_batch_size=c.b0 // jax.device_count(),
+      step, state, source, mesh=mesh, num_samples=c.budget_samples, micro_batch_size=micro,
       batch_size=(lambda ctx: int(ctx.state.extra["batch_size"].size.batch_size)) if "batch" in methods else c.b0,
       actions=((loop.Every(steps=c.episode_steps), lambda ctx: refit(ctx.state, key_refit)),
                (loop.Every(steps=c.log_every, end=True), lambda ctx: log(ctx, methods)),
