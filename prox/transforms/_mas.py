@@ -113,42 +113,5 @@ def _sq_norm(apply_fn, params, example) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "group", "minibatch"))
 def _importance(apply_fn, params, batch, *, group: int, minibatch: bool):
-  n = int(jnp.shape(jax.tree.leaves(batch)[0])[0])
-  num_groups = -(-n // group)
-  pad = num_groups * group - n
-  weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
-  weights = weights.reshape(num_groups, group)
-
-  def grouped(x):
-    x = jnp.asarray(x)
-    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-    return x.reshape((num_groups, group) + x.shape[1:])
-
-  groups = jax.tree.map(grouped, batch)
-  dtype = lambda p: jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)
-  acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype(p)), params)
-  sq_norm = functools.partial(_sq_norm, apply_fn)
-
-  if not minibatch:
-    per_example = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0))
-
-    def body(acc, xs):
-      xb, wb = xs
-      g = per_example(params, xb)
-      return jax.tree.map(
-          lambda a, gi: a + jnp.tensordot(wb.astype(a.dtype), jnp.abs(gi.astype(a.dtype)), axes=1), acc, g), None
-
-    total, _ = jax.lax.scan(body, acc0, (groups, weights))
-    return jax.tree.map(lambda a: a / n, total)
-
-  def mean_sq_norm(p, xb, wb):
-    values = jax.vmap(sq_norm, in_axes=(None, 0))(p, xb)
-    return jnp.sum(wb * values) / jnp.sum(wb)
-
-  def body_mb(acc, xs):
-    xb, wb = xs
-    g = jax.grad(mean_sq_norm)(params, xb, wb)
-    return jax.tree.map(lambda a, gi: a + jnp.abs(gi.astype(a.dtype)), acc, g), None
-
-  total, _ = jax.lax.scan(body_mb, acc0, (groups, weights))
-  return jax.tree.map(lambda a: a / num_groups, total)
+  return _ewc.gradient_moment(functools.partial(_sq_norm, apply_fn), params, batch, group=group,
+                              minibatch=minibatch, op="abs")

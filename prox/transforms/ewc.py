@@ -450,6 +450,16 @@ def diagonal_fisher(
 
 @functools.partial(jax.jit, static_argnames=("logprob_fn", "group", "minibatch"))
 def _fisher(logprob_fn, params, batch, *, group: int, minibatch: bool):
+  return gradient_moment(logprob_fn, params, batch, group=group, minibatch=minibatch, op="square")
+
+
+def gradient_moment(fn, params, batch, *, group: int, minibatch: bool, op: str):
+  """``1/n sum_i op(grad fn(params, x_i))`` over the examples of ``batch`` (``minibatch=False``), or the
+  mean over groups of ``group`` examples of ``op(grad mean_{i in group} fn(params, x_i))``
+  (``minibatch=True``), with ``op`` ``"square"`` (EWC's diagonal Fisher) or ``"abs"`` (MAS's importance).
+  Examples are processed ``group`` at a time (a ``lax.scan``); the last group is padded with weight 0.
+  Traceable (call it under ``jax.jit`` with ``fn``, ``group``, ``minibatch`` and ``op`` static)."""
+  elementwise = {"square": jnp.square, "abs": jnp.abs}[op]
   n = int(jnp.shape(jax.tree.leaves(batch)[0])[0])
   num_groups = -(-n // group)
   pad = num_groups * group - n
@@ -465,26 +475,26 @@ def _fisher(logprob_fn, params, batch, *, group: int, minibatch: bool):
   acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _state_dtype(p)), params)
 
   if not minibatch:
-    per_example = jax.vmap(jax.grad(logprob_fn), in_axes=(None, 0))
+    per_example = jax.vmap(jax.grad(fn), in_axes=(None, 0))
 
     def body(acc, xs):
       xb, wb = xs
       g = per_example(params, xb)
       return jax.tree.map(
-          lambda a, gi: a + jnp.tensordot(wb.astype(a.dtype), jnp.square(gi.astype(a.dtype)), axes=1),
+          lambda a, gi: a + jnp.tensordot(wb.astype(a.dtype), elementwise(gi.astype(a.dtype)), axes=1),
           acc, g), None
 
     total, _ = jax.lax.scan(body, acc0, (groups, weights))
     return jax.tree.map(lambda a: a / n, total)
 
-  def mean_logprob(p, xb, wb):
-    lp = jax.vmap(logprob_fn, in_axes=(None, 0))(p, xb)
-    return jnp.sum(wb * lp) / jnp.sum(wb)
+  def weighted_mean(p, xb, wb):
+    values = jax.vmap(fn, in_axes=(None, 0))(p, xb)
+    return jnp.sum(wb * values) / jnp.sum(wb)
 
   def body_mb(acc, xs):
     xb, wb = xs
-    g = jax.grad(mean_logprob)(params, xb, wb)
-    return jax.tree.map(lambda a, gi: a + jnp.square(gi.astype(a.dtype)), acc, g), None
+    g = jax.grad(weighted_mean)(params, xb, wb)
+    return jax.tree.map(lambda a, gi: a + elementwise(gi.astype(a.dtype)), acc, g), None
 
   total, _ = jax.lax.scan(body_mb, acc0, (groups, weights))
   return jax.tree.map(lambda a: a / num_groups, total)
