@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -89,6 +90,7 @@ from prox import tasks
 from prox.checkpoint import Checkpointer
 from prox.experiments import common
 from prox.experiments import report
+from prox.experiments.configs import distill as distill_config
 from prox.tasks import data as data_lib
 
 METHODS = ("ernie", "pkd", "orca", "w2s")
@@ -861,7 +863,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"distill: {name} seed {seed}: teacher {out['teacher']['finetuned']:.4f} {shown} "
             f"({time.perf_counter() - t0:.0f} s)", flush=True)
   seconds = time.perf_counter() - started
-  md = markdown(config, results, sizes, methods, seconds)
+  md = markdown(config, results, sizes, methods, seconds, command=command(config, workdir))
   figures = {"accuracy.png": lambda p: plot_accuracy(results, methods, p),
              "ernie_curves.png": lambda p: plot_curves(config, results, p)}
   if "pkd" in methods:
@@ -879,6 +881,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 # --- report -----------------------------------------------------------------------------------------------
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+
+
+def command(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The command line that gives ``config``: ``prox`` with the config file, ``workdir`` and every field
+  that differs from the file's defaults (the fields ``--config.quick=True`` sets, as that flag)."""
+  default, given = _flat(distill_config.get_config().to_dict()), _flat(config.to_dict())
+  quick = _flat(dict(QUICK)) if config.quick else {}
+  changed = lambda k, v: quick[k] != v if k in quick else default.get(k, not v) != v
+  args = ["prox", "--config=prox/experiments/configs/distill.py", f"--workdir={workdir}"]
+  args += [f"--config.{k}={v!r}".replace(" ", "") for k, v in given.items() if k != "quick" and changed(k, v)]
+  if config.quick:
+    args.append("--config.quick=True")
+  return " ".join(shlex.quote(a) for a in args)
+
 
 def _per_seed(by_seed: dict, get: Callable[[dict], float | None]) -> dict[str, float]:
   out = {}
@@ -954,7 +975,8 @@ def _pct(values: dict | Sequence[float]) -> str:
   return report.fmt_mean_std(values, percent=True, digits=1) if values else "n/a"
 
 
-def markdown(c: ml_collections.ConfigDict, results: dict, sizes: dict, methods: Sequence[str], seconds: float) -> str:
+def markdown(c: ml_collections.ConfigDict, results: dict, sizes: dict, methods: Sequence[str], seconds: float,
+             *, command: str = "") -> str:
   names = list(results)
   rounds = c.w2s.rounds
   getters = _runs(methods, rounds)
@@ -963,6 +985,7 @@ def markdown(c: ml_collections.ConfigDict, results: dict, sizes: dict, methods: 
            "student at equal steps (ERNIE-Tiny vs one-stage task-specific KD and plain KD; k progressive "
            "students vs one KD student of equal FLOPs at equal total steps; Orca vs the strong teacher "
            "alone); weak-to-strong: filtered > naive and strong > weak.", "",
+           *([f"Command: `{command}`", ""] if command else []),
            f"{c.num_seeds} seed(s) per dataset, mean ± std of the test accuracy (%); paired comparisons by seed "
            f"(same initialisation and data order): mean difference in points, Student-t 95% interval, verdict "
            f"(`better`/`worse` when the interval excludes 0). Adam, cosine decay, batch {c.batch_size}; "
@@ -1057,11 +1080,14 @@ def _w2s_md(c, results: dict, names: list[str]) -> list[str]:
   rows = []
   for n in names:
     by_seed = list(results[n].values())
-    gap = lambda key: [(r["w2s"][key]["accuracy"] - r["w2s"]["weak"]["accuracy"])
-                       / max(r["w2s"]["ceiling"]["accuracy"] - r["w2s"]["weak"]["accuracy"], 1e-9) for r in by_seed]
-    rows.append([n] + [report.fmt_mean_std(gap(k), digits=2)
-                       for k in ("naive", f"filtered{c.w2s.rounds}", "dpo")])
-  lines += ["Performance gap recovered, (strong - weak) / (ceiling - weak):", "",
+    spans = [r["w2s"]["ceiling"]["accuracy"] - r["w2s"]["weak"]["accuracy"] for r in by_seed]
+    gap = lambda key: [(r["w2s"][key]["accuracy"] - r["w2s"]["weak"]["accuracy"]) / span
+                       for r, span in zip(by_seed, spans)]
+    undefined = sum(span <= 0 for span in spans)
+    rows.append([n] + [f"undefined (ceiling <= weak in {undefined}/{len(spans)} seeds)" if undefined
+                       else report.fmt_mean_std(gap(k), digits=2) for k in ("naive", f"filtered{c.w2s.rounds}", "dpo")])
+  lines += ["Performance gap recovered, (strong - weak) / (ceiling - weak), where the ceiling beats the weak "
+            "model in every seed:", "",
             report.markdown_table(["dataset", "naive", f"filtered (round {c.w2s.rounds})", "+ DPO"], rows), ""]
   return lines
 

@@ -351,6 +351,18 @@ def test_bad_value_is_a_one_line_cli_error(tmp_path):
   assert proc.stderr.strip() == "prox: error: methods: unknown 'teacher'; known: ernie, pkd, orca, w2s"
 
 
+def test_command_names_the_fields_that_differ_from_the_defaults():
+  c = distill_config.get_config()
+  head = "prox --config=prox/experiments/configs/distill.py --workdir=w"
+  assert distill.command(c, "w") == head
+  c.num_seeds, c.digits.pkd_widths, c.ernie.latent_weight = 1, (90, 45), 0.5
+  assert distill.command(c, "w") == f"{head} '--config.digits.pkd_widths=(90,45)' --config.ernie.latent_weight=0.5 " \
+                                    "--config.num_seeds=1"
+  c.quick = True                               # the QUICK values are the flag; another value is shown
+  c.update_from_flattened_dict(dict(distill.QUICK))    # pkd_widths (90, 45) is QUICK's value: not shown
+  assert distill.command(c, "w") == f"{head} --config.ernie.latent_weight=0.5 --config.quick=True"
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 def test_quick_run_end_to_end_and_reuse(tmp_path):
@@ -371,6 +383,7 @@ def test_quick_run_end_to_end_and_reuse(tmp_path):
   assert len(r["pkd"]["rows"]) == 2 and set(r["w2s"]) == {"weak", "few_shot", "ceiling", "naive", "filtered1", "dpo"}
   assert all(0.0 <= r[k]["accuracy"] <= 1.0 for k in ("plain", "kd", "ernie", "task_specific", "orca"))
   md = (tmp_path / "results.md").read_text()
+  assert f"Command: `prox --config=prox/experiments/configs/distill.py --workdir={tmp_path} --config.quick=True`" in md
   assert "Expected effect, fixed before running" in md and "| ERNIE-Tiny 4 stages vs plain KD | digits |" in md
   kept = sorted(p.parent.parent.name for p in tmp_path.glob("runs/digits/*/seed0/checkpoints"))
   assert kept == ["kd", "teacher", "teacher_finetuned", "w2s_few_shot", "w2s_filtered1", "w2s_weak"]   # read later
