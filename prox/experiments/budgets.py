@@ -799,7 +799,8 @@ def staged_run(cfg: ml_collections.ConfigDict, schedule: str, seed: int, splits:
                      cache=tools["cache"])
   first = np.asarray(sampler.epoch_order(jax.random.key_data(jax.random.key(seed)), 0))[:c.batch_size * 4]
   return {"curve": result.record["curve"], **result.record["curve"][-1], **cost,
-          "first_levels": np.bincount(levels[first], minlength=c.num_levels).tolist(),
+          "first_levels": np.bincount(staged_levels(cfg, "mixed", seed, difficulties)[first],   # true levels
+                                      minlength=c.num_levels).tolist(),
           "first_classes": np.bincount(train.labels[first], minlength=train.num_classes).tolist()}
 
 
@@ -1173,14 +1174,22 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
   return out
 
 
+def _run_seconds(tree: Any) -> float:
+  """The sum of every ``wall_seconds`` in ``tree`` (each finished run records its own)."""
+  if isinstance(tree, dict):
+    return sum(float(v) if k == "wall_seconds" else _run_seconds(v) for k, v in tree.items())
+  return 0.0
+
+
 def markdown(config: ml_collections.ConfigDict, results: dict, comparisons: list[dict], seconds: dict,
              trained: int, read_back: int) -> str:
   seeds = common.seeds(config)
   lines = ["# budgets: compute-budget curricula, NoProp, private training and unlearning", "",
            f"Seeds {', '.join(map(str, seeds))}; every table cell is the mean ± std over seeds (sample std), "
            "every comparison is paired by seed (same initialisation and data order). "
-           f"{trained} runs trained, {read_back} read back; wall seconds per part: "
-           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".", "",
+           f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
+           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+           + f"; the runs' own wall seconds, summed over every run shown: {_run_seconds(results):.0f}.", "",
            "## Expected effects (fixed before any run)", "",
            "Criteria: *beats*: the paired 95% interval lies above 0; *within 2 points*: |mean paired difference| "
            "<= 2 points (the last column says whether the 95% interval also lies inside ±2 points); *fraction of "
@@ -1275,7 +1284,9 @@ def _noprop_md(config: ml_collections.ConfigDict, part: dict) -> list[str]:
   lines = ["## NoProp-DT vs backprop", "",
            f"NoProp-DT with T = {c.num_blocks} blocks of width {c.hidden} (one block per step) and an MLP with "
            f"{c.baseline_depth} hidden layers of about the same parameter count, each {c.num_steps} AdamW steps of "
-           f"batch {c.batch_size}. Memory: XLA's temporary bytes of the compiled training step.", ""]
+           f"batch {c.batch_size}. Memory: XLA's temporary bytes of the compiled training step; where they are "
+           f"about two float32 parameter trees (gradients and updates) the activations are too small at this batch "
+           f"for NoProp's block-local training to save memory.", ""]
   for dataset, runs in part["datasets"].items():
     rows = []
     for arm, r in runs.items():
@@ -1283,9 +1294,9 @@ def _noprop_md(config: ml_collections.ConfigDict, part: dict) -> list[str]:
       mem = first.get("step_temp_bytes")
       rows.append([arm if first["width"] is None else f"{arm} (width {first['width']})", first["params"],
                    _cell(r, "accuracy", percent=True, digits=2), "n/a" if mem is None else f"{mem / 2**20:.2f}",
-                   _cell(r, "train_seconds", digits=1)])
+                   "n/a" if mem is None else f"{mem / (4 * first['params']):.2f}", _cell(r, "train_seconds", digits=1)])
     lines += [f"### {dataset}", "", report.markdown_table(["model", "params", "test acc (%)", "step temp MiB",
-                                                           "train s"], rows), "",
+                                                           "temp / float32 params", "train s"], rows), "",
               report.markdown_table(_VS_HEADERS, [_vs(runs, "noprop", "backprop", "accuracy", "acc (points)")]), ""]
   return lines
 
