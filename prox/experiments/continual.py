@@ -62,6 +62,7 @@ from prox.experiments import _continual_report as report_lib
 from prox.losses import classification_loss, mask_logits
 from prox.optim import slow_learner
 from prox.tasks import TaskSource
+from prox.tasks import mir_retrieve
 from prox.tasks import cl_metrics
 from prox.tasks import data as data_lib
 from prox.tasks import replay as replay_lib
@@ -72,11 +73,13 @@ from prox.tasks import streams as streams_lib
 # ``prox.transforms`` exports functions named like the modules ``ewc`` and ``gpm``: take the modules.
 ewc_lib = importlib.import_module("prox.transforms.ewc")
 gpm_lib = importlib.import_module("prox.transforms.gpm")
+from prox.transforms import cuber as cuber_tx, cuber_correlation, cuber_update_bases, find_cuber_state  # noqa: E402
+from prox.transforms import mas as mas_tx, mas_importance, replace_cuber_state  # noqa: E402
 
 PyTree = Any
 
 STREAMS = ("permuted", "split", "split_class")
-METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect")
+METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber")
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
@@ -96,6 +99,9 @@ QUICK = {
     "gpm.examples": 32,
     "slca.samples_per_class": 32,
     "slca.align_epochs": 1,
+    "mas.examples": 64,
+    "mir.candidates": 64,
+    "cuber.examples": 32,
     "detector.reference_window": 8,
     "detector.test_window": 2,
     "detector.fisher_batches": 2,
@@ -127,7 +133,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.check_model(cfg)
   common.require(cfg.model in ("mlp", "cnn"),
                  f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
-  for m in ("gpm", "slca"):
+  for m in ("gpm", "slca", "cuber"):
     common.require(m not in methods or cfg.model == "mlp",
                    f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
   common.require(common.is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
@@ -136,7 +142,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                        "split.classes_per_task", "split.epochs_per_task", "split_class.classes_per_task",
                        "split_class.epochs_per_task", "ewc.fisher_examples", "replay.capacity",
                        "replay.batch_size", "gpm.examples", "slca.samples_per_class", "slca.align_epochs",
-                       "slca.align_batch_size", "detector.fisher_batches", "scole.num_tasks",
+                       "slca.align_batch_size", "detector.fisher_batches", "mas.examples", "mir.candidates",
+                       "cuber.examples", "scole.num_tasks",
                        "scole.classes_per_task", "scole.epochs_per_task")
   common.require(cfg.permuted.num_tasks >= 2, f"permuted.num_tasks must be >= 2, got {cfg.permuted.num_tasks}")
   common.numbers(cfg, "learning_rate", "slca.align_learning_rate", "slca.tau", low=0, low_open=True)
@@ -156,6 +163,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
       common.require(common.is_number(lam), f"{field}: ewc_lambda must be a finite number >= 0, got {lam!r}")
       common.library_check(field, ewc_lib.ewc, float(lam))
   common.numbers(cfg, "ewc.gamma")
+  for stream in STREAMS:
+    common.numbers(cfg, f"{stream}.mas_lambda", low=0)
+    common.library_check(f"{stream}.mas_lambda", mas_tx, float(cfg[stream].mas_lambda))
+  common.require(cfg.replay.batch_size <= cfg.mir.candidates <= cfg.replay.capacity,
+                 f"mir.candidates {cfg.mir.candidates} must lie in [replay.batch_size, replay.capacity] = "
+                 f"[{cfg.replay.batch_size}, {cfg.replay.capacity}] (MIR keeps replay.batch_size of them)")
+  common.numbers(cfg, "cuber.projection_threshold", "cuber.backward_scale", low=0, high=1)
+  common.library_check("cuber.backward_scale", cuber_tx, max_tasks=1, backward_scale=float(cfg.cuber.backward_scale))
   common.library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
   common.library_check("slca.backbone_scale", slow_learner, optax.sgd(1.0), cfg.slca.backbone_scale,
                        {"head": False, "hidden": True})
@@ -271,8 +286,10 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
       out.append(Spec(f"ewc_detect_lam{lam:g}", f"EWC + detector λ={lam:g}", kind, {"ewc_lambda": lam}))
     else:
       label = {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
-               "slca": "SLCA"}[kind]
-      out.append(Spec(kind, label, kind, {}))
+               "slca": "SLCA", "mas": f"MAS λ={float(cfg[stream].mas_lambda):g}",
+               "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER"}[kind]
+      options = {"mas_lambda": float(cfg[stream].mas_lambda)} if kind == "mas" else {}
+      out.append(Spec(kind, label, kind, options))
   return out
 
 
@@ -327,27 +344,17 @@ def naive(env: Env, setting: Setting, spec: Spec) -> Method:
   return Method(_sgd(env.cfg), classification_loss(env.apply), None, lambda params, seed: {}, None)
 
 
-def replay(env: Env, setting: Setting, spec: Spec) -> Method:
-  """Experience replay with a reservoir memory updated inside the step (Chaudhry et al. 2019, "On Tiny
-  Episodic Memories in Continual Learning"): each step trains on the batch and ``m = replay.batch_size``
-  memory draws, ``L = (sum_batch l_i + sum_draws v_j l_j) / (B + sum_j v_j)`` (``v_j = 1`` for a stored
-  example, 0 while the memory holds fewer than ``m``), then offers the batch to the memory (Algorithm R:
-  the memory is a uniform sample of every training example presented so far, epochs included)."""
-  del spec
-  cfg, apply, fields = env.cfg, env.apply, _fields(setting)
-  num, rows = int(cfg.replay.batch_size), int(cfg.batch_size)
+class _Reservoir(NamedTuple):
+  """The reservoir memory that ``replay`` and ``mir`` share: its transition, initial ``extra`` and log."""
+  offer: step_lib.Transition
+  extra: Callable[[PyTree, int], PyTree]
+  end_task: Callable[..., step_lib.TrainState]
 
-  def loss_fn(params, model_state, batch, ctx):
-    state = ctx.extra["replay"]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), ctx.step)   # one draw per step
-    mixed, w = replay_lib.replay_mix(state["memory"], key, {k: batch[k] for k in fields}, num=num,
-                                     first_row=batch["row"][0], global_rows=rows)
-    logits, model_state = apply(params, model_state, mixed["image"], train=True)
-    if setting.masked:
-      logits = mask_logits(logits, mixed["logit_mask"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, mixed["label"])
-    correct = (jnp.argmax(logits, -1) == mixed["label"]).astype(jnp.float32)
-    return jnp.sum(w * ce), ({"accuracy": jnp.sum(w * correct)}, model_state)
+
+def _reservoir(env: Env, setting: Setting) -> _Reservoir:
+  """A reservoir of ``replay.capacity`` examples in ``extra["replay"]`` (with the key of its draws),
+  offered every training batch inside the step (Algorithm R); logs the classes it holds per task."""
+  cfg, fields = env.cfg, _fields(setting)
 
   def offer(state, info: step_lib.StepInfo):
     memory = replay_lib.reservoir_add(state["memory"], {k: info.batch[k] for k in fields}, info.rng,
@@ -372,7 +379,37 @@ def replay(env: Env, setting: Setting, spec: Spec) -> Method:
     log["memory_seen"] = int(memory.seen)
     return state
 
-  return Method(_sgd(cfg), loss_fn, step_lib.in_extra("replay", offer), extra, end_task)
+  return _Reservoir(step_lib.in_extra("replay", offer), extra, end_task)
+
+
+def _weighted_loss(apply: Callable, setting: Setting, params, model_state, mixed: dict, w: jax.Array):
+  logits, model_state = apply(params, model_state, mixed["image"], train=True)
+  if setting.masked:
+    logits = mask_logits(logits, mixed["logit_mask"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, mixed["label"])
+  correct = (jnp.argmax(logits, -1) == mixed["label"]).astype(jnp.float32)
+  return jnp.sum(w * ce), ({"accuracy": jnp.sum(w * correct)}, model_state)
+
+
+def replay(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Experience replay with a reservoir memory updated inside the step (Chaudhry et al. 2019, "On Tiny
+  Episodic Memories in Continual Learning"): each step trains on the batch and ``m = replay.batch_size``
+  memory draws, ``L = (sum_batch l_i + sum_draws v_j l_j) / (B + sum_j v_j)`` (``v_j = 1`` for a stored
+  example, 0 while the memory holds fewer than ``m``), then offers the batch to the memory (Algorithm R:
+  the memory is a uniform sample of every training example presented so far, epochs included)."""
+  del spec
+  cfg, apply, fields = env.cfg, env.apply, _fields(setting)
+  num, rows = int(cfg.replay.batch_size), int(cfg.batch_size)
+
+  def loss_fn(params, model_state, batch, ctx):
+    state = ctx.extra["replay"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), ctx.step)   # one draw per step
+    mixed, w = replay_lib.replay_mix(state["memory"], key, {k: batch[k] for k in fields}, num=num,
+                                     first_row=batch["row"][0], global_rows=rows)
+    return _weighted_loss(apply, setting, params, model_state, mixed, w)
+
+  memory = _reservoir(env, setting)
+  return Method(_sgd(cfg), loss_fn, memory.offer, memory.extra, memory.end_task)
 
 
 def _ewc_tx(env: Env, ewc_lambda: float, mode: str) -> optax.GradientTransformation:
@@ -593,11 +630,190 @@ def slca(env: Env, setting: Setting, spec: Spec, *, num_tasks: int, max_examples
   return Method(tx, classification_loss(env.apply), None, extra, end_task)
 
 
+# --- the methods added on the library's newer parts: MAS, MIR, CUBER ------------------------------------
+
+def _outputs(apply: Callable, setting: Setting) -> Callable:
+  """``F(x; theta)`` of one example for MAS: the logits; for a task-incremental stream only the task's own
+  head (the other logits zeroed, as the paper's multi-head networks have one output per task)."""
+
+  def output(params, example):
+    logits = apply(params, {}, example["image"][None], train=False)[0][0]
+    return jnp.where(example["logit_mask"], logits, 0.0) if "logit_mask" in example else logits
+
+  return output
+
+
+def mas(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Memory Aware Synapses (Aljundi, Babiloni, Elhoseiny, Rohrbach & Tuytelaars 2018, "Memory Aware
+  Synapses: Learning what (not) to forget"): ``chain(mas, sgd)`` (``prox.transforms.mas``, EWC's online
+  quadratic) adds ``2 lambda Omega (w - w*)``, the gradient of ``lambda sum_i Omega_i (w_i - w*_i)^2``;
+  at the end of task ``t`` the importance of ``mas.examples`` of its training inputs (no labels),
+
+      Omega_t = 1/N sum_n |grad_w ||F(x_n; w)||_2^2|,
+
+  joins the sum ``Omega <- Omega + Omega_t`` and the current weights become the anchor ``w*``. ``F`` are the
+  logits (for ``split``, the task's own; see :func:`_outputs`). Logged per task as for EWC: the penalty
+  before the consolidation and ``2 lambda max(Omega) lr`` (SGD diverges above 2); non-finite steps are
+  skipped and counted."""
+  cfg = env.cfg
+  lr, size = float(cfg.learning_rate), int(cfg.mas.examples)
+  limit = ewc_lib.sgd_stability_limit(float(cfg.momentum))
+  output = _outputs(env.apply, setting)   # one object: mas_importance compiles once
+
+  def end_task(state, t, run, log):
+    params = state.params
+    log.setdefault("penalty", []).append(
+        float(ewc_lib.ewc_penalty(ewc_lib.find_ewc_state(state.opt_state), params)))
+    idx = _subset(len(run.train_sets[t].labels), size, run.seed, t, 3)
+    inputs = {k: v for k, v in _examples(run, t, idx, setting).items() if k != "label"}
+    omega = mas_importance(output, params, inputs, chunk_size=128)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      opt_state = ewc_lib.consolidate_opt_state(state.opt_state, params, omega, learning_rate=lr,
+                                                stability_limit=limit)
+    log.setdefault("importance_sum", []).append(float(sum(jnp.sum(x) for x in jax.tree.leaves(omega))))
+    log.setdefault("stability", []).append(float(ewc_lib.ewc_stability(ewc_lib.find_ewc_state(opt_state), lr)))
+    log["stability_warnings"] = log.get("stability_warnings", 0) + sum(
+        issubclass(w.category, RuntimeWarning) for w in caught)
+    return state._replace(opt_state=opt_state)
+
+  tx = optax.chain(mas_tx(spec.options["mas_lambda"]), _sgd(cfg))
+  return Method(tx, classification_loss(env.apply), None, lambda params, seed: {}, end_task,
+                skip_nonfinite=True)
+
+
+def mir_mix(per_example: Callable, params: PyTree, memory: replay_lib.ReservoirState, key: jax.Array,
+            batch: dict, *, num: int, candidates: int, learning_rate: float, first_row: jax.Array,
+            global_rows: int) -> tuple[dict, jax.Array]:
+  """ER-MIR's training rows for one micro-batch: ``batch`` followed by its share of the ``num`` memories
+  :func:`prox.tasks.mir_retrieve` picks out of ``candidates`` uniform draws (those whose loss the virtual
+  SGD step ``w - lr grad L(w; batch)`` raises most), with the weights of ``replay_mix``:
+
+      L = (sum_batch l_i + sum_retrieved v_j l_j) / (B + sum_j v_j)
+
+  (``v_j = 0`` for rows the memory cannot fill yet). A micro-batch of ``b`` of the ``B`` rows starting at
+  ``r`` takes the retrieved rows ``[r num / B, (r + b) num / B)`` in the order of their scores and weights
+  scaled by ``B / b``. The same ``key`` in every micro-batch draws the same candidates; the virtual step
+  uses the micro-batch's own gradient (on one device without micro-batches: the batch's, as the paper)."""
+  b = int(batch["label"].shape[0])
+  got = mir_retrieve(per_example, params, batch, memory, key, num_candidates=candidates, k=num,
+                     learning_rate=learning_rate)
+  share, start = num * b // global_rows, first_row * num // global_rows
+  mem = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, share), got.batch)
+  v = jax.lax.dynamic_slice_in_dim(got.valid.astype(jnp.float32), start, share)
+  scale = (global_rows / b) / (global_rows + jnp.sum(got.valid.astype(jnp.float32)))
+  mixed = jax.tree.map(lambda x, y: jnp.concatenate([x, y.astype(x.dtype)]), batch, mem)
+  return mixed, scale * jnp.concatenate([jnp.ones((b,), jnp.float32), v])
+
+
+def mir(env: Env, setting: Setting, spec: Spec) -> Method:
+  """Maximally interfered retrieval (Aljundi, Caccia, Belilovsky, Caccia, Lin, Charlin & Tuytelaars 2019,
+  "Online Continual Learning with Maximally Interfered Retrieval"), ER-MIR on ``replay``'s reservoir (same
+  ``replay.capacity``, same ``replay.batch_size = k`` replayed rows per step): each step draws
+  ``C = mir.candidates`` memories, scores ``s_c = l(w - lr grad L(w; B_in); x_c) - l(w; x_c)`` and trains on
+  the batch and the ``k`` of largest ``s_c`` (:func:`mir_mix`); the batch then joins the reservoir as in
+  ``replay``. Departure: the candidates may come from the current task (the reservoir keeps no task ids)."""
+  del spec
+  cfg, apply, fields = env.cfg, env.apply, _fields(setting)
+  num, rows, cands, lr = int(cfg.replay.batch_size), int(cfg.batch_size), int(cfg.mir.candidates), float(
+      cfg.learning_rate)
+
+  def per_example(params, examples):
+    logits, _ = apply(params, {}, examples["image"], train=True)
+    if setting.masked:
+      logits = mask_logits(logits, examples["logit_mask"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
+
+  def loss_fn(params, model_state, batch, ctx):
+    state = ctx.extra["replay"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), ctx.step)   # one draw per step
+    mixed, w = mir_mix(per_example, params, state["memory"], key, {k: batch[k] for k in fields}, num=num,
+                       candidates=cands, learning_rate=lr, first_row=batch["row"][0], global_rows=rows)
+    return _weighted_loss(apply, setting, params, model_state, mixed, w)
+
+  memory = _reservoir(env, setting)
+  return Method(_sgd(cfg), loss_fn, memory.offer, memory.extra, memory.end_task)
+
+
+def cuber(env: Env, setting: Setting, spec: Spec, *, num_tasks: int) -> Method:
+  """CUBER (Lin, Yang, Fan & Zhang 2022, "Beyond Not-Forgetting: Continual Learning with Backward Knowledge
+  Transfer") on ``gpm``'s bases (same kernels, ``gpm.examples``, thresholds): ``chain(sgd, cuber, zero
+  biases)`` projects an update ``G`` of a kernel as
+
+      G' = G - sum_{j closed} B_j B_j^T G - (1 - beta) sum_{j open} B_j B_j^T G,
+
+  ``B_j`` the basis columns task ``j`` added, ``beta = cuber.backward_scale``. At the end of task ``t`` the
+  bases grow as in GPM and the task's direction ``r_t = grad L_t`` (the mean loss of ``cuber.examples`` of
+  its training examples at the final weights) is stored as ``B_t^T r_t``; then, from the gradient ``g`` of
+  the next task's loss at the same weights (the same number of its training examples: the start of the
+  task, where the paper tests the correlation), old task ``j`` is opened at a kernel when
+  ``||B_j^T g|| >= eps ||g||`` (``eps = cuber.projection_threshold``) and ``<B_j^T g, B_j^T r_j> > 0``, and
+  stays so for the task. With every subspace closed it is GPM."""
+  del spec
+  g, c = env.cfg.gpm, env.cfg.cuber
+  size, eps = int(c.examples), float(c.projection_threshold)
+
+  def kernel_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ndim(p) == 2 and (setting.shared_head or not _keystr(path).startswith("['head']")),
+        params)
+
+  def bias_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+
+  tx = optax.chain(_sgd(env.cfg), cuber_tx(kernel_mask, max_tasks=num_tasks,
+                                            backward_scale=float(c.backward_scale)),
+                   optax.masked(optax.set_to_zero(), bias_mask))
+  mean_loss = lambda params, examples: jnp.mean(_cuber_loss(env.apply, params, examples))
+
+  @jax.jit
+  def consolidate(opt_state, params, images, examples, threshold):
+    inputs = models.mlp_layer_inputs(params, images)
+    activations = {"head": {"kernel": inputs["head"], "bias": None},
+                   "hidden": {name: {"kernel": inputs[name], "bias": None} for name in params["hidden"]}}
+    reference = jax.grad(mean_loss)(params, examples)
+    return replace_cuber_state(opt_state, lambda s: cuber_update_bases(s, activations, threshold, reference))
+
+  @jax.jit
+  def correlate(opt_state, params, examples):
+    grads = jax.grad(mean_loss)(params, examples)
+    return replace_cuber_state(opt_state, lambda s: cuber_correlation(s, grads, projection_threshold=eps))
+
+  def end_task(state, t, run, log):
+    n = len(run.train_sets[t].labels)
+    idx = _subset(n, int(g.examples), run.seed, t, 2)
+    threshold = gpm_lib.gpm_threshold(t, float(g.threshold_base), float(g.threshold_increment))
+    examples = _examples(run, t, _subset(n, size, run.seed, t, 4), setting)
+    opt_state = consolidate(state.opt_state, state.params, run.train_sets[t].images[idx], examples,
+                            np.float32(threshold))
+    if t + 1 < len(run.tasks):
+      following = _examples(run, t + 1, _subset(len(run.train_sets[t + 1].labels), size, run.seed, t + 1, 4),
+                            setting)
+      opt_state = correlate(opt_state, state.params, following)
+    st = jax.device_get(find_cuber_state(opt_state))
+    flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]   # MaskedNode(): no leaves
+    log.setdefault("ranks", []).append({_keystr(p): int(r) for p, r in flat(st.gpm.ranks)})
+    log.setdefault("open", []).append({_keystr(p): np.flatnonzero(np.asarray(a)).tolist()
+                                       for p, a in flat(st.allowed)})
+    return state._replace(opt_state=opt_state)
+
+  return Method(tx, classification_loss(env.apply), None, lambda params, seed: {}, end_task)
+
+
+def _cuber_loss(apply: Callable, params: PyTree, examples: dict) -> jax.Array:
+  logits = apply(params, {}, examples["image"], train=False)[0]
+  if "logit_mask" in examples:
+    logits = mask_logits(logits, examples["logit_mask"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
+
+
 def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
   if spec.kind == "slca":
     return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
+  if spec.kind == "cuber":
+    return cuber(env, setting, spec, num_tasks=len(tasks))
   build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
-           "ewc_detect": ewc_detect}[spec.kind]
+           "ewc_detect": ewc_detect, "mas": mas, "mir": mir}[spec.kind]
   return build(env, setting, spec)
 
 
@@ -732,7 +948,8 @@ def train_scole(env: Env, method: Method, step: Callable, cache: loop.CompileCac
 # --- the experiment -----------------------------------------------------------------------------------------
 
 _METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc",),
-                    "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",)}
+                    "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",), "mas": ("mas",),
+                    "mir": ("replay", "mir"), "cuber": ("gpm", "cuber")}
 
 
 def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:
@@ -740,7 +957,7 @@ def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options:
   out = {k: cfg[k] for k in ("dataset", "scaling", "model", "learning_rate", "momentum", "batch_size",
                              "eval_batch_size")}
   out.update(model_kwargs=cfg.model_kwargs.to_dict(), stream=stream, method=kind, options=options, seed=seed)
-  out[stream] = {k: v for k, v in cfg[stream].to_dict().items() if k not in ("ewc_lambdas", "ewc_detect_lambda")}
+  out[stream] = {k: v for k, v in cfg[stream].to_dict().items() if k not in ("ewc_lambdas", "ewc_detect_lambda", "mas_lambda")}
   for section in _METHOD_SECTIONS.get(kind, ()):
     out[section] = cfg[section].to_dict()
   return out

@@ -51,18 +51,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "epochs_per_task": 3,
       "ewc_lambdas": (10.0, 30.0, 100.0),
       "ewc_detect_lambda": 30.0,
+      "mas_lambda": 1.0,
   })
   c.split = ml_collections.ConfigDict({     # task-incremental
       "classes_per_task": 2,
       "epochs_per_task": 10,
       "ewc_lambdas": (100.0, 1000.0, 10000.0),
       "ewc_detect_lambda": 1000.0,
+      "mas_lambda": 1.0,
   })
   c.split_class = ml_collections.ConfigDict({     # class-incremental
       "classes_per_task": 2,
       "epochs_per_task": 10,
       "ewc_lambdas": (100.0, 1000.0, 10000.0),
       "ewc_detect_lambda": 1000.0,
+      "mas_lambda": 1.0,
   })
   c.ewc = ml_collections.ConfigDict({
       "gamma": 0.9,                    # online mode: F <- gamma F + F_new
@@ -72,6 +75,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # examples join every batch of batch_size.
   c.replay = ml_collections.ConfigDict({"capacity": 200, "batch_size": 32})
   c.gpm = ml_collections.ConfigDict({"examples": 125, "threshold_base": 0.97, "threshold_increment": 0.003})
+  # MAS: <stream>.mas_lambda sum_i Omega_i (w_i - w*_i)^2, Omega summed over the tasks, each task's from
+  # mas.examples of its inputs.
+  c.mas = ml_collections.ConfigDict({"examples": 200})
+  # MIR: replay's memory and replay.batch_size rows, the most interfered of mir.candidates draws.
+  c.mir = ml_collections.ConfigDict({"candidates": 100})
+  # CUBER on gpm's bases: an old task's subspace opens at a layer when the next task's gradient has
+  # >= projection_threshold of its norm there and is aligned with the old task's stored gradient.
+  c.cuber = ml_collections.ConfigDict({"projection_threshold": 0.5, "backward_scale": 1.0, "examples": 125})
   c.slca = ml_collections.ConfigDict({
       "backbone_scale": 0.01, "samples_per_class": 256, "align_epochs": 5, "align_learning_rate": 0.01,
       "align_momentum": 0.9, "align_batch_size": 256, "tau": 0.1,
