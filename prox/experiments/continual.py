@@ -62,6 +62,7 @@ from prox.experiments import _continual_report as report_lib
 from prox.losses import classification_loss, mask_logits
 from prox.optim import slow_learner
 from prox.tasks import TaskSource
+from prox.tasks import bayesian_prototypes as prototypes_lib
 from prox.tasks import mir_retrieve
 from prox.tasks import cl_metrics
 from prox.tasks import data as data_lib
@@ -79,7 +80,7 @@ from prox.transforms import mas as mas_tx, mas_importance, replace_cuber_state  
 PyTree = Any
 
 STREAMS = ("permuted", "split", "split_class")
-METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber")
+METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber", "protocl")
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
@@ -133,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.check_model(cfg)
   common.require(cfg.model in ("mlp", "cnn"),
                  f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
-  for m in ("gpm", "slca", "cuber"):
+  for m in ("gpm", "slca", "cuber", "protocl"):
     common.require(m not in methods or cfg.model == "mlp",
                    f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
   common.require(common.is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
@@ -169,6 +170,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.require(cfg.replay.batch_size <= cfg.mir.candidates <= cfg.replay.capacity,
                  f"mir.candidates {cfg.mir.candidates} must lie in [replay.batch_size, replay.capacity] = "
                  f"[{cfg.replay.batch_size}, {cfg.replay.capacity}] (MIR keeps replay.batch_size of them)")
+  common.library_check("protocl", prototypes_lib, 2, 1, noise_variance=cfg.protocl.noise_variance,
+                       prior_variance=cfg.protocl.prior_variance, dirichlet=cfg.protocl.dirichlet)
   common.numbers(cfg, "cuber.projection_threshold", "cuber.backward_scale", low=0, high=1)
   common.library_check("cuber.backward_scale", cuber_tx, max_tasks=1, backward_scale=float(cfg.cuber.backward_scale))
   common.library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
@@ -287,7 +290,8 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
     else:
       label = {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
                "slca": "SLCA", "mas": f"MAS λ={float(cfg[stream].mas_lambda):g}",
-               "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER"}[kind]
+               "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER",
+               "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)"}[kind]
       options = {"mas_lambda": float(cfg[stream].mas_lambda)} if kind == "mas" else {}
       out.append(Spec(kind, label, kind, options))
   return out
@@ -307,6 +311,7 @@ class Method(NamedTuple):
   extra: Callable[[PyTree, int], PyTree]              # (params, seed) -> initial TrainState.extra
   end_task: Callable[..., step_lib.TrainState] | None
   skip_nonfinite: bool = False    # skip (and count) non-finite steps instead of stopping the run
+  evaluate: Callable | None = None  # (state, ds, batch_size, **fields) -> dict; None: the model's logits
 
 
 class Run(NamedTuple):
@@ -807,13 +812,72 @@ def _cuber_loss(apply: Callable, params: PyTree, examples: dict) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, examples["label"])
 
 
+def protocl(env: Env, setting: Setting, spec: Spec) -> Method:
+  """ProtoCL (Kessler, Cobb, Rudner, Zohren & Roberts 2023, "On Sequential Bayesian Inference for Continual
+  Learning"): the classifier is a conjugate Gaussian posterior over one prototype per class on the embedding
+  ``z`` (here the head's input, the last hidden layer; the linear head is unused) with a Dirichlet class prior
+  (``prox.tasks.bayesian_prototypes``; known noise ``sigma^2 = protocl.noise_variance``, prior ``N(0,
+  protocl.prior_variance)``, ``alpha_0 = protocl.dirichlet``), kept in ``extra["protos"]``. The loss is
+  ``-log p(y | z, D)`` of the batch and ``replay.batch_size`` memory draws, weighted as ``replay`` (same
+  reservoir, same ``replay.capacity``); after the update the step's transition adds the incoming batch's
+  embeddings (at the weights the loss saw) to the posterior and offers the batch to the memory. Prediction:
+  ``argmax_c log p(z | c, D) + log p(c | D)`` (masked to the task's classes for ``split``)."""
+  del spec
+  cfg, apply, fields, c = env.cfg, env.apply, _fields(setting), env.num_classes
+  num, rows = int(cfg.replay.batch_size), int(cfg.batch_size)
+  dim = int(cfg.model_kwargs.hidden[-1])
+  head = prototypes_lib(c, dim, noise_variance=float(cfg.protocl.noise_variance),
+                        prior_variance=float(cfg.protocl.prior_variance), dirichlet=float(cfg.protocl.dirichlet))
+  embed = lambda params, images: models.mlp_layer_inputs(params, images)["head"]
+
+  def loss_fn(params, model_state, batch, ctx):
+    state = ctx.extra["replay"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), ctx.step)   # one draw per step
+    mixed, w = replay_lib.replay_mix(state["memory"], key, {k: batch[k] for k in fields}, num=num,
+                                     first_row=batch["row"][0], global_rows=rows)
+    logits = head.log_posterior(ctx.extra["protos"], embed(params, mixed["image"]))
+    if setting.masked:
+      logits = jax.nn.log_softmax(mask_logits(logits, mixed["logit_mask"]))
+    nll = -jnp.take_along_axis(logits, mixed["label"][:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, -1) == mixed["label"]).astype(jnp.float32)
+    return jnp.sum(w * nll), ({"accuracy": jnp.sum(w * correct)}, model_state)
+
+  def absorb(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    z = embed(info.params, info.batch["image"])                 # the embeddings the loss saw
+    protos = head.update(state.extra["protos"], z, info.batch["label"], info.valid.astype(z.dtype))
+    return state._replace(extra={**state.extra, "protos": protos})
+
+  memory = _reservoir(env, setting)
+  transition = step_lib.chain_transitions(absorb, memory.offer)
+
+  def classify(params, model_state, images, train=False):
+    del train
+    return head.log_joint(params["protos"], embed(params["net"], images)), model_state
+
+  evaluate_posterior = common.evaluator(classify, env.mesh, per_class=True)
+
+  def evaluate(state, ds, batch_size, **fields_):
+    params = {"net": state.params, "protos": state.extra["protos"]}
+    return evaluate_posterior(state._replace(params=params), ds, batch_size, **fields_)
+
+  def extra(params, seed):
+    return {**memory.extra(params, seed), "protos": head.init()}
+
+  def end_task(state, t, run, log):
+    counts = jax.device_get(state.extra["protos"].count)
+    log.setdefault("posterior_counts", []).append(np.asarray(counts).round().astype(int).tolist())
+    return memory.end_task(state, t, run, log)
+
+  return Method(_sgd(cfg), loss_fn, transition, extra, end_task, evaluate=evaluate)
+
+
 def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
   if spec.kind == "slca":
     return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
   if spec.kind == "cuber":
     return cuber(env, setting, spec, num_tasks=len(tasks))
   build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
-           "ewc_detect": ewc_detect, "mas": mas, "mir": mir}[spec.kind]
+           "ewc_detect": ewc_detect, "mas": mas, "mir": mir, "protocl": protocl}[spec.kind]
   return build(env, setting, spec)
 
 
@@ -829,17 +893,19 @@ def _on_one_device(end_task: Callable[..., step_lib.TrainState], state: step_lib
   return jax.device_put(end_task(local, *args), NamedSharding(mesh, PartitionSpec()))
 
 
-def _evaluate(env: Env, state: step_lib.TrainState, ds: data_lib.ArrayDataset, **fields: np.ndarray) -> dict:
-  return env.evaluate(state, ds, env.cfg.eval_batch_size, **fields)
+def _evaluate(env: Env, state: step_lib.TrainState, ds: data_lib.ArrayDataset, evaluate: Callable | None = None,
+              **fields: np.ndarray) -> dict:
+  return (evaluate or env.evaluate)(state, ds, env.cfg.eval_batch_size, **fields)
 
 
 def _accuracy_row(env: Env, state: step_lib.TrainState, tests: list[data_lib.ArrayDataset],
-                  masks: list[np.ndarray] | None) -> tuple[list[float], list[float]]:
+                  masks: list[np.ndarray] | None, evaluate: Callable | None = None
+                  ) -> tuple[list[float], list[float]]:
   """Per test set: the accuracy as the stream scores it (with the task's logit mask when ``masks``) and
-  over all classes."""
+  over all classes (``evaluate``: the method's own evaluator, if any)."""
   scored, unmasked = [], []
   for j, ds in enumerate(tests):
-    out = _evaluate(env, state, ds, **({} if masks is None else {"logit_mask": masks[j]}))
+    out = _evaluate(env, state, ds, evaluate, **({} if masks is None else {"logit_mask": masks[j]}))
     unmasked.append(out["accuracy"])
     scored.append(out["accuracy_masked"] if masks is not None else out["accuracy"])
   return scored, unmasked
@@ -883,14 +949,15 @@ def train_stream(env: Env, setting: Setting, method: Method, step: Callable, cac
   steps = [_steps(len(ds.labels), epochs, cfg.batch_size) for ds in run.train_sets]
 
   def start(ctx: loop.Context) -> None:
-    ctx.record["initial"], ctx.record["initial_class"] = _accuracy_row(env, ctx.state, tests, masks)
+    ctx.record["initial"], ctx.record["initial_class"] = _accuracy_row(env, ctx.state, tests, masks,
+                                                                       method.evaluate)
 
   def end_of_task(ctx: loop.Context) -> step_lib.TrainState:
     t = len(ctx.record["R"])
     state = ctx.state
     if method.end_task is not None:
       state = _on_one_device(method.end_task, state, env.mesh, t, run, ctx.record["log"])
-    row, row_class = _accuracy_row(env, state, tests, masks)
+    row, row_class = _accuracy_row(env, state, tests, masks, method.evaluate)
     ctx.record["R"].append(row)
     ctx.record["R_class"].append(row_class)
     ctx.record["train"].append(common.scalars(ctx.out.metrics))
@@ -949,7 +1016,8 @@ def train_scole(env: Env, method: Method, step: Callable, cache: loop.CompileCac
 
 _METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc",),
                     "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",), "mas": ("mas",),
-                    "mir": ("replay", "mir"), "cuber": ("gpm", "cuber")}
+                    "mir": ("replay", "mir"), "cuber": ("gpm", "cuber"),
+                    "protocl": ("replay", "protocl")}
 
 
 def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:

@@ -83,6 +83,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # CUBER on gpm's bases: an old task's subspace opens at a layer when the next task's gradient has
   # >= projection_threshold of its norm there and is aligned with the old task's stored gradient.
   c.cuber = ml_collections.ConfigDict({"projection_threshold": 0.5, "backward_scale": 1.0, "examples": 125})
+  # ProtoCL: Gaussian class prototypes on the last hidden layer (known noise), replay's memory and draws.
+  c.protocl = ml_collections.ConfigDict({"noise_variance": 1.0, "prior_variance": 1.0, "dirichlet": 1.0})
   c.slca = ml_collections.ConfigDict({
       "backbone_scale": 0.01, "samples_per_class": 256, "align_epochs": 5, "align_learning_rate": 0.01,
       "align_momentum": 0.9, "align_batch_size": 256, "tau": 0.1,
