@@ -59,11 +59,12 @@ from prox import models
 from prox import step as step_lib
 from prox.experiments import common
 from prox.experiments import _continual_report as report_lib
-from prox.losses import classification_loss, mask_logits
+from prox.losses import classification_loss, mask_logits, mixup_cross_entropy, online_prototypes
+from prox.losses import onpro_equilibrium_loss
 from prox.optim import slow_learner
 from prox.tasks import TaskSource
 from prox.tasks import bayesian_prototypes as prototypes_lib
-from prox.tasks import mir_retrieve
+from prox.tasks import mir_retrieve, mixup_inputs, prototype_feedback
 from prox.tasks import cl_metrics
 from prox.tasks import data as data_lib
 from prox.tasks import replay as replay_lib
@@ -80,7 +81,8 @@ from prox.transforms import mas as mas_tx, mas_importance, replace_cuber_state  
 PyTree = Any
 
 STREAMS = ("permuted", "split", "split_class")
-METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber", "protocl")
+METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber", "protocl",
+           "onpro")
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
@@ -134,7 +136,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.check_model(cfg)
   common.require(cfg.model in ("mlp", "cnn"),
                  f"continual supports models without batch statistics (mlp, cnn), got {cfg.model!r}")
-  for m in ("gpm", "slca", "cuber", "protocl"):
+  for m in ("gpm", "slca", "cuber", "protocl", "onpro"):
     common.require(m not in methods or cfg.model == "mlp",
                    f"method {m!r} reads the dense layers' inputs and needs model 'mlp', got {cfg.model!r}")
   common.require(common.is_int(cfg.seed) and 0 <= cfg.seed < 2**31,
@@ -172,6 +174,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                  f"[{cfg.replay.batch_size}, {cfg.replay.capacity}] (MIR keeps replay.batch_size of them)")
   common.library_check("protocl", prototypes_lib, 2, 1, noise_variance=cfg.protocl.noise_variance,
                        prior_variance=cfg.protocl.prior_variance, dirichlet=cfg.protocl.dirichlet)
+  common.positive_ints(cfg, "onpro.projection_dim")
+  common.numbers(cfg, "onpro.temperature", low=0, low_open=True)
+  common.numbers(cfg, "onpro.drop", low=0, high=1, high_open=True)
+  common.library_check("onpro", prototype_feedback, 2, base_rate=float(cfg.onpro.base_rate),
+                       mixup_p=float(cfg.onpro.mixup_p))
   common.numbers(cfg, "cuber.projection_threshold", "cuber.backward_scale", low=0, high=1)
   common.library_check("cuber.backward_scale", cuber_tx, max_tasks=1, backward_scale=float(cfg.cuber.backward_scale))
   common.library_check("ewc.gamma", ewc_lib.ewc, 1.0, mode="online", gamma=float(cfg.ewc.gamma))
@@ -291,7 +298,7 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
       label = {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
                "slca": "SLCA", "mas": f"MAS λ={float(cfg[stream].mas_lambda):g}",
                "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER",
-               "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)"}[kind]
+               "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)", "onpro": f"OnPro ({cfg.replay.capacity} ex.)"}[kind]
       options = {"mas_lambda": float(cfg[stream].mas_lambda)} if kind == "mas" else {}
       out.append(Spec(kind, label, kind, options))
   return out
@@ -312,6 +319,7 @@ class Method(NamedTuple):
   end_task: Callable[..., step_lib.TrainState] | None
   skip_nonfinite: bool = False    # skip (and count) non-finite steps instead of stopping the run
   evaluate: Callable | None = None  # (state, ds, batch_size, **fields) -> dict; None: the model's logits
+  params: Callable[[PyTree, int], PyTree] | None = None   # (model params, seed) -> the trained params
 
 
 class Run(NamedTuple):
@@ -871,13 +879,99 @@ def protocl(env: Env, setting: Setting, spec: Spec) -> Method:
   return Method(_sgd(cfg), loss_fn, transition, extra, end_task, evaluate=evaluate)
 
 
+def onpro(env: Env, setting: Setting, spec: Spec) -> Method:
+  """OnPro (Wei, Ye, Huang, Zhang & Shan 2023, "Online Prototype Learning for Online Continual Learning"):
+  the MLP gets a projection head ``z = normalize(h W_p)`` (``h`` the last hidden layer, ``onpro.projection_dim``
+  outputs; params ``{"net", "proj"}``). Each step, on ``replay``'s reservoir (same ``replay.capacity``):
+
+  * ``n = replay.batch_size`` replay rows from the adaptive prototypical feedback sampler
+    (``prox.tasks.prototype_feedback``, its state in ``extra["feedback"]``): a ``base_rate`` share uniform,
+    the rest pairs of classes drawn by ``softmax(1 / ||mu_c - mu_c'||)``, mixed ``(1 - lam) x_a + lam x_b``;
+  * two views of the batch and of the replayed rows' first examples: the clean input and the input with a
+    random ``onpro.drop`` share of its pixels zeroed;
+  * ``L = CE(batch) + mean_valid mixupCE(replay) + L_pro(batch views) + L_pro(replay views)`` (the last two:
+    online prototype equilibrium, ``prox.losses.onpro_equilibrium_loss``, ``tau = onpro.temperature``).
+
+  The step's transition then sets the sampler's class means ``mu_c`` to the clean view's prototypes of the
+  replayed rows at the weights the loss saw (the same draw: its key is the step's) and offers the batch to
+  the memory. Departures: one view (the clean one) for the means, pixel dropout as the only augmentation,
+  no OCM instance-wise loss. Predictions: the model's own head."""
+  del spec
+  cfg, apply, fields, c = env.cfg, env.apply, _fields(setting), env.num_classes
+  o = cfg.onpro
+  num, dim, tau, drop = int(cfg.replay.batch_size), int(o.projection_dim), float(o.temperature), float(o.drop)
+  feedback = prototype_feedback(c, base_rate=float(o.base_rate), mixup_p=float(o.mixup_p))
+
+  def forward(params, images):
+    h = models.mlp_layer_inputs(params["net"], images)["head"]
+    logits = h @ params["net"]["head"]["kernel"] + params["net"]["head"]["bias"]
+    return logits, h @ params["proj"]["kernel"]
+
+  def draw(extra, step):
+    key = jax.random.fold_in(jax.random.wrap_key_data(extra["replay"]["key"]), step)   # one draw per step
+    return feedback.sample(extra["feedback"], extra["replay"]["memory"], key, num)
+
+  def masked(logits, examples):
+    return mask_logits(logits, examples["logit_mask"]) if setting.masked else logits
+
+  def loss_fn(params, model_state, batch, ctx):
+    sample = draw(ctx.extra, ctx.step)
+    mixed = mixup_inputs(sample.first, sample.second, sample.lam)
+    if setting.masked:   # a mixed row answers to both examples' tasks: the union of their heads
+      mixed["logit_mask"] = sample.first["logit_mask"] | sample.second["logit_mask"]
+    b = batch["label"].shape[0]
+    clean = jnp.concatenate([batch["image"], sample.first["image"]])
+    keep = jax.random.bernoulli(ctx.rng, 1.0 - drop, clean.shape).astype(clean.dtype)
+    logits, z = forward(params, jnp.concatenate([clean, clean * keep, mixed["image"]]))
+    n_clean = clean.shape[0]
+    z_a, z_b = z[:n_clean], z[n_clean:2 * n_clean]
+    new_logits = masked(logits[:b], batch)
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(new_logits, batch["label"]))
+    v = sample.valid.astype(jnp.float32)
+    mix_ce = mixup_cross_entropy(masked(logits[2 * n_clean:], mixed), sample.labels_first,
+                                 sample.labels_second, sample.lam)
+    replay_ce = jnp.sum(v * mix_ce) / jnp.maximum(jnp.sum(v), 1.0)
+    ope = onpro_equilibrium_loss(z_a[:b], z_b[:b], batch["label"], z_a[b:], z_b[b:], sample.labels_first,
+                                 num_classes=c, temperature=tau, seen_weights=v)
+    accuracy = jnp.mean((jnp.argmax(new_logits, -1) == batch["label"]).astype(jnp.float32))
+    return ce + replay_ce + ope, ({"accuracy": accuracy, "replay_ce": replay_ce, "ope": ope,
+                                   "feedback_rows": jnp.sum(sample.from_feedback.astype(jnp.float32))},
+                                  model_state)
+
+  def remember(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    sample = draw(state.extra, info.step)          # the draw the loss made (extra not yet changed)
+    _, z = forward(info.params, sample.first["image"])
+    means, present = online_prototypes(z, sample.labels_first, num_classes=c,
+                                       weights=sample.valid.astype(jnp.float32))
+    return state._replace(extra={**state.extra,
+                                 "feedback": feedback.update(state.extra["feedback"], means, present)})
+
+  memory = _reservoir(env, setting)
+  transition = step_lib.chain_transitions(remember, memory.offer)
+
+  def init_params(params, seed):
+    key = jax.random.fold_in(jax.random.key(seed), 0x0E7)
+    width = int(params["head"]["kernel"].shape[0])
+    proj = jax.random.normal(key, (width, dim), jnp.float32) / np.sqrt(width)
+    return {"net": params, "proj": {"kernel": jax.device_get(proj)}}
+
+  def evaluate(state, ds, batch_size, **fields_):
+    return env.evaluate(state._replace(params=state.params["net"]), ds, batch_size, **fields_)
+
+  def extra(params, seed):
+    return {**memory.extra(params, seed), "feedback": feedback.init(dim)}
+
+  return Method(_sgd(cfg), loss_fn, transition, extra, memory.end_task, evaluate=evaluate, params=init_params)
+
+
 def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
   if spec.kind == "slca":
     return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
   if spec.kind == "cuber":
     return cuber(env, setting, spec, num_tasks=len(tasks))
   build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
-           "ewc_detect": ewc_detect, "mas": mas, "mir": mir, "protocl": protocl}[spec.kind]
+           "ewc_detect": ewc_detect, "mas": mas, "mir": mir, "protocl": protocl,
+           "onpro": onpro}[spec.kind]
   return build(env, setting, spec)
 
 
@@ -943,6 +1037,8 @@ def train_stream(env: Env, setting: Setting, method: Method, step: Callable, cac
   started = time.perf_counter()
   cfg = env.cfg
   params = env.init_params(run.seed)
+  if method.params is not None:
+    params = method.params(params, run.seed)
   state = common.replicated_state(params, method.tx, env.mesh, seed=run.seed, extra=method.extra(params, run.seed))
   tests = [task.test.materialize() for task in run.tasks]
   masks = [task.logit_mask for task in run.tasks] if setting.masked else None
@@ -1017,7 +1113,7 @@ def train_scole(env: Env, method: Method, step: Callable, cache: loop.CompileCac
 _METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc",),
                     "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",), "mas": ("mas",),
                     "mir": ("replay", "mir"), "cuber": ("gpm", "cuber"),
-                    "protocl": ("replay", "protocl")}
+                    "protocl": ("replay", "protocl"), "onpro": ("replay", "onpro")}
 
 
 def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:

@@ -85,6 +85,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.cuber = ml_collections.ConfigDict({"projection_threshold": 0.5, "backward_scale": 1.0, "examples": 125})
   # ProtoCL: Gaussian class prototypes on the last hidden layer (known noise), replay's memory and draws.
   c.protocl = ml_collections.ConfigDict({"noise_variance": 1.0, "prior_variance": 1.0, "dirichlet": 1.0})
+  # OnPro: a projection head on the last hidden layer, pixel dropout as the second view, the feedback
+  # sampler's defaults (base_rate, mixup_p), replay's memory and draws.
+  c.onpro = ml_collections.ConfigDict({"projection_dim": 128, "temperature": 0.5, "drop": 0.1,
+                                       "base_rate": 0.75, "mixup_p": 0.6})
   c.slca = ml_collections.ConfigDict({
       "backbone_scale": 0.01, "samples_per_class": 256, "align_epochs": 5, "align_learning_rate": 0.01,
       "align_momentum": 0.9, "align_batch_size": 256, "tau": 0.1,
