@@ -28,7 +28,7 @@ def aggregate(results: dict) -> dict:
     rows = {}
     for run_id, run in runs.items():
       seeds = list(run["seeds"].values())
-      entry = {"label": run["label"], "kind": run["kind"], "num_seeds": len(seeds),
+      entry = {"label": run["label"], "kind": run["kind"], "num_seeds": len(seeds), "seeds": list(run["seeds"]),
                "R_mean": np.mean([s["R"] for s in seeds], axis=0).tolist(),
                "acc_curve": np.mean([np.asarray(cl_metrics.average_accuracy_curve(np.asarray(s["R"])))
                                      for s in seeds], axis=0).tolist(),
@@ -45,11 +45,15 @@ def aggregate(results: dict) -> dict:
       if run["kind"] == "ewc_detect":
         entry["max_stability"] = max(float(l.get("max_stability", 0.0)) for l in logs)
         entry["detection"] = [_detection(l, s["task_end_steps"]) for l, s in zip(logs, seeds)]
-      if run["kind"] in ("ewc", "ewc_online", "ewc_detect"):
+      if run["kind"] == "mas":
+        entry["max_stability"] = max(max(map(float, l.get("stability") or [0.0])) for l in logs)
+      if run["kind"] in ("ewc", "ewc_online", "ewc_detect", "mas"):
         entry["stability_warnings"] = int(sum(l.get("stability_warnings", 0) for l in logs))
         entry["skipped_steps"] = int(sum(s.get("nonfinite_steps", 0) for s in seeds))
-      if run["kind"] == "gpm":
+      if run["kind"] in ("gpm", "cuber"):
         entry["final_ranks"] = [l["ranks"][-1] for l in logs if l.get("ranks")]
+      if run["kind"] == "cuber":   # (kernel, old task) subspaces opened per boundary, summed over boundaries
+        entry["opened"] = [sum(len(v) for o in l.get("open", []) for v in o.values()) for l in logs]
       rows[run_id] = entry
     out[stream] = rows
   return out
@@ -145,6 +149,9 @@ def markdown(results: dict, agg: dict, scole: dict | None) -> str:
                 f"task's loss at the anchor, retention 0.5, SGD lr {cfg['learning_rate']}; mean over seeds and "
                 f"the EWC runs without skipped steps): after task 1 λ in [{low:.3g}, {high:.3g}], after task "
                 f"{tasks - 1} [{low_t:.3g}, {high_t:.3g}].", ""]
+  expected = expectations(agg)
+  if expected:
+    lines += ["## The new methods: effects fixed before running", ""] + expected
   if scole:
     sc = cfg["scole"]
     lines += [f"## SCoLe ({scole['num_tasks']} tasks of {sc['classes_per_task']} random classes, "
@@ -190,13 +197,90 @@ def _setup(cfg: dict) -> list[str]:
       f"- EWC + detector: consolidation inside the step when the windowed z-test on the training loss "
       f"(reference {d['reference_window']}, test {d['test_window']} steps, threshold {d['threshold']}) flags "
       f"a switch; Fisher of the {d['fisher_batches']} batches before the test window; the task boundaries "
-      f"are not used.", ""]
+      f"are not used."] + _setup_new(cfg) + [""]
+
+
+_NEW = ("mas", "mir", "cuber", "protocl", "onpro")
+_MEMORY = ("mir", "protocl", "onpro")   # the new methods that replay from replay's reservoir
+
+
+def _setup_new(cfg: dict) -> list[str]:
+  methods = {m.strip() for m in cfg["methods"].split(",")}
+  r, out = cfg["replay"], []
+  if "mas" in methods:
+    lams = ", ".join(f"{s} {cfg[s]['mas_lambda']:g}" for s in ("permuted", "split", "split_class")
+                     if "mas_lambda" in cfg[s])
+    out.append(f"- MAS: `chain(mas, sgd)` (EWC's online quadratic with the summed importance Ω = mean |∇‖F(x)‖²|, "
+               f"F the logits (split: the task's own), over {cfg['mas']['examples']} inputs of each task at its "
+               f"end); λ per stream: {lams}. The notes give the largest 2λ·maxΩ·lr reached.")
+  if "mir" in methods:
+    out.append(f"- MIR: replay's reservoir ({r['capacity']} examples) and {r['batch_size']} replayed rows per "
+               f"step, the most interfered of {cfg['mir']['candidates']} uniform candidates (loss increase under "
+               f"a virtual SGD step on the batch at the real learning rate).")
+  if "cuber" in methods:
+    c = cfg["cuber"]
+    out.append(f"- CUBER: GPM's bases and thresholds; an old task's basis block opens at a kernel for the next "
+               f"task when the next task's gradient ({c['examples']} examples, at the boundary) has ≥ "
+               f"{c['projection_threshold']} of its norm in it and a positive inner product with the old task's "
+               f"stored gradient there; backward scale β = {c['backward_scale']}.")
+  if "protocl" in methods:
+    p = cfg["protocl"]
+    out.append(f"- ProtoCL: conjugate Gaussian prototypes per class on the last hidden layer (noise variance "
+               f"{p['noise_variance']}, prior N(0, {p['prior_variance']}), Dirichlet {p['dirichlet']}), the "
+               f"incoming batch absorbed after each step; loss -log p(y | z) on the batch and "
+               f"{r['batch_size']} draws from replay's reservoir ({r['capacity']} examples); predictions by the "
+               f"posterior.")
+  if "onpro" in methods:
+    o = cfg["onpro"]
+    out.append(f"- OnPro: projection head of {o['projection_dim']} dims, second view = {o['drop']:g} of the "
+               f"pixels zeroed, τ = {o['temperature']}; {r['batch_size']} replay rows per step from the "
+               f"prototypical feedback sampler (base rate {o['base_rate']}, mixup p {o['mixup_p']}) on replay's "
+               f"reservoir ({r['capacity']} examples); loss CE + mixup CE(replay) + prototype equilibrium.")
+  return out
+
+
+def expectations(agg: dict) -> list[str]:
+  """The effects fixed before the new methods ran, tested by seed-paired comparisons."""
+  lines = []
+  rows = agg.get("split_class", {})
+  replay = next((e for e in rows.values() if e["kind"] == "replay"), None)
+  new = [e for e in rows.values() if e["kind"] in _NEW]
+  if replay is not None and new:
+    lines += ["### Expected before running: on class-incremental split digits, some new method is above replay "
+              "at the same memory (average accuracy, paired by seed)", ""]
+    table, above = [], []
+    for e in new:
+      c = report.paired_comparison(dict(zip(e["seeds"], e["avg_acc"])), dict(zip(replay["seeds"], replay["avg_acc"])))
+      table.append(_paired_row(e["label"] + ("" if e["kind"] in _MEMORY else " (no memory)"), c))
+      above += [e["label"]] if c["verdict"] == "better" else []
+    lines += [report.markdown_table(["method − replay", "pairs", "mean diff", "95% CI", "p", "wins/ties/losses",
+                                     "verdict"], table), ""]
+    lines += [("Holds: " + ", ".join(above) + " above replay (95% CI of the paired difference above 0)."
+               if above else "Does not hold: no new method is above replay with a 95% CI above 0."), ""]
+  pairs = [(stream, next((e for e in r.values() if e["kind"] == "cuber"), None),
+            next((e for e in r.values() if e["kind"] == "gpm"), None)) for stream, r in agg.items()]
+  pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
+  if pairs:
+    lines += ["### Expected before running: CUBER's BWT above GPM's (paired by seed)", ""]
+    table = []
+    for stream, cub, gpm in pairs:
+      c = report.paired_comparison(dict(zip(cub["seeds"], cub["bwt"])), dict(zip(gpm["seeds"], gpm["bwt"])))
+      table.append(_paired_row(stream, c))
+    lines += [report.markdown_table(["stream: CUBER − GPM (BWT)", "pairs", "mean diff", "95% CI", "p",
+                                     "wins/ties/losses", "verdict"], table), ""]
+  return lines
+
+
+def _paired_row(name: str, c: dict) -> list:
+  return [name, c["num_pairs"], f"{c['diff_mean']:+.3f}", f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]",
+          f"{c['p_value']:.3g}", f"{c['wins']}/{c['ties']}/{c['losses']}", c["verdict"]]
 
 
 def _notes(e: dict) -> str:
   notes = []
   if "max_stability" in e:
-    notes.append(f"max λ·maxF·lr {e['max_stability']:.3g}")
+    name = "2λ·maxΩ·lr" if e["kind"] == "mas" else "λ·maxF·lr"
+    notes.append(f"max {name} {e['max_stability']:.3g}")
     if e["stability_warnings"]:
       notes.append(f"{e['stability_warnings']} stability warnings")
     if e["skipped_steps"]:
@@ -211,6 +295,8 @@ def _notes(e: dict) -> str:
   if e.get("final_ranks"):
     ranks = e["final_ranks"][0]
     notes.append("final GPM ranks (seed 0) " + ", ".join(f"{_short(k)} {v}" for k, v in ranks.items()))
+  if "opened" in e:
+    notes.append(f"old-task subspaces opened (kernel, task; summed over boundaries) per seed {e['opened']}")
   return "; ".join(notes)
 
 
@@ -317,7 +403,7 @@ def write_all(workdir: str, results: dict) -> dict[str, Any]:
   headline: dict[str, Any] = {}
   for stream, rows in agg.items():
     for e in rows.values():
-      if e["kind"] in ("naive", "gpm", "replay", "slca"):
+      if e["kind"] in ("naive", "gpm", "replay", "slca") + _NEW:
         headline[f"{stream}_{e['kind']}_forgetting"] = float(np.mean(e["forgetting"]))
     ewc = [float(np.mean(e["forgetting"])) for e in rows.values() if e["kind"] == "ewc"]
     if ewc:

@@ -29,6 +29,27 @@ A method is a plain function of the library's parts giving ``(tx, loss, transiti
 * ``slca``: slow learner (backbone updates x ``backbone_scale``); at each boundary the class statistics
   (in ``extra``) and the jitted classifier alignment (``prox.tasks.slca.align_classifier``).
 
+Methods built on the library's newer parts (plain functions too):
+
+* ``mas``: MAS (``prox.transforms.mas``): EWC's online quadratic with the unsupervised importance
+  ``Omega = mean |grad ||F(x)||^2|`` summed over tasks; no memory; every stream.
+* ``mir``: ER-MIR (``prox.tasks.mir_retrieve`` in the loss): replay's reservoir and ``replay.batch_size``
+  rows per step, the most interfered of ``mir.candidates`` draws; every stream.
+* ``cuber``: CUBER (``prox.transforms.cuber``) on GPM's bases: old tasks' subspaces reopen where the next
+  task's gradient is aligned with theirs; every stream (head as GPM's); MLP only, as GPM.
+* ``protocl``: ProtoCL (``prox.tasks.bayesian_prototypes``): conjugate Gaussian class prototypes on the
+  last hidden layer in ``extra``, absorbed by the step's transition; replay's reservoir; every stream
+  (``split`` masks the posterior to the task's classes); MLP only (it reads the last hidden layer).
+* ``onpro``: OnPro (``prox.losses.onpro_equilibrium_loss``, ``prox.tasks.prototype_feedback``): projection
+  head, prototype equilibrium on two views, feedback-sampled mixup replay from replay's reservoir; every
+  stream (``split``: a mixed row answers to the union of its two examples' heads); MLP only.
+
+The memory methods keep exactly ``replay``'s budget: ``replay.capacity`` stored examples and
+``replay.batch_size`` replayed rows per step. Effects fixed before the new methods ran (tested in
+``results.md`` by seed-paired comparisons, ``report.paired_comparison``): (1) on class-incremental split
+digits some new method's average accuracy is above replay's at the same memory; (2) CUBER's BWT is above
+GPM's (it may update inside the old tasks' subspaces only where that lowers their loss to first order).
+
 SCoLe: naive SGD over hundreds of 2-class tasks with reoccurring classes and masked absent logits, the
 accuracy over all classes after every task, on the same loop.
 
@@ -86,6 +107,7 @@ METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", 
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
+    "methods": ",".join(METHODS),
     "num_seeds": 1,
     "learning_rate": 0.05,
     "model_kwargs.hidden": (32, 32),
@@ -708,7 +730,7 @@ def mir_mix(per_example: Callable, params: PyTree, memory: replay_lib.ReservoirS
   ``r`` takes the retrieved rows ``[r num / B, (r + b) num / B)`` in the order of their scores and weights
   scaled by ``B / b``. The same ``key`` in every micro-batch draws the same candidates; the virtual step
   uses the micro-batch's own gradient (on one device without micro-batches: the batch's, as the paper)."""
-  b = int(batch["label"].shape[0])
+  b = int(jax.tree.leaves(batch)[0].shape[0])
   got = mir_retrieve(per_example, params, batch, memory, key, num_candidates=candidates, k=num,
                      learning_rate=learning_rate)
   share, start = num * b // global_rows, first_row * num // global_rows

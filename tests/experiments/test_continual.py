@@ -2,6 +2,7 @@
 memory and its layout-independent mixing, the ring of recent batches, EWC consolidated inside the step when
 the detector fires), bad config values as one-line errors, and (slow) a quick run of every method and
 stream, the same run on 4 fake devices, and resume after a crash mid-stream."""
+import functools
 import json
 import os
 import re
@@ -453,3 +454,188 @@ def test_resume_after_a_crash_mid_stream_matches_an_uninterrupted_run(tmp_path, 
     assert ra["param_norm"] == rb["param_norm"], run_id
   for key in ("accuracy", "class_accuracy", "classes", "train_loss"):
     assert a["scole"]["0"][key] == b["scole"]["0"][key]
+
+
+# --- the methods on the library's newer parts: MAS, MIR, CUBER, ProtoCL, OnPro ------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+  cfg = _config()
+  train_ds, test_ds = common.load_splits(cfg)
+  return cfg, train_ds, test_ds
+
+
+def _setup(cfg, train_ds, test_ds, stream, kind, tasks=None):
+  env = continual._env(cfg, train_ds)
+  run_tasks = continual._tasks(stream, cfg, train_ds, test_ds, 0) if tasks is None else tasks
+  run = continual.Run(0, run_tasks, [t.train.materialize() for t in run_tasks])
+  (spec,) = continual._specs(stream, cfg, [kind])
+  method = continual._method(env, stream, continual._setting(stream, cfg), spec, run.tasks)
+  params = env.init_params(0)
+  if method.params is not None:
+    params = method.params(params, 0)
+  state = common.replicated_state(params, method.tx, env.mesh, seed=0, extra=method.extra(params, 0))
+  return env, run, method, state
+
+
+def _close(a, b, **kw):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw), a, b)
+
+
+def test_mas_importance_is_zero_until_a_consolidation_then_the_papers_omega(digits):
+  """Before the first boundary the penalty is off (Omega = 0: the update is SGD's); after it Omega is the
+  mean |grad ||F(x)||^2| of the task's inputs with F the task's own logits, and the update adds 2 lambda
+  Omega (w - w*)."""
+  cfg, train_ds, test_ds = digits
+  env, run, method, state = _setup(cfg, train_ds, test_ds, "split", "mas")
+  params, lr, lam = state.params, float(cfg.learning_rate), float(cfg.split.mas_lambda)
+  assert not any(np.any(np.asarray(f)) for f in jax.tree.leaves(E.find_ewc_state(state.opt_state).fisher))
+  rng = np.random.default_rng(0)
+  g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  moved = jax.tree.map(lambda p: p + 0.1, params)
+  before, _ = method.tx.update(g, state.opt_state, moved)
+  _close(before, jax.tree.map(lambda x: -lr * x, g), rtol=1e-6)
+  state = method.end_task(state, 0, run, {})
+  omega = E.find_ewc_state(state.opt_state).fisher
+  ds, mask = run.train_sets[0], run.tasks[0].logit_mask
+  idx = continual._subset(len(ds.labels), int(cfg.mas.examples), 0, 0, 3)
+
+  def sq_norm(p, x):
+    logits = env.apply(p, {}, x[None], train=False)[0][0]
+    return jnp.sum(jnp.where(mask, logits, 0.0) ** 2)
+
+  per_example = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0))(params, jnp.asarray(ds.images[idx]))
+  expected = jax.tree.map(lambda x: jnp.mean(jnp.abs(x), 0), per_example)
+  _close(omega, expected, rtol=1e-4, atol=1e-7)
+  assert float(jnp.sum(omega["head"]["kernel"])) > 0
+  assert not np.any(np.asarray(omega["head"]["kernel"])[:, ~mask])     # other tasks' logits: no importance
+  after, _ = method.tx.update(g, state.opt_state, moved)
+  _close(after, jax.tree.map(lambda x, o: -lr * (x + 2 * lam * o * 0.1), g, omega), rtol=1e-5, atol=1e-7)
+
+
+def test_mir_mix_replays_the_most_interfered_memories_with_replays_weights():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  per_example = lambda p, ex: optax.softmax_cross_entropy_with_integer_labels(ex["x"] @ p["w"], ex["y"])
+  memory = R.reservoir_init({"x": jnp.zeros((4,), jnp.float32), "y": jnp.zeros((), jnp.int32)}, 16)
+  memory = R.reservoir_add(memory, {"x": rng.normal(size=(16, 4)).astype(np.float32),
+                                    "y": rng.integers(0, 3, size=16).astype(np.int32)}, jax.random.key(1))
+  batch = {"x": rng.normal(size=(8, 4)).astype(np.float32), "y": rng.integers(0, 3, size=8).astype(np.int32)}
+  key, lr = jax.random.key(3), 0.5
+  mixed, w = continual.mir_mix(per_example, params, memory, key, batch, num=4, candidates=12, learning_rate=lr,
+                               first_row=0, global_rows=8)
+  # by hand: the same 12 candidates, the loss increase under the virtual step on the batch, the top 4
+  cands, valid = R.reservoir_sample(memory, key, 12)
+  grad = jax.grad(lambda p: jnp.mean(per_example(p, batch)))(params)
+  virtual = {"w": params["w"] - lr * grad["w"]}
+  scores = np.asarray(per_example(virtual, cands) - per_example(params, cands))
+  assert np.all(np.asarray(valid))
+  top = np.argsort(-scores)[:4]
+  np.testing.assert_array_equal(mixed["y"][:8], batch["y"])
+  np.testing.assert_allclose(mixed["x"][8:], np.asarray(cands["x"])[top])
+  np.testing.assert_array_equal(mixed["y"][8:], np.asarray(cands["y"])[top])
+  np.testing.assert_allclose(w, np.full(12, 1 / 12), rtol=1e-6)
+  assert not np.array_equal(np.sort(top), np.arange(4))     # not simply the first uniform draws
+  # two micro-batches of 4 rows: each takes 2 of the retrieved rows (in score order), weights scaled by 2
+  m2, w2 = continual.mir_mix(per_example, params, memory, key, {k: v[4:] for k, v in batch.items()}, num=4,
+                             candidates=12, learning_rate=lr, first_row=4, global_rows=8)
+  assert m2["y"].shape == (6,) and np.allclose(w2, 2 / 12)
+
+
+def _cuber_by_hand(env, run, state, t_next, eps):
+  """Task 0's block of each projected kernel, the decision from the next task's gradient, by hand."""
+  cfg = env.cfg
+
+  def mean_loss(p, t):
+    ds = run.train_sets[t]
+    idx = continual._subset(len(ds.labels), int(cfg.cuber.examples), 0, t, 4)
+    logits = env.apply(p, {}, jnp.asarray(ds.images[idx]), train=False)[0]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ds.labels[idx])))
+
+  r0, g = jax.grad(mean_loss)(state.params, 0), jax.grad(mean_loss)(state.params, t_next)
+  return r0, g
+
+
+def test_cuber_opens_an_old_subspace_only_where_the_next_gradient_is_aligned(digits):
+  """After task 0: the bases grow (GPM's rule); task 0's block opens at a kernel iff the next task's gradient
+  has >= eps of its norm in it and a positive inner product with task 0's stored gradient there; an update
+  keeps its in-block part where open (beta = 1) and loses it where closed (GPM)."""
+  from prox.transforms import find_cuber_state
+  cfg0, train_ds, test_ds = digits
+  tasks = continual._tasks("split_class", cfg0, train_ds, test_ds, 0)
+  cases = [(0.5, tasks[:2], 1), (0.0, [tasks[0], tasks[0]], 1)]     # the real next task; task 0 again
+  opened = []
+  for eps, run_tasks, t_next in cases:
+    cfg = _config(cuber__projection_threshold=eps)
+    env, run, method, state = _setup(cfg, train_ds, test_ds, "split_class", "cuber", tasks=run_tasks)
+    state = method.end_task(state, 0, run, {})
+    cs = find_cuber_state(state.opt_state)
+    r0, g = _cuber_by_hand(env, run, state, t_next, eps)
+    rng = np.random.default_rng(1)
+    grad = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), state.params)
+    update, _ = method.tx.update(grad, state.opt_state, state.params)
+    for path in (("head", "kernel"), ("hidden", "dense0", "kernel"), ("hidden", "dense1", "kernel")):
+      get = lambda tree: functools.reduce(lambda x, k: x[k], path, tree)
+      rank = int(get(cs.gpm.ranks))
+      b = np.asarray(get(cs.gpm.bases))[:, :rank]
+      assert rank > 0
+      gk, rk = np.asarray(get(g), np.float64), np.asarray(get(r0), np.float64)
+      ratio = np.linalg.norm(b.T @ gk) / np.linalg.norm(gk)
+      align = np.sum((b.T @ gk) * (b.T @ rk))
+      open_ = bool(ratio >= eps and ratio > 0 and align > 0)
+      assert bool(np.asarray(get(cs.allowed))[0]) == open_, (eps, path, ratio, align)
+      u = -float(cfg.learning_rate) * np.asarray(get(grad), np.float64)
+      expected = u if open_ else u - b @ (b.T @ u)
+      np.testing.assert_allclose(np.asarray(get(update)), expected, rtol=1e-4, atol=1e-6)
+      opened.append(open_)
+  assert all(opened[3:])        # the same task again: its gradient is aligned with itself everywhere
+  np.testing.assert_array_equal(update["head"]["bias"], 0.0)   # biases frozen as GPM's
+
+
+def test_protocl_predicts_by_the_posterior_and_absorbs_each_batch_once(digits):
+  from prox import models
+  from prox.tasks import bayesian_prototypes
+  cfg, train_ds, test_ds = digits
+  env, run, method, state = _setup(cfg, train_ds, test_ds, "split_class", "protocl")
+  head = bayesian_prototypes(10, int(cfg.model_kwargs.hidden[-1]))
+  ds = run.train_sets[0]
+  rows = {"image": ds.images[:32], "label": ds.labels[:32], "row": np.arange(32, dtype=np.int32)}
+  step = S.make_train_step(method.loss, method.tx, mesh=env.mesh, transition=method.transition)
+  params0 = jax.device_get(state.params)    # the step donates the state
+  state, _ = step(state, S.shard_batch(rows, env.mesh))
+  z = models.mlp_layer_inputs(params0, jnp.asarray(rows["image"]))["head"]    # the weights the loss saw
+  expected = head.update(head.init(), z, jnp.asarray(rows["label"]))
+  _close(state.extra["protos"].mean, expected.mean, rtol=1e-4, atol=1e-5)
+  assert float(jnp.sum(state.extra["protos"].count)) == 32      # the replayed rows are not absorbed
+  test = run.tasks[0].test.materialize()
+  got = method.evaluate(state, test, 64)
+  zt = models.mlp_layer_inputs(state.params, jnp.asarray(test.images))["head"]
+  pred = np.argmax(np.asarray(head.log_joint(state.extra["protos"], zt)), -1)
+  assert got["accuracy"] == pytest.approx(np.mean(pred == test.labels))
+  logits = env.apply(state.params, {}, jnp.asarray(test.images), train=False)[0]
+  assert not np.array_equal(np.argmax(np.asarray(logits), -1), pred)   # not the unused linear head
+
+
+def test_onpro_feedback_means_are_the_replayed_rows_prototypes_at_the_step_weights(digits):
+  from prox import models
+  from prox.losses import online_prototypes
+  from prox.tasks import prototype_feedback
+  cfg, train_ds, test_ds = digits
+  env, run, method, state = _setup(cfg, train_ds, test_ds, "permuted", "onpro")
+  ds = run.train_sets[0]
+  memory = R.reservoir_add(state.extra["replay"]["memory"], {"image": ds.images[:64], "label": ds.labels[:64]},
+                           jax.random.key(5))
+  state = state._replace(extra={**state.extra, "replay": {**state.extra["replay"], "memory": memory}})
+  rows = {"image": ds.images[64:96], "label": ds.labels[64:96], "row": np.arange(32, dtype=np.int32)}
+  step = S.make_train_step(method.loss, method.tx, mesh=env.mesh, transition=method.transition)
+  for _ in range(2):   # the second step draws class pairs from the first step's means
+    before = jax.device_get(state)           # the step donates the state
+    state, out = step(state, S.shard_batch(rows, env.mesh))
+  fb = prototype_feedback(10, base_rate=float(cfg.onpro.base_rate), mixup_p=float(cfg.onpro.mixup_p))
+  key = jax.random.fold_in(jax.random.wrap_key_data(before.extra["replay"]["key"]), 1)
+  sample = fb.sample(before.extra["feedback"], before.extra["replay"]["memory"], key, int(cfg.replay.batch_size))
+  h = models.mlp_layer_inputs(before.params["net"], sample.first["image"])["head"]
+  means, present = online_prototypes(h @ before.params["proj"]["kernel"], sample.labels_first, num_classes=10)
+  _close(state.extra["feedback"].class_means, means, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(state.extra["feedback"].present, present)
+  assert float(out.metrics["feedback_rows"]) == 8 and bool(np.asarray(before.extra["feedback"].present).any())
