@@ -61,6 +61,25 @@ def test_composed_run_is_the_same_on_one_and_four_devices(tmp_path):
     assert (one / name).exists()
 
 
+@pytest.mark.slow
+def test_composed_run_is_the_same_on_one_device_and_a_2_x_4_fsdp_mesh(tmp_path):
+  """Parameters, optimizer and every state machine sharded over fsdp = 4 (2 x 4 mesh of 8 fake devices):
+  the same parameters and state machines as on one device, with plain SGD (scale-sensitive)."""
+  one, eight = tmp_path / "one", tmp_path / "eight"
+  r1 = _prox(one, *TINY, devices=1)
+  assert r1.returncode == 0, r1.stderr[-3000:]
+  r8 = _prox(eight, *TINY, "--config.fsdp=4", devices=8)
+  assert r8.returncode == 0, r8.stderr[-3000:]
+  s1, params1, extra1 = _final_params(one / "runs" / "composed" / "seed0")
+  s8, params8, extra8 = _final_params(eight / "runs" / "composed" / "seed0")
+  assert s1 == s8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), params1, params8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), extra1, extra8)
+  log1 = json.loads((one / "results.json").read_text())["runs"][0]["log"]
+  log8 = json.loads((eight / "results.json").read_text())["runs"][0]["log"]
+  assert [x["batch_size"] for x in log1] == [x["batch_size"] for x in log8]
+
+
 def test_family_transform_and_config_errors(tmp_path):
   transform = compose.family(0, 64)
   x = np.arange(2 * 64, dtype=np.float32).reshape(2, 8, 8, 1)
