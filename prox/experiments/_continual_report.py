@@ -32,7 +32,8 @@ def aggregate(results: dict) -> dict:
                "R_mean": np.mean([s["R"] for s in seeds], axis=0).tolist(),
                "acc_curve": np.mean([np.asarray(cl_metrics.average_accuracy_curve(np.asarray(s["R"])))
                                      for s in seeds], axis=0).tolist(),
-               "seconds_per_run": float(np.mean([s["seconds"] for s in seeds]))}
+               "seconds_per_run": float(np.mean([s["seconds"] for s in seeds])),
+               "ms_per_step": float(np.median([1e3 * s["train_seconds"] / max(s["steps"], 1) for s in seeds]))}
       for k in _METRICS:
         entry[k] = [s["metrics"][k] for s in seeds]
       logs = [s["log"] for s in seeds]
@@ -149,7 +150,7 @@ def markdown(results: dict, agg: dict, scole: dict | None) -> str:
                 f"task's loss at the anchor, retention 0.5, SGD lr {cfg['learning_rate']}; mean over seeds and "
                 f"the EWC runs without skipped steps): after task 1 λ in [{low:.3g}, {high:.3g}], after task "
                 f"{tasks - 1} [{low_t:.3g}, {high_t:.3g}].", ""]
-  expected = expectations(agg)
+  expected = expectations(agg) + step_times(agg)
   if expected:
     lines += ["## The new methods: effects fixed before running", ""] + expected
   if scole:
@@ -269,6 +270,26 @@ def expectations(agg: dict) -> list[str]:
     lines += [report.markdown_table(["stream: CUBER − GPM (BWT)", "pairs", "mean diff", "95% CI", "p",
                                      "wins/ties/losses", "verdict"], table), ""]
   return lines
+
+
+def step_times(agg: dict) -> list[str]:
+  """Training time per step of each new method against naive's on the same stream (same batch size and
+  model; the loop's train seconds over the steps, compilation and boundary actions excluded; median over
+  seeds; measured while other processes shared the cores)."""
+  table = []
+  for stream, rows in agg.items():
+    naive = next((e for e in rows.values() if e["kind"] == "naive"), None)
+    if naive is None:
+      continue
+    for e in rows.values():
+      if e["kind"] in _NEW + ("replay", "gpm"):
+        table.append([stream, e["label"], f"{e['ms_per_step']:.2f}", f"{naive['ms_per_step']:.2f}",
+                      f"{e['ms_per_step'] / naive['ms_per_step']:.2f}"])
+  if not table:
+    return []
+  return ["### Step time against naive's (the loop's training seconds per step, median over seeds; the "
+          "cores were shared with other processes, so ratios are rough)", "",
+          report.markdown_table(["stream", "method", "ms/step", "naive ms/step", "× naive"], table), ""]
 
 
 def _paired_row(name: str, c: dict) -> list:

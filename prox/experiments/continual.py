@@ -40,6 +40,8 @@ Methods built on the library's newer parts (plain functions too):
 * ``protocl``: ProtoCL (``prox.tasks.bayesian_prototypes``): conjugate Gaussian class prototypes on the
   last hidden layer in ``extra``, absorbed by the step's transition; replay's reservoir; every stream
   (``split`` masks the posterior to the task's classes); MLP only (it reads the last hidden layer).
+* ``wsn``: WSN (``prox.transforms.task_masks``): a top-``density`` subnetwork per task, earlier tasks'
+  weights frozen, each task scored with its own stored mask; ``split`` only (task identity at test time).
 * ``onpro``: OnPro (``prox.losses.onpro_equilibrium_loss``, ``prox.tasks.prototype_feedback``): projection
   head, prototype equilibrium on two views, feedback-sampled mixup replay from replay's reservoir; every
   stream (``split``: a mixed row answers to the union of its two examples' heads); MLP only.
@@ -98,12 +100,13 @@ ewc_lib = importlib.import_module("prox.transforms.ewc")
 gpm_lib = importlib.import_module("prox.transforms.gpm")
 from prox.transforms import cuber as cuber_tx, cuber_correlation, cuber_update_bases, find_cuber_state  # noqa: E402
 from prox.transforms import mas as mas_tx, mas_importance, replace_cuber_state  # noqa: E402
+from prox.transforms import find_task_mask_state, mask_bytes, task_masks  # noqa: E402
 
 PyTree = Any
 
 STREAMS = ("permuted", "split", "split_class")
 METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber", "protocl",
-           "onpro")
+           "onpro", "wsn")
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
@@ -134,7 +137,8 @@ QUICK = {
 }
 
 # Fields that only select which runs happen: they may change when the experiment resumes.
-RESUMABLE = ("num_seeds", "streams", "methods", "scole.enabled") + tuple(
+# ``wsn.density`` joined after runs of the other methods existed; each run records its own config anyway.
+RESUMABLE = ("num_seeds", "streams", "methods", "scole.enabled", "wsn.density") + tuple(
     f"{s}.{f}" for s in STREAMS for f in ("ewc_lambdas", "ewc_detect_lambda"))
 
 _SWITCH_LOG = 64   # detected switches whose steps ewc_detect keeps (more are counted, not located)
@@ -197,6 +201,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.library_check("protocl", prototypes_lib, 2, 1, noise_variance=cfg.protocl.noise_variance,
                        prior_variance=cfg.protocl.prior_variance, dirichlet=cfg.protocl.dirichlet)
   common.positive_ints(cfg, "onpro.projection_dim")
+  common.library_check("wsn.density", task_masks, optax.sgd(1.0), density=float(cfg.wsn.density), max_tasks=1)
   common.numbers(cfg, "onpro.temperature", low=0, low_open=True)
   common.numbers(cfg, "onpro.drop", low=0, high=1, high_open=True)
   common.library_check("onpro", prototype_feedback, 2, base_rate=float(cfg.onpro.base_rate),
@@ -313,6 +318,8 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
       for lam in _lambdas(cfg, stream):
         label = f"EWC {mode} λ={lam:g}" + (f" γ={cfg.ewc.gamma:g}" if mode == "online" else "")
         out.append(Spec(f"{kind}_lam{lam:g}", label, kind, {"ewc_lambda": lam, "mode": mode}))
+    elif kind == "wsn" and stream != "split":
+      continue      # a task's subnetwork needs the task's identity at test time: task-incremental only
     elif kind == "ewc_detect":
       lam = float(cfg[stream].ewc_detect_lambda)
       out.append(Spec(f"ewc_detect_lam{lam:g}", f"EWC + detector λ={lam:g}", kind, {"ewc_lambda": lam}))
@@ -320,7 +327,8 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
       label = {"naive": "naive", "replay": f"replay ({cfg.replay.capacity} ex.)", "gpm": "GPM",
                "slca": "SLCA", "mas": f"MAS λ={float(cfg[stream].mas_lambda):g}",
                "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER",
-               "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)", "onpro": f"OnPro ({cfg.replay.capacity} ex.)"}[kind]
+               "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)", "onpro": f"OnPro ({cfg.replay.capacity} ex.)",
+               "wsn": f"WSN (density {float(cfg.wsn.density):g})"}[kind]
       options = {"mas_lambda": float(cfg[stream].mas_lambda)} if kind == "mas" else {}
       out.append(Spec(kind, label, kind, options))
   return out
@@ -340,7 +348,7 @@ class Method(NamedTuple):
   extra: Callable[[PyTree, int], PyTree]              # (params, seed) -> initial TrainState.extra
   end_task: Callable[..., step_lib.TrainState] | None
   skip_nonfinite: bool = False    # skip (and count) non-finite steps instead of stopping the run
-  evaluate: Callable | None = None  # (state, ds, batch_size, **fields) -> dict; None: the model's logits
+  evaluate: Callable | None = None  # (state, ds, batch_size, task, **fields) -> dict; None: the model's logits
   params: Callable[[PyTree, int], PyTree] | None = None   # (model params, seed) -> the trained params
 
 
@@ -886,7 +894,8 @@ def protocl(env: Env, setting: Setting, spec: Spec) -> Method:
 
   evaluate_posterior = common.evaluator(classify, env.mesh, per_class=True)
 
-  def evaluate(state, ds, batch_size, **fields_):
+  def evaluate(state, ds, batch_size, task, **fields_):
+    del task
     params = {"net": state.params, "protos": state.extra["protos"]}
     return evaluate_posterior(state._replace(params=params), ds, batch_size, **fields_)
 
@@ -977,7 +986,8 @@ def onpro(env: Env, setting: Setting, spec: Spec) -> Method:
     proj = jax.random.normal(key, (width, dim), jnp.float32) / np.sqrt(width)
     return {"net": params, "proj": {"kernel": jax.device_get(proj)}}
 
-  def evaluate(state, ds, batch_size, **fields_):
+  def evaluate(state, ds, batch_size, task, **fields_):
+    del task
     return env.evaluate(state._replace(params=state.params["net"]), ds, batch_size, **fields_)
 
   def extra(params, seed):
@@ -986,11 +996,64 @@ def onpro(env: Env, setting: Setting, spec: Spec) -> Method:
   return Method(_sgd(cfg), loss_fn, transition, extra, memory.end_task, evaluate=evaluate, params=init_params)
 
 
+def wsn(env: Env, setting: Setting, spec: Spec, *, num_tasks: int) -> Method:
+  """Winning subnetworks (Kang, Mina, Madjid, Yoon, Hasegawa-Johnson, Hwang & Yoo 2022, "Forget-free Continual
+  Learning with Winning Subnetworks"; ``prox.transforms.task_masks``): every kernel ``W`` gets scores ``S``;
+  task ``t`` trains ``W * m_t``, ``m_t`` the top ``wsn.density`` of ``|S|`` per layer (straight-through to
+  ``S``), and the weights of earlier tasks' masks are frozen. At the end of task ``t`` its mask is stored
+  (bit-packed); task ``j``'s test set is scored with ``W * m_j`` (a task not trained yet: the current mask).
+  Biases stay at their initial values (as GPM's; WSN's networks have none), so a stored subnetwork's
+  outputs never change: forget-free by construction. Task-incremental ``split`` only (the test needs the
+  task's identity). Optimiser: the experiment's SGD on weights and scores (WSN uses Adam). Departure: each
+  task starts from fresh random scores (a random subnetwork overlapping the frozen weights), since from the
+  last task's scores its mask would hold only frozen weights and SGD moves the scores too little to leave
+  them."""
+  del spec
+  density = float(env.cfg.wsn.density)
+
+  def bias_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+
+  tm = task_masks(optax.chain(_sgd(env.cfg), optax.masked(optax.set_to_zero(), bias_mask)), density=density,
+                  max_tasks=num_tasks)
+  apply = lambda params, model_state, images, train=False: env.apply(tm.forward(params), model_state, images,
+                                                                     train=train)
+  weights_of = jax.jit(lambda opt_state, params, task: jax.lax.cond(
+      task < find_task_mask_state(opt_state).num_tasks,
+      lambda: tm.task_weights(find_task_mask_state(opt_state), params, task),
+      lambda: tm.forward(params)))
+
+  def evaluate(state, ds, batch_size, task, **fields_):
+    weights = weights_of(state.opt_state, state.params, np.int32(task))
+    return env.evaluate(state._replace(params=weights), ds, batch_size, **fields_)
+
+  def end_task(state, t, run, log):
+    opt_state = tm.consolidate_opt_state(state.opt_state, state.params)
+    # fresh scores: the next task starts from a random subnetwork (from the last task's scores its mask would
+    # hold only frozen weights, and under SGD the scores move too little to reach free ones)
+    key = jax.random.fold_in(jax.random.key(run.seed), 0x5C0 + t + 1)
+    scores = tm.init_params(state.params["weights"], key)["scores"]
+    params = {"weights": state.params["weights"], "scores": scores}
+    st = jax.device_get(find_task_mask_state(opt_state))
+    used = jax.tree_util.tree_flatten_with_path(st.used)[0]
+    log.setdefault("used_fraction", []).append({_keystr(p): float(np.mean(u)) for p, u in used})
+    log["mask_bytes"] = mask_bytes(st)
+    return state._replace(params=params, opt_state=opt_state)
+
+  def init_params(params, seed):
+    return jax.device_get(tm.init_params(params, jax.random.fold_in(jax.random.key(seed), 0x5C0)))
+
+  return Method(tm.tx, classification_loss(apply), None, lambda params, seed: {}, end_task, evaluate=evaluate,
+                params=init_params)
+
+
 def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
   if spec.kind == "slca":
     return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
   if spec.kind == "cuber":
     return cuber(env, setting, spec, num_tasks=len(tasks))
+  if spec.kind == "wsn":
+    return wsn(env, setting, spec, num_tasks=len(tasks))
   build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
            "ewc_detect": ewc_detect, "mas": mas, "mir": mir, "protocl": protocl,
            "onpro": onpro}[spec.kind]
@@ -1010,8 +1073,10 @@ def _on_one_device(end_task: Callable[..., step_lib.TrainState], state: step_lib
 
 
 def _evaluate(env: Env, state: step_lib.TrainState, ds: data_lib.ArrayDataset, evaluate: Callable | None = None,
-              **fields: np.ndarray) -> dict:
-  return (evaluate or env.evaluate)(state, ds, env.cfg.eval_batch_size, **fields)
+              task: int = 0, **fields: np.ndarray) -> dict:
+  if evaluate is None:
+    return env.evaluate(state, ds, env.cfg.eval_batch_size, **fields)
+  return evaluate(state, ds, env.cfg.eval_batch_size, task, **fields)
 
 
 def _accuracy_row(env: Env, state: step_lib.TrainState, tests: list[data_lib.ArrayDataset],
@@ -1021,7 +1086,7 @@ def _accuracy_row(env: Env, state: step_lib.TrainState, tests: list[data_lib.Arr
   over all classes (``evaluate``: the method's own evaluator, if any)."""
   scored, unmasked = [], []
   for j, ds in enumerate(tests):
-    out = _evaluate(env, state, ds, evaluate, **({} if masks is None else {"logit_mask": masks[j]}))
+    out = _evaluate(env, state, ds, evaluate, j, **({} if masks is None else {"logit_mask": masks[j]}))
     unmasked.append(out["accuracy"])
     scored.append(out["accuracy_masked"] if masks is not None else out["accuracy"])
   return scored, unmasked
@@ -1135,7 +1200,8 @@ def train_scole(env: Env, method: Method, step: Callable, cache: loop.CompileCac
 _METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc",),
                     "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",), "mas": ("mas",),
                     "mir": ("replay", "mir"), "cuber": ("gpm", "cuber"),
-                    "protocl": ("replay", "protocl"), "onpro": ("replay", "onpro")}
+                    "protocl": ("replay", "protocl"), "onpro": ("replay", "onpro"),
+                    "wsn": ("wsn",)}
 
 
 def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:

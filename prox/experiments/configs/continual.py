@@ -89,6 +89,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # sampler's defaults (base_rate, mixup_p), replay's memory and draws.
   c.onpro = ml_collections.ConfigDict({"projection_dim": 128, "temperature": 0.5, "drop": 0.1,
                                        "base_rate": 0.75, "mixup_p": 0.6})
+  # WSN (split only): each task trains and is scored with the top `density` of its scores per kernel.
+  c.wsn = ml_collections.ConfigDict({"density": 0.5})
   c.slca = ml_collections.ConfigDict({
       "backbone_scale": 0.01, "samples_per_class": 256, "align_epochs": 5, "align_learning_rate": 0.01,
       "align_momentum": 0.9, "align_batch_size": 256, "tau": 0.1,
