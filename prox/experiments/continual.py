@@ -11,7 +11,8 @@ model). Streams:
   test (``R``), the unmasked (class-incremental) accuracy of the same model beside it (``R_class``);
 * ``split_class``: the same tasks, class-incremental: one shared head, no mask in training or test.
 
-A method is a plain function of the library's parts giving ``(tx, loss, transition, extra, end_task)``:
+A method is a plain function of the library's parts giving ``(tx, loss, transition, extra, end_task)`` (and,
+where the trained parameters or the prediction are not the model's own, ``params`` and ``evaluate``):
 
 * ``naive``: SGD.
 * ``replay``: a reservoir memory (``prox.tasks.replay``) in ``TrainState.extra``, offered every training
@@ -42,6 +43,9 @@ Methods built on the library's newer parts (plain functions too):
   (``split`` masks the posterior to the task's classes); MLP only (it reads the last hidden layer).
 * ``wsn``: WSN (``prox.transforms.task_masks``): a top-``density`` subnetwork per task, earlier tasks'
   weights frozen, each task scored with its own stored mask; ``split`` only (task identity at test time).
+* ``tame``: TAME (``prox.tasks.tame``): one expert trained at a time, a new one spawned when the shift
+  detector flags a switch (no task boundaries), a selector trained on replay's reservoir (examples tagged
+  with their expert) routes each test input; every stream.
 * ``onpro``: OnPro (``prox.losses.onpro_equilibrium_loss``, ``prox.tasks.prototype_feedback``): projection
   head, prototype equilibrium on two views, feedback-sampled mixup replay from replay's reservoir; every
   stream (``split``: a mixed row answers to the union of its two examples' heads); MLP only.
@@ -87,7 +91,8 @@ from prox.losses import onpro_equilibrium_loss
 from prox.optim import slow_learner
 from prox.tasks import TaskSource
 from prox.tasks import bayesian_prototypes as prototypes_lib
-from prox.tasks import mir_retrieve, mixup_inputs, prototype_feedback
+from prox.tasks import mir_retrieve, mixup_inputs, prototype_feedback, routed_apply
+from prox.tasks import tame as tame_lib
 from prox.tasks import cl_metrics
 from prox.tasks import data as data_lib
 from prox.tasks import replay as replay_lib
@@ -106,7 +111,7 @@ PyTree = Any
 
 STREAMS = ("permuted", "split", "split_class")
 METHODS = ("naive", "replay", "ewc", "ewc_online", "gpm", "slca", "ewc_detect", "mas", "mir", "cuber", "protocl",
-           "onpro", "wsn")
+           "onpro", "wsn", "tame")
 
 # ``--config.quick=True``: a tiny run of every method and stream (tests, smoke checks).
 QUICK = {
@@ -137,8 +142,9 @@ QUICK = {
 }
 
 # Fields that only select which runs happen: they may change when the experiment resumes.
-# ``wsn.density`` joined after runs of the other methods existed; each run records its own config anyway.
-RESUMABLE = ("num_seeds", "streams", "methods", "scole.enabled", "wsn.density") + tuple(
+# ``wsn.*`` and ``tame.*`` joined after runs of the other methods existed; each run records its own config anyway.
+RESUMABLE = ("num_seeds", "streams", "methods", "scole.enabled", "wsn.density", "tame.max_experts",
+             "tame.selector_hidden") + tuple(
     f"{s}.{f}" for s in STREAMS for f in ("ewc_lambdas", "ewc_detect_lambda"))
 
 _SWITCH_LOG = 64   # detected switches whose steps ewc_detect keeps (more are counted, not located)
@@ -200,7 +206,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                  f"[{cfg.replay.batch_size}, {cfg.replay.capacity}] (MIR keeps replay.batch_size of them)")
   common.library_check("protocl", prototypes_lib, 2, 1, noise_variance=cfg.protocl.noise_variance,
                        prior_variance=cfg.protocl.prior_variance, dirichlet=cfg.protocl.dirichlet)
-  common.positive_ints(cfg, "onpro.projection_dim")
+  common.positive_ints(cfg, "onpro.projection_dim", "tame.max_experts", "tame.selector_hidden")
   common.library_check("wsn.density", task_masks, optax.sgd(1.0), density=float(cfg.wsn.density), max_tasks=1)
   common.numbers(cfg, "onpro.temperature", low=0, low_open=True)
   common.numbers(cfg, "onpro.drop", low=0, high=1, high_open=True)
@@ -328,7 +334,8 @@ def _specs(stream: str, cfg, methods: list[str]) -> list[Spec]:
                "slca": "SLCA", "mas": f"MAS λ={float(cfg[stream].mas_lambda):g}",
                "mir": f"MIR ({cfg.replay.capacity} ex.)", "cuber": "CUBER",
                "protocl": f"ProtoCL ({cfg.replay.capacity} ex.)", "onpro": f"OnPro ({cfg.replay.capacity} ex.)",
-               "wsn": f"WSN (density {float(cfg.wsn.density):g})"}[kind]
+               "wsn": f"WSN (density {float(cfg.wsn.density):g})",
+               "tame": f"TAME ({cfg.replay.capacity} ex.)"}[kind]
       options = {"mas_lambda": float(cfg[stream].mas_lambda)} if kind == "mas" else {}
       out.append(Spec(kind, label, kind, options))
   return out
@@ -1047,6 +1054,111 @@ def wsn(env: Env, setting: Setting, spec: Spec, *, num_tasks: int) -> Method:
                 params=init_params)
 
 
+def _selector_init(key: jax.Array, d_in: int, hidden: int, outputs: int) -> dict:
+  k1, k2 = jax.random.split(key)
+  return {"hidden": {"kernel": jax.random.normal(k1, (d_in, hidden), jnp.float32) * np.sqrt(2.0 / d_in),
+                     "bias": jnp.zeros((hidden,), jnp.float32)},
+          "out": {"kernel": jax.random.normal(k2, (hidden, outputs), jnp.float32) / np.sqrt(hidden),
+                  "bias": jnp.zeros((outputs,), jnp.float32)}}
+
+
+def _selector_apply(params: dict, images: jax.Array) -> jax.Array:
+  x = images.reshape(images.shape[0], -1).astype(jnp.float32)
+  h = jax.nn.relu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  return h @ params["out"]["kernel"] + params["out"]["bias"]
+
+
+def tame(env: Env, setting: Setting, spec: Spec) -> Method:
+  """TAME (Zhu, Majzoubi, Jain & Choromanska 2024, "TAME: Task Agnostic Continual Learning using Multiple
+  Experts"; ``prox.tasks.tame``): the params are the active expert (the model) and a selector (one hidden
+  layer of ``tame.selector_hidden``, ``tame.max_experts`` outputs); ``extra`` holds the bank of experts with
+  the detector's state and ``replay``'s reservoir (same ``replay.capacity``), whose rows carry the index of
+  the expert active when they were stored. Each step trains the expert on the batch (cross-entropy ``l_e``)
+  and the selector on ``replay.batch_size`` memory draws (``tame.selector_loss``, over live experts):
+  ``L = l_e + l_sel``. The transition feeds ``l_e`` to the shift detector (``detector.*`` windows and
+  threshold): on a switch the expert is written back to its slot and a copy of it becomes the new active
+  expert in the next slot (no reuse; a full bank keeps training the active one); then the batch joins the
+  memory. The task boundaries are not used. Prediction: each input through the expert the selector routes
+  it to (``routed_apply``). Departures: no expert reuse test, no weight pruning."""
+  del spec
+  cfg, apply, fields, d = env.cfg, env.apply, _fields(setting), env.cfg.detector
+  num, e_max = int(cfg.replay.batch_size), int(cfg.tame.max_experts)
+  bank = tame_lib(e_max, detector=detector_lib.shift_detector(d.reference_window, d.test_window,
+                                                              float(d.threshold)))
+  tx = _sgd(cfg)
+
+  def loss_fn(params, model_state, batch, ctx):
+    logits, model_state = apply(params["expert"], model_state, batch["image"], train=True)
+    if setting.masked:
+      logits = mask_logits(logits, batch["logit_mask"])
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    key = jax.random.fold_in(jax.random.wrap_key_data(ctx.extra["replay"]["key"]), ctx.step)
+    draws, valid = replay_lib.reservoir_sample(ctx.extra["replay"]["memory"], key, num)
+    v = valid.astype(jnp.float32)
+    sel = bank.selector_loss(ctx.extra["tame"], _selector_apply(params["selector"], draws["image"]),
+                             draws["expert"], v)
+    sel = jnp.sum(sel) / jnp.maximum(jnp.sum(v), 1.0)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return ce + sel, ({"accuracy": accuracy, "expert_loss": ce, "selector_loss": sel}, model_state)
+
+  def transition(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    ex = state.extra
+    active = ex["tame"].active
+    tstate, upd = bank.update(ex["tame"], state.params["expert"], info.metrics["expert_loss"])
+    params = {**state.params, "expert": upd.params}
+    fresh = tx.init(params)    # the optimizer state belonged to the previous expert
+    opt_state = jax.tree.map(lambda a, b: jnp.where(upd.changed, a, b), fresh, state.opt_state)
+    rows = {k: info.batch[k] for k in fields}
+    rows["expert"] = jnp.full(info.valid.shape, active, jnp.int32)      # the expert trained on them
+    memory = replay_lib.reservoir_add(ex["replay"]["memory"], rows, info.rng, info.valid)
+    return state._replace(params=params, opt_state=opt_state,
+                          extra={**ex, "tame": tstate, "replay": {**ex["replay"], "memory": memory}})
+
+  def classify(params, model_state, images, train=False):
+    del train
+    route = bank.route(params["tame"], _selector_apply(params["selector"], images))
+    logits = routed_apply(lambda p, x: apply(p, {}, x, train=False)[0], params["bank"], route, images)
+    return logits, model_state
+
+  evaluate_routed = common.evaluator(classify, env.mesh, per_class=True)
+
+  def evaluate(state, ds, batch_size, task, **fields_):
+    del task
+    tstate = state.extra["tame"]
+    params = {"bank": bank.bank(tstate, state.params["expert"]), "selector": state.params["selector"],
+              "tame": tstate}
+    return evaluate_routed(state._replace(params=params), ds, batch_size, **fields_)
+
+  def init_params(params, seed):
+    key = jax.random.fold_in(jax.random.key(seed), 0x7A3E)
+    d_in = int(np.prod(env.image_shape))
+    return {"expert": params, "selector": jax.device_get(_selector_init(key, d_in, int(cfg.tame.selector_hidden),
+                                                                        e_max))}
+
+  memory = _reservoir(env, setting)
+
+  def extra(params, seed):
+    out = memory.extra(params, seed)
+    example = {"image": jax.ShapeDtypeStruct(env.image_shape, jnp.float32),
+               "label": jax.ShapeDtypeStruct((), jnp.int32), "expert": jax.ShapeDtypeStruct((), jnp.int32)}
+    if setting.masked:
+      example["logit_mask"] = jax.ShapeDtypeStruct((env.num_classes,), jnp.bool_)
+    out["replay"]["memory"] = replay_lib.reservoir_init(example, int(cfg.replay.capacity))
+    return {**out, "tame": bank.init(params["expert"])}
+
+  def end_task(state, t, run, log):
+    st = jax.device_get(state.extra["tame"])
+    log.setdefault("num_experts", []).append(int(st.num_experts))
+    log.setdefault("active", []).append(int(st.active))
+    log["switches"] = int(st.detector.num_switches)
+    memory_ = jax.device_get(state.extra["replay"]["memory"])
+    experts = np.asarray(memory_.data["expert"])[:int(replay_lib.reservoir_size(memory_))]
+    log.setdefault("memory_experts", []).append(np.bincount(experts, minlength=e_max).tolist())
+    return memory.end_task(state, t, run, log)
+
+  return Method(tx, loss_fn, transition, extra, end_task, evaluate=evaluate, params=init_params)
+
+
 def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[streams_lib.Task]) -> Method:
   if spec.kind == "slca":
     return slca(env, setting, spec, num_tasks=len(tasks), max_examples=max(len(t.train) for t in tasks))
@@ -1056,7 +1168,7 @@ def _method(env: Env, stream: str, setting: Setting, spec: Spec, tasks: list[str
     return wsn(env, setting, spec, num_tasks=len(tasks))
   build = {"naive": naive, "replay": replay, "ewc": ewc, "ewc_online": ewc, "gpm": gpm,
            "ewc_detect": ewc_detect, "mas": mas, "mir": mir, "protocl": protocl,
-           "onpro": onpro}[spec.kind]
+           "onpro": onpro, "tame": tame}[spec.kind]
   return build(env, setting, spec)
 
 
@@ -1201,7 +1313,7 @@ _METHOD_SECTIONS = {"replay": ("replay",), "ewc": ("ewc",), "ewc_online": ("ewc"
                     "ewc_detect": ("detector",), "gpm": ("gpm",), "slca": ("slca",), "mas": ("mas",),
                     "mir": ("replay", "mir"), "cuber": ("gpm", "cuber"),
                     "protocl": ("replay", "protocl"), "onpro": ("replay", "onpro"),
-                    "wsn": ("wsn",)}
+                    "wsn": ("wsn",), "tame": ("replay", "detector", "tame")}
 
 
 def _run_config(cfg: ml_collections.ConfigDict, stream: str, kind: str, options: dict, seed: int) -> dict:

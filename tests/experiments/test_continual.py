@@ -343,7 +343,8 @@ def quick_runs(tmp_path_factory):
 
 def _check_stream(res, stream, num_tasks):
   runs = res["streams"][stream]
-  assert sorted({r["kind"] for r in runs.values()}) == sorted(continual.METHODS)
+  expected = [m for m in continual.METHODS if m != "wsn" or stream == "split"]   # WSN: task-incremental only
+  assert sorted({r["kind"] for r in runs.values()}) == sorted(expected)
   for run in runs.values():
     (result,) = run["seeds"].values()
     r = np.asarray(result["R"])
@@ -378,6 +379,13 @@ def _check_stream(res, stream, num_tasks):
     assert result["log"]["memory_seen"] == result["steps"] * 32, kind
   protocl = runs["protocl"]["seeds"]["0"]
   assert sum(protocl["log"]["posterior_counts"][-1]) == protocl["steps"] * 32
+  if stream == "split":   # WSN is forget-free: a stored subnetwork's accuracy never changes
+    wsn_r = np.asarray(runs["wsn"]["seeds"]["0"]["R"])
+    assert np.all(wsn_r[np.triu_indices(num_tasks)[1] >= 0][0] >= 0)
+    for j in range(num_tasks):
+      np.testing.assert_array_equal(wsn_r[j:, j], wsn_r[j, j])
+  tame_log = runs["tame"]["seeds"]["0"]["log"]    # switches detected inside the step spawn experts
+  assert tame_log["num_experts"][0] == 1 and tame_log["num_experts"][-1] >= 2
   cuber_log = runs["cuber"]["seeds"]["0"]["log"]
   assert len(cuber_log["ranks"]) == len(cuber_log["open"]) == num_tasks
   assert cuber_log["ranks"][0] == gpm_log["ranks"][0]    # until a subspace opens, CUBER trains as GPM
@@ -691,3 +699,51 @@ def test_wsn_keeps_a_finished_tasks_subnetwork_and_its_accuracy_exactly(digits):
     np.testing.assert_array_equal(b[u], a[u])                 # task 0's weights: frozen
     assert np.any(b[~u] != a[~u])                             # the others: trained on task 1
     np.testing.assert_array_equal(w1["hidden"][name]["bias"], w0["hidden"][name]["bias"])
+
+
+def test_tame_spawns_an_expert_at_a_detected_switch_and_routes_by_the_selector(digits):
+  """Task 0, then task 1's new classes: the detector fires inside the step, the trained expert is kept in
+  slot 0 (frozen from then on) and a copy becomes the active expert 1; memory rows carry the expert that
+  trained on them; the prediction runs each input through the expert of largest live selector logit."""
+  from prox import models  # noqa: F401
+  cfg, train_ds, test_ds = digits
+  env, run, method, state = _setup(cfg, train_ds, test_ds, "split_class", "tame")
+  step = S.make_train_step(method.loss, method.tx, mesh=env.mesh, transition=method.transition)
+
+  def batch(t, i):
+    ds = run.train_sets[t]
+    idx = np.arange(32 * i, 32 * i + 32) % len(ds.labels)
+    return S.shard_batch({"image": ds.images[idx], "label": ds.labels[idx],
+                          "row": np.arange(32, dtype=np.int32)}, env.mesh)
+
+  for i in range(20):
+    state, _ = step(state, batch(0, i))
+  assert int(state.extra["tame"].num_experts) == 1
+  for i in range(20):
+    state, _ = step(state, batch(1, i))
+    if int(state.extra["tame"].num_experts) == 2:
+      break
+  tstate = jax.device_get(state.extra["tame"])
+  assert int(tstate.num_experts) == 2 and int(tstate.active) == 1 and i < 19
+  slot0 = jax.tree.map(lambda b: np.asarray(b[0]), tstate.experts)
+  _close(slot0, jax.device_get(state.params["expert"]), rtol=0, atol=0)       # the copy starts from it
+  for j in range(3):
+    state, _ = step(state, batch(1, 20 + j))
+  tstate = jax.device_get(state.extra["tame"])
+  _close(jax.tree.map(lambda b: np.asarray(b[0]), tstate.experts), slot0, rtol=0, atol=0)   # kept
+  assert not np.allclose(state.params["expert"]["head"]["kernel"], slot0["head"]["kernel"])
+  memory = jax.device_get(state.extra["replay"]["memory"])
+  stored = np.asarray(memory.data["expert"])[:int(memory.seen)]
+  assert set(stored.tolist()) == {0, 1}
+  test = run.tasks[1].test.materialize()
+  got = method.evaluate(state, test, 64, 1)
+  from prox.experiments.continual import _selector_apply
+  bank = method_bank = jax.tree.map(lambda b: np.asarray(b), tstate.experts)
+  bank = jax.tree.map(lambda b, p: np.concatenate([b[:1], np.asarray(p)[None], b[2:]]), method_bank,
+                      jax.device_get(state.params["expert"]))                  # active slot: the live params
+  sel = np.asarray(_selector_apply(state.params["selector"], jnp.asarray(test.images)))
+  route = np.argmax(np.where(np.asarray(tstate.alive), sel, -np.inf), -1)
+  pred = np.array([np.argmax(env.apply(jax.tree.map(lambda b: b[e], bank), {}, test.images[n:n + 1],
+                                       train=False)[0][0]) for n, e in enumerate(route)])
+  assert got["accuracy"] == pytest.approx(np.mean(pred == test.labels))
+  assert set(route.tolist()) <= {0, 1}

@@ -1,4 +1,4 @@
-"""Continual learning on digits: permuted, split (task- and class-incremental) streams, seven methods, SCoLe.
+"""Continual learning on digits: permuted, split (task- and class-incremental) streams, 14 methods, SCoLe.
 
   prox --config=prox/experiments/configs/continual.py --workdir=runs/continual
   prox --config=prox/experiments/configs/continual.py --workdir=runs/quick --config.quick=True
@@ -9,7 +9,10 @@ logits are masked to the task's classes in training and test; the accuracy over 
 beside it) and ``split_class`` (the same tasks, class-incremental: one shared head, no mask anywhere).
 Methods (``methods``): naive, replay, ewc (separate quadratics), ewc_online, gpm, slca, ewc_detect (EWC
 consolidated inside the step when the shift detector flags a switch; the task boundaries are not used).
-``ewc`` and ``ewc_online`` run once per value of the stream's ``ewc_lambdas``.
+``ewc`` and ``ewc_online`` run once per value of the stream's ``ewc_lambdas``. Further methods, not in the
+default list (``--config.methods=naive,replay,gpm,mas,mir,cuber,protocl,onpro,wsn,tame``): mas, mir (replay's
+memory), cuber (GPM's bases), protocl (replay's memory), onpro (replay's memory), wsn (split only), tame
+(replay's memory for its selector; the shift detector's windows).
 SCoLe (``scole.*``): naive SGD over ``num_tasks`` tasks of 2 random classes each, absent logits masked,
 accuracy over all classes after every task.
 
@@ -91,6 +94,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                        "base_rate": 0.75, "mixup_p": 0.6})
   # WSN (split only): each task trains and is scored with the top `density` of its scores per kernel.
   c.wsn = ml_collections.ConfigDict({"density": 0.5})
+  # TAME: a bank of max_experts experts (a switch of the detector.* test spawns one), a selector MLP with
+  # one hidden layer trained on replay's memory routes test inputs.
+  c.tame = ml_collections.ConfigDict({"max_experts": 10, "selector_hidden": 128})
   c.slca = ml_collections.ConfigDict({
       "backbone_scale": 0.01, "samples_per_class": 256, "align_epochs": 5, "align_learning_rate": 0.01,
       "align_momentum": 0.9, "align_batch_size": 256, "tau": 0.1,
