@@ -56,6 +56,7 @@ EXPERIMENTS: dict[str, str] = {
     "compose": "prox.experiments.compose",
     "distill": "prox.experiments.distill",
     "budgets": "prox.experiments.budgets",
+    "shrink": "prox.experiments.shrink",
 }
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

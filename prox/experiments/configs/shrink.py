@@ -1,0 +1,55 @@
+"""Elastic networks (Once-for-All progressive shrinking) and budgeted structured pruning (LAPP) on digits.
+
+  prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink
+  prox --config=prox/experiments/configs/shrink.py --workdir=runs/quick --config.quick=True
+  prox --config=prox/experiments/configs/shrink.py --workdir=runs/s --config.parts=lapp
+
+``parts`` (comma-separated) selects any of ofa, lapp.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default experiment (``--config.quick=True``: the experiment's ``QUICK`` fields, a small run)."""
+  c = ml_collections.ConfigDict()
+  c.experiment = "shrink"
+  c.parts = "ofa,lapp"
+  c.seed = 0
+  c.num_seeds = 3                      # seeds seed, seed + 1, ...: every comparison is paired by seed
+  c.dataset = "digits"
+  c.data_dir = ""
+  c.batch_size = 64
+  c.eval_batch_size = 450
+  c.progress = True                    # one line per finished run on stdout
+  c.quick = False                      # the experiment's QUICK fields: a small run of every part (tests)
+  # Once-for-All: the elastic CNN, progressive shrinking with sandwich sampling and in-place KD.
+  c.ofa = ml_collections.ConfigDict({
+      "stem_channels": 8,
+      "stages": ((8, 1, 1), (16, 2, 2), (24, 2, 2)),   # (channels, max depth, stride) per stage
+      "kernel_sizes": (3, 5),
+      "width_fractions": (0.5, 1.0),
+      "expand_ratio": 3,
+      "min_depth": 1,
+      # steps of the phases full, kernel, depth1, width1 (the table of prox.tasks.progressive_shrinking);
+      # about OFA's split of its epochs (full 180, kernel 120, depth 25 + 120, width 25 + 120): 30/20/25/25 %
+      "phase_steps": (240, 160, 200, 200),
+      "learning_rate": 2e-3,           # Adam; cosine decay restarted in every phase (OFA); alone: over the run
+      "kd_weight": 1.0,
+      "temperature": 1.0,
+      # sub-networks evaluated, "kernel:depth:width" uniform over blocks (depth capped at each stage's max)
+      "grid": "3:1:0.5,3:2:0.5,3:2:1.0,5:2:1.0",
+  })
+  # LAPP (learnable thresholds + FLOPs penalty) vs magnitude channel pruning at the same FLOPs budget.
+  c.lapp = ml_collections.ConfigDict({
+      "width": 16,                     # the zoo cnn: conv widths 16, 32, dense 64
+      "hidden": 64,
+      "removed": (0.4, 0.6),           # fractions of the dense MACs removed
+      "num_steps": 1500,
+      "prune_steps": 750,              # the budget tightens over [0, prune_steps]; then fine-tuning, masks fixed
+      "learning_rate": 1e-3,           # Adam
+      "frequency": 50,                 # magnitude pruning: masks recomputed every this many steps
+      "temperature": (1.0, 100.0),     # LAPP's soft-mask temperature, rising geometrically
+      "penalty_weight": 10.0,
+      "eval_every": 250,
+  })
+  return c

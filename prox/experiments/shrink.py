@@ -1,0 +1,769 @@
+"""Experiment ``shrink``: elastic networks (Once-for-All) and budgeted structured pruning (LAPP) on digits.
+
+Expected effects, fixed before running and reported either way (paired comparisons over seeds):
+
+* ``ofa``: "OFA sub-networks within 1 point of the same architectures trained alone" -- for every
+  sub-network of the grid, ``|mean_seeds (acc_OFA - acc_alone)| <= 1`` point.
+* ``lapp``: "LAPP above uniform pruning at equal FLOPs" -- at each budget (40% and 60% of the MACs
+  removed), LAPP's accuracy beats magnitude channel pruning's at the same FLOPs budget (paired 95%
+  interval above 0).
+
+  prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink
+
+Part ``ofa`` (Cai, Gan, Wang, Zhang, Han 2020, "Once-for-All: Train One Network and Specialize it for
+Efficient Deployment"). One elastic inverted-residual CNN (``prox.models.ElasticConfig``: elastic kernel
+size, depth per stage, width of every block's middle channels) is trained with progressive shrinking
+(``prox.tasks.progressive_shrinking``): phase ``full`` trains the largest network alone
+(``L = CE(f_L)``), then phases ``kernel``, ``depth1``, ``width1`` enlarge the supported options one
+dimension at a time; in those phases every step trains the sandwich (Yu & Huang 2019) -- the largest, the
+smallest allowed and one uniformly drawn sub-network -- with in-place distillation from the largest,
+``L = CE(f_L) + sum_{s in (S, R)} [CE(f_s) + kd T^2 KL(softmax(sg(f_L)/T) || softmax(f_s/T))]``
+(``prox.models.sandwich_loss``). The phase machine's state lives in ``TrainState.extra["shrink"]`` and is
+stepped by a transition inside the compiled step; the loss reads it (``ctx.extra``) and draws the
+sub-networks from ``ctx.rng``, so the sampled architectures change inside one compiled step (traced
+choices, ``lax.switch`` over the variants) without a recompile. Adam with a cosine decay restarted in each
+phase (OFA trains each phase as its own schedule). Baseline: every sub-network of the grid (uniform
+``kernel:depth:width`` over the blocks) trained alone from the same initialisation and data order for the
+same number of steps as the whole OFA run (CE, Adam, cosine over the run). Departures from OFA: no channel
+re-organisation before the width phase (the Adam moments would have to be permuted with the weights), no
+BatchNorm, the smaller search space of ``prox.models.ElasticConfig``.
+
+Part ``lapp`` (Zhai, Guo, Liu, Xing, Xu 2023, "LAPP: Layer Adaptive Progressive Pruning for Compressing
+CNNs from Scratch"). The zoo ``cnn`` (two convs, a dense layer, a head) is pruned from scratch to keep
+``b = 1 - removed`` of its MACs. LAPP (``prox.transforms.lapp``): learnable per-layer thresholds (in the
+parameters) on scale-free L1 channel scores, soft masks ``sigmoid(T_t (s_c - t_l))`` with ``T_t`` rising
+geometrically, and the penalty ``lambda max(0, F(m)/F - b_t)^2`` against the budget ``b_t`` that tightens
+cubically over ``[0, prune_steps]``; at ``prune_steps`` a transition inside the step freezes LAPP's hard
+masks (``s_c > t_l``) into a ``prox.transforms.channel_pruning`` state, whose one update at
+``prune_steps + 1`` removes the lowest-L1 channels only if LAPP's masks still exceed the budget (the
+achieved FLOPs always meet it; the report shows LAPP's own FLOPs before that trim); then fine-tuning with
+the masks fixed. Baseline ("uniform" magnitude pruning): ``prox.transforms.channel_pruning`` with the same
+budget schedule (masks recomputed every ``frequency`` steps from group-normalised L1 norms, Li et al.
+2017), and the dense network; all for ``num_steps`` steps. LAPP's bypass connections are not used.
+
+Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs) and
+``lapp.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
+back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from prox import loop
+from prox import models
+from prox import step as step_lib
+from prox import tasks
+from prox import transforms
+from prox.experiments import common
+from prox.experiments import report
+from prox.tasks import data as data_lib
+
+PARTS = ("ofa", "lapp")
+QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0.5,5:2:1.0",
+         "lapp.removed": (0.5,), "lapp.num_steps": 60, "lapp.prune_steps": 30, "lapp.frequency": 5,
+         "lapp.eval_every": 30}
+# Each run has its own directory and record, so other parts or more seeds may follow in the same workdir.
+RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress")
+
+
+# --- config --------------------------------------------------------------------------------------------
+
+def parts(config: ml_collections.ConfigDict) -> list[str]:
+  names = common.names(config, "parts", PARTS)
+  common.require(len(set(names)) == len(names), f"parts names a part twice: {config.parts!r}")
+  return names
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+  """Checks every value the selected parts use; raises ``ConfigError`` naming the first bad one."""
+  selected = parts(config)
+  c = config
+  common.positive_ints(c, "seed", zero_ok=True)
+  common.positive_ints(c, "num_seeds")
+  common.require(c.dataset == "digits", f"dataset must be 'digits' (8x8 images), got {c.dataset!r}")
+  common.check_batch("batch_size", c.batch_size)
+  common.check_batch("eval_batch_size", c.eval_batch_size)
+  if "ofa" in selected:
+    o = c.ofa
+    ec = common.library_check("ofa", elastic_config, o, (8, 8, 1), 10)
+    common.numbers(c, "ofa.learning_rate", "ofa.temperature", low=0, low_open=True)
+    common.numbers(c, "ofa.kd_weight", low=0)
+    common.library_check("ofa", shrinking, o, ec)
+    grid(o, ec)
+  if "lapp" in selected:
+    p = c.lapp
+    common.positive_ints(c, "lapp.width", "lapp.hidden", "lapp.num_steps", "lapp.prune_steps", "lapp.frequency",
+                         "lapp.eval_every")
+    common.require(p.prune_steps < p.num_steps,
+                   f"lapp.prune_steps ({p.prune_steps}) must be below lapp.num_steps ({p.num_steps})")
+    removed = tuple(p.removed) if isinstance(p.removed, (tuple, list)) else ()
+    common.require(bool(removed) and all(common.is_number(r) and 0 < r < 1 for r in removed)
+                   and len(set(removed)) == len(removed),
+                   f"lapp.removed must be distinct fractions in (0, 1), got {p.removed!r}")
+    common.numbers(c, "lapp.learning_rate", low=0, low_open=True)
+    common.library_check("lapp", transforms.lapp, cnn_structure(p, (8, 8, 1), 10)[1], flops_target=0.5,
+                         end_step=p.prune_steps, temperature=p.temperature, penalty_weight=p.penalty_weight)
+  if workdir is not None:
+    common.check_workdir(workdir)
+
+
+def _say(config: ml_collections.ConfigDict, text: str) -> None:
+  if config.progress and jax.process_index() == 0:
+    print(text, flush=True)
+
+
+class Env(NamedTuple):
+  """What every run shares: config, workdir, mesh, splits, compile cache, memoised steps/evaluators."""
+  c: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  train: data_lib.ArrayDataset
+  test: data_lib.ArrayDataset
+  cache: loop.CompileCache
+  memo: dict
+
+  def get(self, key: Any, build: Callable[[], Any]) -> Any:
+    if key not in self.memo:
+      self.memo[key] = build()
+    return self.memo[key]
+
+
+def _once(env: Env, part: str, name: str, seed: int, settings: dict, fn: Callable[[], dict]) -> dict:
+  directory = os.path.join(env.workdir, part, name, f"seed{seed}")
+  record = {"part": part, "run": name, "seed": seed, "batch_size": env.c.batch_size, "settings": settings}
+  return common.run_once(directory, "shrink", record, fn)
+
+
+def _state(env: Env, params: Any, tx: optax.GradientTransformation, seed: int, extra: Any = ()) -> step_lib.TrainState:
+  return common.replicated_state(params, tx, env.mesh, seed=seed, extra=extra)
+
+
+def fit(env: Env, step: Callable, state: step_lib.TrainState, num_steps: int, seed: int, *,
+        evaluate: Callable[[step_lib.TrainState], dict] | None = None, every: int | None = None
+        ) -> tuple[loop.LoopResult, dict]:
+  """One ``prox.loop.run`` on the augmented digits stream (``StreamSource(train, seed)``: the same data
+  order for every run of a seed); ``evaluate`` every ``every`` steps and at the end into ``curve``."""
+  actions = ()
+  if evaluate is not None:
+    def log(ctx: loop.Context) -> None:
+      ctx.record.setdefault("curve", []).append({"step": ctx.step, **evaluate(ctx.state)})
+    actions = ((loop.Every(steps=every or num_steps, end=True), log),)
+  started = time.perf_counter()
+  result = loop.run(step, state, tasks.StreamSource(env.train, seed), mesh=env.mesh, batch_size=env.c.batch_size,
+                    num_steps=num_steps, actions=actions, compile_cache=env.cache)
+  cost = {"steps": int(jax.device_get(result.state.step)), "train_seconds": result.train_seconds,
+          "wall_seconds": time.perf_counter() - started, "compile_seconds": result.compile_seconds}
+  return result, cost
+
+
+def accuracy(env: Env, apply: Callable, params: Any) -> float:
+  """Test accuracy of ``apply(params, model_state, x, train=...)``; one compiled evaluator per ``apply``."""
+  fn = env.get(("eval", id(apply)), lambda: common.evaluator(apply, env.mesh))
+  return fn(_state(env, params, optax.identity(), 0), env.test, env.c.eval_batch_size)["accuracy"]
+
+
+# --- part ofa: progressive shrinking ------------------------------------------------------------------
+
+def elastic_config(o: ml_collections.ConfigDict, input_shape: tuple[int, ...], num_classes: int
+                   ) -> models.ElasticConfig:
+  return models.ElasticConfig(input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes),
+                              stem_channels=o.stem_channels, stages=tuple(tuple(s) for s in o.stages),
+                              kernel_sizes=tuple(o.kernel_sizes), width_fractions=tuple(o.width_fractions),
+                              expand_ratio=o.expand_ratio)
+
+
+def shrinking(o: ml_collections.ConfigDict, ec: models.ElasticConfig) -> tasks.ProgressiveShrinking:
+  return tasks.progressive_shrinking(num_kernels=len(ec.kernel_sizes), max_depths=ec.max_depths,
+                                     num_widths=len(ec.width_fractions), phase_steps=tuple(o.phase_steps),
+                                     min_depth=o.min_depth)
+
+
+def uniform_subnet(ec: models.ElasticConfig, kernel: int, depth: int, width: float) -> tasks.Subnet:
+  """Kernel size ``kernel`` and width fraction ``width`` in every block, depth ``min(depth, D_s)``."""
+  n = len(ec.blocks)
+  return tasks.Subnet(np.full([n], ec.kernel_sizes.index(kernel), np.int32),
+                      np.full([n], ec.width_fractions.index(width), np.int32),
+                      np.asarray([min(depth, d) for d in ec.max_depths], np.int32))
+
+
+def grid(o: ml_collections.ConfigDict, ec: models.ElasticConfig) -> list[tuple[str, tasks.Subnet]]:
+  """The ``ofa.grid`` sub-networks ``(name, Subnet)``, ascending in MACs."""
+  common.require(isinstance(o.grid, str) and bool(o.grid.strip()),
+                 f"ofa.grid must be a comma-separated string of kernel:depth:width, got {o.grid!r}")
+  entries = [e.strip() for e in o.grid.split(",") if e.strip()]
+  out = []
+  for entry in entries:
+    parts_ = entry.split(":")
+    ok = len(parts_) == 3
+    try:
+      k, d, w = int(parts_[0]), int(parts_[1]), float(parts_[2])
+    except (ValueError, IndexError):
+      ok = False
+    common.require(ok and k in ec.kernel_sizes and w in ec.width_fractions and o.min_depth <= d <= max(ec.max_depths),
+                   f"ofa.grid: {entry!r} is not kernel:depth:width with kernel in {ec.kernel_sizes}, depth in "
+                   f"[{o.min_depth}, {max(ec.max_depths)}] and width in {ec.width_fractions}")
+    out.append((f"k{k}-d{d}-w{w:g}", uniform_subnet(ec, k, d, w)))
+  common.require(len({n for n, _ in out}) == len(out), f"ofa.grid names a sub-network twice: {o.grid!r}")
+  return sorted(out, key=lambda e: float(models.elastic_flops(e[1], config=ec)))
+
+
+def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def ofa_loss(ec: models.ElasticConfig, ps: tasks.ProgressiveShrinking, *, kd_weight: float,
+             temperature: float) -> Callable:
+  """The progressive-shrinking loss: ``CE(f_L)`` in phase ``full``, the sandwich loss with in-place KD
+  after (``lax.cond`` on the phase: only the taken branch runs). The phase is ``ctx.extra["shrink"]``;
+  the random sub-network is drawn from ``ctx.rng``. Metrics: the sampled sub-networks' MACs (fractions
+  of the full network's) and the phase, so a caller sees what the step trained."""
+  full = float(models.elastic_flops(ps.largest(), config=ec))
+
+  def loss_fn(params, model_state, batch, ctx):
+    x, y = batch["image"], batch["label"]
+    state = ctx.extra["shrink"]
+    large, small, rand = ps.sandwich(state, ctx.rng)
+    phase = ps.phase(state)
+
+    def largest_only():
+      logits = models.elastic_apply(params, x, large, config=ec)
+      ce = _ce(logits, y)
+      zero = 0.0 * ce   # (varying over the data axis like the sandwich branch's terms)
+      return ce, {"loss_0": ce, "loss_1": zero, "kd_1": zero, "loss_2": zero, "kd_2": zero}
+
+    def sandwich():
+      return models.sandwich_loss(params, x, y, (large, small, rand), config=ec, kd_weight=kd_weight,
+                                  temperature=temperature)
+
+    loss, aux = lax.cond(phase == 0, largest_only, sandwich)
+    trained = phase > 0
+    metrics = {**aux, "phase": phase.astype(jnp.float32),
+               "macs_smallest": jnp.where(trained, models.elastic_flops(small, config=ec), full) / full,
+               "macs_random": jnp.where(trained, models.elastic_flops(rand, config=ec), full) / full}
+    return loss, (metrics, model_state)
+
+  return loss_fn
+
+
+def alone_loss(ec: models.ElasticConfig) -> Callable:
+  """``CE(f_s)`` of the fixed sub-network ``ctx.extra["subnet"]`` (one compiled step serves the grid)."""
+
+  def loss_fn(params, model_state, batch, ctx):
+    logits = models.elastic_apply(params, batch["image"], ctx.extra["subnet"], config=ec)
+    ce = _ce(logits, batch["label"])
+    return ce, ({"loss": ce, "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))},
+                model_state)
+
+  return loss_fn
+
+
+def subnet_apply(ec: models.ElasticConfig) -> Callable:
+  """``apply({"net", "subnet"}, model_state, x, train)``: the sub-network as data (one evaluator)."""
+
+  def apply(tree, model_state, x, *, train: bool = False):
+    del train
+    return models.elastic_apply(tree["net"], x, tasks.Subnet(*tree["subnet"]), config=ec), model_state
+
+  return apply
+
+
+def phase_schedule(learning_rate: float, phase_steps: tuple[int, ...]) -> optax.Schedule:
+  """Cosine decay restarted at every phase boundary."""
+  steps = [int(s) for s in phase_steps]
+  return optax.join_schedules([optax.cosine_decay_schedule(learning_rate, s) for s in steps],
+                              [int(b) for b in np.cumsum(steps)[:-1]])
+
+
+class OfaTools(NamedTuple):
+  ec: models.ElasticConfig
+  ps: tasks.ProgressiveShrinking
+  grid: list
+  ofa_tx: optax.GradientTransformation
+  ofa_step: Callable
+  alone_tx: optax.GradientTransformation
+  alone_step: Callable
+  apply: Callable
+  total: int
+
+
+def ofa_tools(env: Env) -> OfaTools:
+  def build():
+    o = env.c.ofa
+    ec = elastic_config(o, env.train.images.shape[1:], env.train.num_classes)
+    ps = shrinking(o, ec)
+    total = int(sum(o.phase_steps))
+    ofa_tx = optax.adam(phase_schedule(o.learning_rate, tuple(o.phase_steps)))
+    ofa_step = step_lib.make_train_step(ofa_loss(ec, ps, kd_weight=o.kd_weight, temperature=o.temperature), ofa_tx,
+                                        mesh=env.mesh, transition=step_lib.in_extra("shrink", lambda s, _: ps.update(s)))
+    alone_tx = optax.adam(optax.cosine_decay_schedule(o.learning_rate, total))
+    alone_step = step_lib.make_train_step(alone_loss(ec), alone_tx, mesh=env.mesh)
+    return OfaTools(ec, ps, grid(o, ec), ofa_tx, ofa_step, alone_tx, alone_step, subnet_apply(ec), total)
+  return env.get("ofa_tools", build)
+
+
+def _grid_accuracy(env: Env, t: OfaTools, params: Any) -> dict[str, float]:
+  return {name: accuracy(env, t.apply, {"net": params, "subnet": tuple(s)}) for name, s in t.grid}
+
+
+def ofa_run(env: Env, seed: int) -> dict:
+  """The OFA network of ``seed``: progressive shrinking, then every grid sub-network's test accuracy."""
+  t = ofa_tools(env)
+
+  def fn() -> dict:
+    params = models.init_elastic(t.ec, jax.random.key(seed))
+    state = _state(env, params, t.ofa_tx, seed, {"shrink": t.ps.init()})
+    largest = lambda s: {"largest": accuracy(env, t.apply, {"net": s.params, "subnet": tuple(t.ps.largest())})}
+    boundaries = set(t.ps.boundaries)
+
+    def at_boundaries(ctx: loop.Context) -> None:   # the phases' ends: largest and smallest allowed
+      if ctx.step in boundaries or ctx.step == t.total:   # (not again at the end of a resumed run)
+        smallest = tuple(jax.device_get(t.ps.smallest(ctx.state.extra["shrink"]._replace(
+            count=jnp.asarray(ctx.step - 1, jnp.int32)))))
+        ctx.record.setdefault("phases", []).append({
+            "step": ctx.step, **largest(ctx.state),
+            "smallest_allowed": accuracy(env, t.apply, {"net": ctx.state.params, "subnet": smallest}),
+            "metrics": common.scalars(ctx.out.metrics) if ctx.out is not None else {}})
+
+    started = time.perf_counter()
+    result = loop.run(t.ofa_step, state, tasks.StreamSource(env.train, seed), mesh=env.mesh,
+                      batch_size=env.c.batch_size, num_steps=t.total, compile_cache=env.cache,
+                      actions=((loop.Every(at=frozenset(boundaries | {t.total})), at_boundaries),))
+    final = jax.device_get(result.state)
+    return {"accuracy": _grid_accuracy(env, t, final.params), "phases": result.record.get("phases", []),
+            "shrink_count": int(final.extra["shrink"].count), "steps": int(final.step),
+            "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - started,
+            "compile_seconds": result.compile_seconds}
+
+  return _once(env, "ofa", "ofa", seed, env.c.ofa.to_dict(), fn)
+
+
+def alone_run(env: Env, name: str, subnet: tasks.Subnet, seed: int) -> dict:
+  """Sub-network ``name`` trained alone (same initialisation, data order and number of steps as OFA)."""
+  t = ofa_tools(env)
+
+  def fn() -> dict:
+    params = models.init_elastic(t.ec, jax.random.key(seed))
+    state = _state(env, params, t.alone_tx, seed, {"subnet": subnet})
+    result, cost = fit(env, t.alone_step, state, t.total, seed)
+    acc = accuracy(env, t.apply, {"net": jax.device_get(result.state.params), "subnet": tuple(subnet)})
+    return {"accuracy": acc, **cost}
+
+  return _once(env, "ofa", f"alone_{name}", seed, env.c.ofa.to_dict(), fn)
+
+
+def run_ofa(env: Env) -> dict:
+  t = ofa_tools(env)
+  macs = {name: float(models.elastic_flops(s, config=t.ec)) for name, s in t.grid}
+  runs: dict[str, dict] = {"ofa": {}}
+  for seed in common.seeds(env.c):
+    out = ofa_run(env, seed)
+    runs["ofa"][str(seed)] = out
+    _say(env.c, f"shrink: ofa seed {seed}: " + " ".join(f"{k}={v:.4f}" for k, v in out["accuracy"].items())
+         + f" ({out['wall_seconds']:.0f} s)")
+    for name, s in t.grid:
+      r = alone_run(env, name, s, seed)
+      runs.setdefault(f"alone_{name}", {})[str(seed)] = r
+      _say(env.c, f"shrink: alone {name} seed {seed}: {r['accuracy']:.4f} ({r['wall_seconds']:.0f} s)")
+  full = float(models.elastic_flops(t.ps.largest(), config=t.ec))
+  params = models.param_count(models.init_elastic(t.ec, jax.random.key(0)))
+  return {"macs": macs, "full_macs": full, "params": params, "phases": list(t.ps.names),
+          "boundaries": list(t.ps.boundaries), "total_steps": t.total, "runs": runs}
+
+
+# --- part lapp: budgeted structured pruning --------------------------------------------------------------
+
+def cnn_structure(p: ml_collections.ConfigDict, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+                  ) -> tuple[models.Functional, transforms.Structure]:
+  """The zoo cnn and its channel structure (``prox.models.structure_of``)."""
+  net = models.functional(models.make_model("cnn", input_shape=tuple(input_shape), num_classes=num_classes, seed=seed,
+                                            width=p.width, hidden=p.hidden))
+  return net, models.structure_of("cnn", net.params, input_shape=tuple(input_shape))
+
+
+def prefixed(structure: transforms.Structure, prefix: str) -> transforms.Structure:
+  """The same structure for the tree ``{prefix: params, ...}`` (every axis path under ``prefix``)."""
+  move = lambda axes: tuple(dataclasses.replace(a, path=(prefix, *a.path)) for a in axes)
+  groups = tuple(dataclasses.replace(g, producers=move(g.producers), consumers=move(g.consumers), state=move(g.state))
+                 for g in structure.groups)
+  return dataclasses.replace(structure, groups=groups)
+
+
+def lapp_loss(apply: Callable, structure: transforms.Structure, lp: transforms.LAPP, prune_steps: int) -> Callable:
+  """Before ``prune_steps``: ``CE(f(m * W)) + penalty(m)`` with LAPP's soft masks ``m`` (the thresholds
+  are trained parameters); after: ``CE(f(W))`` (the weights are hard-masked by the optimizer state).
+  Metrics: ``soft_flops``, the soft masks' MACs as a fraction of the dense network's (0 once hard)."""
+  dense = float(transforms.full_flops(structure))
+
+  def loss_fn(params, model_state, batch, ctx):
+    x, y = batch["image"], batch["label"]
+
+    def soft():
+      m = lp.masks(params["model"], params["thresholds"], ctx.step)
+      logits = apply(transforms.apply_channel_masks(structure, m, params["model"]), model_state, x, train=True)[0]
+      ce = _ce(logits, y)
+      vary = 0.0 * ce   # (the batch-independent terms made varying over the data axis like the other branch's)
+      penalty = lp.penalty(m, ctx.step) + vary
+      return ce + penalty, (logits, penalty, transforms.masked_flops(structure, m) / dense + vary)
+
+    def hard():
+      logits = apply(params["model"], model_state, x, train=True)[0]
+      ce = _ce(logits, y)
+      return ce, (logits, 0.0 * ce, 0.0 * ce)   # penalty and soft_flops: 0 once the masks are hard
+
+    loss, (logits, penalty, flops) = lax.cond(ctx.step < prune_steps, soft, hard)
+    return loss, ({"loss": loss, "penalty": penalty, "soft_flops": flops,
+                   "accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))}, model_state)
+
+  return loss_fn
+
+
+def lapp_transition(structure: transforms.Structure, lp: transforms.LAPP, prune_steps: int) -> step_lib.Transition:
+  """After the update of step ``prune_steps - 1``: LAPP's hard masks become the ``channel_pruning`` state's
+  masks (and ``extra["lapp_masks"]``), and the weights are multiplied by them."""
+  outer = prefixed(structure, "model")
+
+  def transition(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    def freeze(state):
+      hard = lp.hard_masks(state.params["model"], state.params["thresholds"])
+      opt = state.opt_state._replace(channel_masks=hard,
+                                     masks=transforms.expand_channel_masks(outer, hard, state.params))
+      model = transforms.apply_channel_masks(structure, hard, state.params["model"])
+      return state._replace(params={**state.params, "model": model}, opt_state=opt,
+                            extra={**state.extra, "lapp_masks": hard})
+    return lax.cond(info.step == prune_steps - 1, freeze, lambda s: s, state)
+
+  return transition
+
+
+ARMS = ("dense", "magnitude", "lapp")
+
+
+def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
+  p = env.c.lapp
+  shape, classes = env.train.images.shape[1:], env.train.num_classes
+  net, structure = env.get("cnn", lambda: cnn_structure(p, shape, classes))
+  outer = prefixed(structure, "model")
+  dense = float(transforms.full_flops(structure))
+  target = None if removed is None else 1.0 - removed
+  name = arm if removed is None else f"{arm}{round(100 * removed)}"
+  apply = env.get("cnn_apply", lambda: (lambda tree, ms, x, *, train=False: net.apply(tree["model"], ms, x, train=train)))
+
+  def build():
+    adam = optax.adam(p.learning_rate)
+    if arm == "dense":
+      return adam, step_lib.make_train_step(
+          lambda params, ms, batch, ctx: _plain_loss(apply, params, ms, batch), adam, mesh=env.mesh)
+    if arm == "magnitude":
+      tx = transforms.channel_pruning(adam, structure=outer, flops_target=target, start_step=0,
+                                      end_step=p.prune_steps, frequency=p.frequency)
+      return tx, step_lib.make_train_step(
+          lambda params, ms, batch, ctx: _plain_loss(apply, params, ms, batch), tx, mesh=env.mesh)
+    lp = transforms.lapp(structure, flops_target=target, end_step=p.prune_steps, temperature=tuple(p.temperature),
+                         penalty_weight=p.penalty_weight)
+    tx = transforms.channel_pruning(adam, structure=outer, flops_target=target, start_step=p.prune_steps,
+                                    end_step=p.prune_steps + 1, frequency=1)
+    return tx, step_lib.make_train_step(lapp_loss(net.apply, structure, lp, p.prune_steps), tx, mesh=env.mesh,
+                                        transition=lapp_transition(structure, lp, p.prune_steps))
+
+  def fn() -> dict:
+    tx, step = env.get(("lapp_step", name), build)
+    model = models.functional(models.make_model("cnn", input_shape=shape, num_classes=classes, seed=seed,
+                                                width=p.width, hidden=p.hidden)).params
+    params, extra = {"model": model}, {}
+    if arm == "lapp":
+      params["thresholds"] = {g.name: jnp.zeros([], jnp.float32) for g in structure.groups}
+      extra = {"lapp_masks": transforms.full_channel_masks(structure)}
+    state = _state(env, params, tx, seed, extra)
+    result, cost = fit(env, step, state, p.num_steps, seed, every=p.eval_every,
+                       evaluate=lambda s: {"accuracy": accuracy(env, apply, {"model": s.params["model"]})})
+    final = jax.device_get(result.state)
+    out = {"accuracy": result.record["curve"][-1]["accuracy"], "curve": result.record["curve"], **cost}
+    if arm != "dense":
+      cm = {k: np.asarray(v) for k, v in final.opt_state.channel_masks.items()}
+      out["flops_fraction"] = float(transforms.masked_flops(structure, cm)) / dense
+      out["kept"] = {k: int(v.sum()) for k, v in cm.items()}
+      out["params_kept"] = float(transforms.masked_param_count(structure, cm, final.params["model"]))
+    if arm == "lapp":
+      own = {k: np.asarray(v) for k, v in final.extra["lapp_masks"].items()}
+      out["lapp_flops_fraction"] = float(transforms.masked_flops(structure, own)) / dense
+      out["lapp_kept"] = {k: int(v.sum()) for k, v in own.items()}
+      out["thresholds"] = {k: float(v) for k, v in final.params["thresholds"].items()}
+    return out
+
+  settings = {k: v for k, v in p.to_dict().items() if k != "removed"}
+  return _once(env, "lapp", name, seed, {**settings, "removed": removed}, fn)
+
+
+def _plain_loss(apply: Callable, params: Any, model_state: Any, batch: dict):
+  logits, model_state = apply(params, model_state, batch["image"], train=True)
+  ce = _ce(logits, batch["label"])
+  return ce, ({"loss": ce, "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))},
+              model_state)
+
+
+def run_lapp(env: Env) -> dict:
+  p = env.c.lapp
+  _, structure = env.get("cnn", lambda: cnn_structure(p, env.train.images.shape[1:], env.train.num_classes))
+  runs: dict[str, dict] = {}
+  for seed in common.seeds(env.c):
+    for arm, removed in [("dense", None)] + [(a, r) for r in p.removed for a in ("lapp", "magnitude")]:
+      name = arm if removed is None else f"{arm}{round(100 * removed)}"
+      r = lapp_run(env, arm, removed, seed)
+      runs.setdefault(name, {})[str(seed)] = r
+      _say(env.c, f"shrink: lapp {name} seed {seed}: {r['accuracy']:.4f}"
+           + (f" flops {r['flops_fraction']:.3f}" if "flops_fraction" in r else "") + f" ({r['wall_seconds']:.0f} s)")
+  groups = {g.name: g.size for g in structure.groups}
+  return {"full_macs": float(transforms.full_flops(structure)), "groups": groups, "removed": list(p.removed),
+          "runs": runs}
+
+
+# --- entry point -----------------------------------------------------------------------------------------
+
+RUNNERS = {"ofa": run_ofa, "lapp": run_lapp}
+
+
+def _finished(workdir: str, part: str) -> int:
+  count = 0
+  for _, _, files in os.walk(os.path.join(workdir, part)):
+    count += "result.json" in files
+  return count
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the selected parts (finished runs are read back), then writes results.md/json and the plots."""
+  validate(config, workdir)
+  try:
+    train, test = (data_lib.load(config.dataset, split, data_dir=config.get("data_dir") or None)
+                   for split in ("train", "test"))
+  except (ValueError, FileNotFoundError) as e:
+    raise common.ConfigError(str(e)) from None
+  env = Env(config, workdir, step_lib.data_mesh(), train, test, loop.CompileCache(), {})
+  started = time.perf_counter()
+  results, seconds = {}, {}
+  trained = read_back = 0
+  for part in parts(config):
+    before = _finished(workdir, part)
+    t0 = time.perf_counter()
+    results[part] = RUNNERS[part](env)
+    seconds[part] = time.perf_counter() - t0
+    after = _finished(workdir, part)
+    trained += after - before
+    read_back += before
+  total = time.perf_counter() - started
+  effects = expected_effects(config, results)
+  md = markdown(config, results, effects, seconds, trained, read_back)
+  report.write_results(workdir, {"config": config, "seconds": total, "part_seconds": seconds,
+                                 "runs_trained": trained, "runs_read_back": read_back,
+                                 "expected_effects": effects, "results": results}, md, figures(results))
+  _say(config, f"shrink: {trained} runs trained, {read_back} read back ({total:.0f} s); results.md in {workdir}")
+  headline: dict[str, Any] = {"seconds": total, "runs_trained": trained, "runs_read_back": read_back}
+  for e in effects:
+    headline[f"{e['name']}_diff"] = e["comparison"]["diff_mean"]
+    headline[f"{e['name']}_held"] = e["held"]
+  return headline
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def _per_seed(by_seed: dict, get: Callable[[dict], float]) -> dict[str, float]:
+  return {seed: float(get(r)) for seed, r in by_seed.items()}
+
+
+def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[dict]:
+  """``within 1 point``: held when ``|mean paired difference| <= 0.01``; ``above``: held when the paired
+  95% interval lies above 0 (``paired_comparison``'s ``better``)."""
+  out = []
+  if "ofa" in results:
+    runs = results["ofa"]["runs"]
+    for name in results["ofa"]["macs"]:
+      comp = report.paired_comparison(_per_seed(runs["ofa"], lambda r, n=name: r["accuracy"][n]),
+                                      _per_seed(runs[f"alone_{name}"], lambda r: r["accuracy"]))
+      out.append({"name": f"ofa_{name}", "effect": f"OFA sub-network {name} within 1 point of it trained alone",
+                  "comparison": comp, "held": abs(comp["diff_mean"]) <= 0.01,
+                  "ci_inside": -0.01 <= comp["ci95"][0] and comp["ci95"][1] <= 0.01})
+  if "lapp" in results:
+    runs = results["lapp"]["runs"]
+    for removed in results["lapp"]["removed"]:
+      r = round(100 * removed)
+      comp = report.paired_comparison(_per_seed(runs[f"lapp{r}"], lambda x: x["accuracy"]),
+                                      _per_seed(runs[f"magnitude{r}"], lambda x: x["accuracy"]))
+      out.append({"name": f"lapp{r}", "effect": f"LAPP above magnitude (uniform) pruning at {r}% of the MACs removed",
+                  "comparison": comp, "held": comp["verdict"] == "better"})
+  return out
+
+
+def _pct(values) -> str:
+  values = list(values.values()) if isinstance(values, dict) else list(values)
+  return report.fmt_mean_std(values, percent=True, digits=1) if values else "n/a"
+
+
+def _diff(comp: dict) -> tuple[str, str]:
+  lo, hi = comp["ci95"]
+  fmt = lambda v: f"{100 * v:+.2f}" if np.isfinite(v) else ("-inf" if v < 0 else "inf")
+  return f"{100 * comp['diff_mean']:+.2f}", f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def _run_seconds(tree: Any) -> float:
+  if isinstance(tree, dict):
+    return sum(float(v) if k == "wall_seconds" else _run_seconds(v) for k, v in tree.items())
+  if isinstance(tree, list):
+    return sum(_run_seconds(v) for v in tree)
+  return 0.0
+
+
+def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dict], seconds: dict,
+             trained: int, read_back: int) -> str:
+  seeds = common.seeds(config)
+  lines = ["# shrink: elastic networks (Once-for-All) and budgeted structured pruning (LAPP)", "",
+           f"Digits (8x8), seeds {', '.join(map(str, seeds))}; every cell is the mean ± std over seeds of the test "
+           "accuracy (%), every comparison is paired by seed (same initialisation and data order): mean "
+           "difference in points, Student-t 95% interval. "
+           f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
+           + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+           + f"; the runs' own wall seconds, summed: {_run_seconds(results):.0f}.", "",
+           "## Expected effects (fixed before any run)", "",
+           "Criteria: *within 1 point*: |mean paired difference| <= 1 point (notes: whether the 95% interval also "
+           "lies inside ±1); *above*: the paired 95% interval lies above 0.", ""]
+  rows = []
+  for e in effects:
+    comp = e["comparison"]
+    diff, ci = _diff(comp)
+    note = f"CI inside ±1: {'yes' if e['ci_inside'] else 'no'}" if "ci_inside" in e else ""
+    rows.append([e["effect"], diff, ci, f"{comp['wins']}/{comp['num_pairs']}", comp["verdict"],
+                 "**met**" if e["held"] else "**not met**", note])
+  lines += [report.markdown_table(["expected effect", "diff (points)", "95% CI", "wins", "verdict", "result", "notes"],
+                                  rows) if rows else "(no part ran)", ""]
+  if "ofa" in results:
+    lines += _ofa_md(config, results["ofa"], effects)
+  if "lapp" in results:
+    lines += _lapp_md(config, results["lapp"], effects)
+  return "\n".join(lines) + "\n"
+
+
+def _ofa_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
+  o = config.ofa
+  runs = part["runs"]
+  comps = {e["name"]: e["comparison"] for e in effects}
+  phases = ", ".join(f"{n} {s}" for n, s in zip(part["phases"], o.phase_steps))
+  lines = ["## Once-for-All progressive shrinking", "",
+           f"Elastic CNN: stem {o.stem_channels}, stages (channels, depth, stride) {tuple(map(tuple, o.stages))}, "
+           f"kernels {tuple(o.kernel_sizes)}, widths {tuple(o.width_fractions)}, expand {o.expand_ratio}; "
+           f"{part['params']:,} parameters, {part['full_macs'] / 1e3:.1f}k MACs per example in full. Phases (steps): "
+           f"{phases}; batch {config.batch_size}, Adam {o.learning_rate:g} (cosine restarted per phase), "
+           f"KD weight {o.kd_weight:g}, T {o.temperature:g}. Alone: the same sub-network, initialisation and data "
+           f"order, {part['total_steps']} steps (cosine over the run).", ""]
+  rows = []
+  for name, macs in part["macs"].items():
+    d, ci = _diff(comps[f"ofa_{name}"])
+    rows.append([name, f"{macs / 1e3:.1f}k ({macs / part['full_macs']:.2f})",
+                 _pct(_per_seed(runs["ofa"], lambda r, n=name: r["accuracy"][n])),
+                 _pct(_per_seed(runs[f"alone_{name}"], lambda r: r["accuracy"])), d, ci])
+  lines += [report.markdown_table(["sub-network (kernel-depth-width)", "MACs (of full)", "OFA acc", "alone acc",
+                                   "OFA - alone (points)", "95% CI"], rows), ""]
+  # phase ends: the largest and the smallest allowed sub-network
+  rows = []
+  first = next(iter(runs["ofa"].values()))
+  for i, ph in enumerate(first.get("phases", [])):
+    per = [r["phases"][i] for r in runs["ofa"].values() if len(r.get("phases", [])) > i]
+    rows.append([part["phases"][i] if i < len(part["phases"]) else "?", ph["step"],
+                 _pct([q["largest"] for q in per]), _pct([q["smallest_allowed"] for q in per]),
+                 f"{np.mean([q['metrics'].get('macs_smallest', np.nan) for q in per]):.2f}"])
+  if rows:
+    lines += ["At the end of each phase (the last step's sampled smallest sub-network's MACs as a fraction of "
+              "full):", "", report.markdown_table(["phase", "step", "largest", "smallest allowed",
+                                                   "MACs smallest sampled"], rows), ""]
+  return lines
+
+
+def _lapp_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
+  p = config.lapp
+  runs = part["runs"]
+  comps = {e["name"]: e["comparison"] for e in effects}
+  lines = ["## LAPP vs magnitude channel pruning at equal FLOPs", "",
+           f"Zoo cnn (widths {p.width}, {2 * p.width}, dense {p.hidden}; {part['full_macs'] / 1e3:.1f}k MACs), "
+           f"{p.num_steps} steps, batch {config.batch_size}, Adam {p.learning_rate:g}; the budget tightens over the "
+           f"first {p.prune_steps} steps, then fine-tuning with fixed masks. Magnitude: masks every {p.frequency} "
+           f"steps. LAPP: temperature {tuple(p.temperature)}, penalty weight {p.penalty_weight:g}. Channels kept "
+           f"per group ({', '.join(f'{k} of {v}' for k, v in part['groups'].items())}), mean over seeds.", ""]
+  dense = _per_seed(runs["dense"], lambda r: r["accuracy"])
+  rows = [["dense", "-", "1.000", _pct(dense), "-", "-", "-", ", ".join(str(v) for v in part["groups"].values())]]
+  for removed in part["removed"]:
+    r = round(100 * removed)
+    for arm in ("magnitude", "lapp"):
+      by = runs[f"{arm}{r}"]
+      acc = _per_seed(by, lambda x: x["accuracy"])
+      flops = np.mean([x["flops_fraction"] for x in by.values()])
+      own = (f"{np.mean([x['lapp_flops_fraction'] for x in by.values()]):.3f}" if arm == "lapp" else "-")
+      kept = ", ".join(f"{np.mean([x['kept'][g] for x in by.values()]):.1f}" for g in part["groups"])
+      if arm == "lapp":
+        d, ci = _diff(comps[f"lapp{r}"])
+      else:
+        d, ci = "-", "-"
+      vs_dense = _diff(report.paired_comparison(acc, dense))[0]
+      rows.append([arm, f"{r}%", f"{flops:.3f} (own {own})" if arm == "lapp" else f"{flops:.3f}", _pct(acc),
+                   vs_dense, d, ci, kept])
+  lines += [report.markdown_table(["method", "MACs removed (target)", "MACs kept (achieved)", "accuracy",
+                                   "vs dense (points)", "LAPP - magnitude (points)", "95% CI", "channels kept"],
+                                  rows), "",
+            "`own`: the FLOPs fraction of LAPP's own hard masks (`s_c > t_l`) before the budget trim.", ""]
+  return lines
+
+
+def figures(results: dict) -> dict[str, Callable[[str], None]]:
+  out = {}
+  if "ofa" in results:
+    out["ofa.png"] = lambda path: _plot_ofa(results["ofa"], path)
+  if "lapp" in results:
+    out["lapp.png"] = lambda path: _plot_lapp(results["lapp"], path)
+  return out
+
+
+def _plot_ofa(part: dict, path: str) -> None:
+  fig, ax = report.figure(5.5, 4)
+  names = list(part["macs"])
+  x = [part["macs"][n] / 1e3 for n in names]
+  runs = part["runs"]
+  for label, get, marker in (("OFA", lambda n: [r["accuracy"][n] for r in runs["ofa"].values()], "o-"),
+                             ("alone", lambda n: [r["accuracy"] for r in runs[f"alone_{n}"].values()], "s--")):
+    m = [100 * np.mean(get(n)) for n in names]
+    s = [100 * np.std(get(n), ddof=1) if len(get(n)) > 1 else 0.0 for n in names]
+    ax.errorbar(x, m, yerr=s, fmt=marker, capsize=3, label=label)
+  for xi, n in zip(x, names):
+    ax.annotate(n, (xi, 100 * np.mean([r["accuracy"][n] for r in runs["ofa"].values()])), fontsize=7,
+                textcoords="offset points", xytext=(3, -10))
+  ax.set_xlabel("MACs per example (k)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("Once-for-All sub-networks vs trained alone")
+  ax.legend()
+  report.save_figure(fig, path)
+
+
+def _plot_lapp(part: dict, path: str) -> None:
+  fig, ax = report.figure(5.5, 4)
+  runs = part["runs"]
+  dense = 100 * np.mean([r["accuracy"] for r in runs["dense"].values()])
+  ax.axhline(dense, color="gray", ls=":", label="dense")
+  for arm, marker in (("magnitude", "s--"), ("lapp", "o-")):
+    xs, ms, ss = [], [], []
+    for removed in part["removed"]:
+      by = runs[f"{arm}{round(100 * removed)}"]
+      acc = [100 * r["accuracy"] for r in by.values()]
+      xs.append(np.mean([r["flops_fraction"] for r in by.values()]))
+      ms.append(np.mean(acc))
+      ss.append(np.std(acc, ddof=1) if len(acc) > 1 else 0.0)
+    ax.errorbar(xs, ms, yerr=ss, fmt=marker, capsize=3, label=arm)
+  ax.set_xlabel("MACs kept (fraction of dense)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("Channel pruning at equal FLOPs")
+  ax.legend()
+  report.save_figure(fig, path)

@@ -1,0 +1,246 @@
+"""The `shrink` experiment: the progressive-shrinking machine stepped inside the compiled step (the sampled
+sub-networks change at the phase boundaries, the loss of phase ``full`` is the largest network's CE), LAPP's
+masks frozen into the pruning state by the step's transition and the achieved FLOPs meeting the budget,
+bad config values as one-line errors, and end-to-end runs that a rerun reads back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from prox import models
+from prox import step as step_lib
+from prox import transforms
+from prox.experiments import common
+from prox.experiments import main
+from prox.experiments import shrink
+from prox.experiments.configs import shrink as shrink_config
+from prox.tasks import data as data_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "prox" / "experiments" / "configs" / "shrink.py"
+
+
+def _config(**fields) -> ml_collections.ConfigDict:
+  """The quick config (``shrink.QUICK`` applied as ``main`` does); ``a__b=v`` sets ``a.b``."""
+  cfg = shrink_config.get_config()
+  cfg.quick = True
+  main.effective_config(cfg, shrink.QUICK, [])
+  cfg.progress = False
+  for dotted, value in fields.items():
+    cfg.update_from_flattened_dict({dotted.replace("__", "."): value})
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[data_lib.ArrayDataset, data_lib.ArrayDataset]:
+  return data_lib.load("digits", "train"), data_lib.load("digits", "test")
+
+
+def _env(cfg, splits, workdir="unused"):
+  import jax  # noqa: F401  (the mesh needs the backend)
+  from prox import loop
+  return shrink.Env(cfg, workdir, step_lib.data_mesh(), splits[0], splits[1], loop.CompileCache(), {})
+
+
+def _batch(ds: data_lib.ArrayDataset, rows: np.ndarray) -> dict:
+  return step_lib.shard_batch({"image": ds.images[rows], "label": ds.labels[rows]}, step_lib.data_mesh())
+
+
+# --- ofa: the phase machine inside the step -------------------------------------------------------------------
+
+TINY = {"ofa__stem_channels": 4, "ofa__stages": ((4, 1, 1), (8, 2, 2)), "ofa__expand_ratio": 2,
+        "ofa__phase_steps": (2, 1, 1, 1), "ofa__grid": "3:1:0.5,5:2:1.0"}
+
+
+@pytest.mark.slow   # the elastic step's compile: ~100 s on 2 loaded cores
+def test_the_phase_machine_changes_the_sampled_subnetworks_inside_the_compiled_step(splits):
+  cfg = _config(**TINY)
+  shrink.validate(cfg, None)
+  t = shrink.ofa_tools(_env(cfg, splits))
+  assert t.ps.names == ("full", "kernel", "depth1", "width1") and t.ps.boundaries == (2, 3, 4)
+  params = models.init_elastic(t.ec, jax.random.key(0))
+  state = common.replicated_state(params, t.ofa_tx, step_lib.data_mesh(), seed=0, extra={"shrink": t.ps.init()})
+  rows = np.arange(32)
+  x, y = splits[0].images[rows], splits[0].labels[rows]
+  phases, smallest, losses = [], [], []
+  for _ in range(6):
+    before = jax.device_get(state.params)
+    state, out = t.ofa_step(state, _batch(splits[0], rows))
+    phases.append(int(out.metrics["phase"]))
+    smallest.append(float(out.metrics["macs_smallest"]))
+    losses.append((before, float(out.metrics["loss_0"]), float(out.metrics["loss_1"])))
+  assert phases == [0, 0, 1, 2, 3, 3]
+  assert int(state.extra["shrink"].count) == 6
+  # the smallest sub-network the step trains: the full network in phase full, then smaller in every phase
+  ec = t.ec
+  full = float(models.elastic_flops(t.ps.largest(), config=ec))
+  n = len(ec.blocks)
+  expect = [
+      1.0, 1.0,
+      float(models.elastic_flops(shrink.tasks.Subnet(np.zeros(n, np.int32), np.ones(n, np.int32),
+                                                     np.asarray([1, 2], np.int32)), config=ec)) / full,
+      float(models.elastic_flops(shrink.uniform_subnet(ec, 3, 1, 1.0), config=ec)) / full,
+      float(models.elastic_flops(shrink.uniform_subnet(ec, 3, 1, 0.5), config=ec)) / full,
+      float(models.elastic_flops(shrink.uniform_subnet(ec, 3, 1, 0.5), config=ec)) / full]
+  np.testing.assert_allclose(smallest, expect, rtol=1e-6)
+  assert expect[2] > expect[3] > expect[4]
+  # phase full: the loss is the largest network's cross-entropy alone (no student terms)
+  p0, loss0, student0 = losses[0]
+  logits = models.elastic_apply(p0, x, t.ps.largest(), config=ec)
+  np.testing.assert_allclose(loss0, float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()), rtol=1e-5)
+  assert student0 == 0.0
+  # later phases train the students too: their cross-entropy is measured
+  assert all(s > 0 for _, _, s in losses[2:])
+
+
+def test_grid_is_sorted_by_macs_and_names_uniform_subnetworks(splits):
+  cfg = _config(**{**TINY, "ofa__grid": "5:2:1.0,3:1:0.5,3:2:0.5"})
+  t = shrink.ofa_tools(_env(cfg, splits))
+  names = [n for n, _ in t.grid]
+  assert names == ["k3-d1-w0.5", "k3-d2-w0.5", "k5-d2-w1"]
+  s = dict(t.grid)["k3-d2-w0.5"]
+  assert s.depth.tolist() == [1, 2] and s.kernel.tolist() == [0, 0, 0] and s.width.tolist() == [0, 0, 0]
+
+
+# --- lapp: the transition freezes LAPP's masks; the achieved FLOPs meet the budget -------------------------------
+
+def test_lapp_masks_are_frozen_by_the_step_and_the_achieved_flops_meet_the_budget(splits):
+  # penalty weight 0: nothing pushes LAPP's thresholds, its own hard masks keep every channel (FLOPs 1.0),
+  # so only the budget trim at prune_steps + 1 can bring the network to the budget.
+  cfg = _config(lapp__width=4, lapp__hidden=8, lapp__num_steps=6, lapp__prune_steps=3, lapp__penalty_weight=0.0)
+  env = _env(cfg, splits)
+  p = cfg.lapp
+  net, structure = shrink.cnn_structure(p, (8, 8, 1), 10)
+  target = 0.5
+  lp = transforms.lapp(structure, flops_target=target, end_step=p.prune_steps, temperature=p.temperature,
+                       penalty_weight=0.0)
+  outer = shrink.prefixed(structure, "model")
+  tx = transforms.channel_pruning(optax.adam(1e-3), structure=outer, flops_target=target, start_step=p.prune_steps,
+                                  end_step=p.prune_steps + 1, frequency=1)
+  step = step_lib.make_train_step(shrink.lapp_loss(net.apply, structure, lp, p.prune_steps), tx, mesh=env.mesh,
+                                  transition=shrink.lapp_transition(structure, lp, p.prune_steps))
+  params = {"model": net.params, "thresholds": lp.init_thresholds()}
+  state = common.replicated_state(params, tx, env.mesh, seed=0,
+                                  extra={"lapp_masks": transforms.full_channel_masks(structure)})
+  dense = float(transforms.full_flops(structure))
+  rows = np.arange(32)
+  for i in range(6):
+    state, out = step(state, _batch(splits[0], rows))
+    s = jax.device_get(state)
+    cm = {k: np.asarray(v) for k, v in s.opt_state.channel_masks.items()}
+    if i + 1 < p.prune_steps:
+      assert all(v.all() for v in cm.values())
+      assert float(out.metrics["soft_flops"]) > 0
+    if i + 1 == p.prune_steps:   # frozen by the transition after the last LAPP step
+      own = {k: np.asarray(v) for k, v in s.extra["lapp_masks"].items()}
+      for k in cm:
+        np.testing.assert_array_equal(cm[k], own[k])
+      assert float(transforms.masked_flops(structure, own)) / dense == pytest.approx(1.0)
+  own = {k: np.asarray(v) for k, v in s.extra["lapp_masks"].items()}
+  achieved = float(transforms.masked_flops(structure, cm)) / dense
+  assert achieved <= target + 1e-6
+  assert achieved > 0.3                                  # trimmed to the budget, not far below
+  for k in cm:                                           # masks only shrink from LAPP's
+    assert not (cm[k] & ~own[k]).any()
+  # the pruned channels' weights are zero: the masked network is the network
+  masked = transforms.apply_channel_masks(structure, cm, s.params["model"])
+  for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(s.params["model"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prefixed_structure_addresses_the_outer_tree():
+  p = _config(lapp__width=4, lapp__hidden=8).lapp
+  net, structure = shrink.cnn_structure(p, (8, 8, 1), 10)
+  outer = shrink.prefixed(structure, "model")
+  transforms.check_structure(outer, {"model": net.params, "thresholds": {}})
+  with pytest.raises(ValueError):
+    transforms.check_structure(outer, net.params)
+
+
+# --- config errors ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"parts": "ofa,nope"}, "nope"),
+    ({"parts": "ofa,ofa"}, "twice"),
+    ({"ofa__grid": "7:1:0.5"}, "ofa.grid"),
+    ({"ofa__grid": "3:1"}, "ofa.grid"),
+    ({"ofa__phase_steps": (10, 10)}, "phase_steps"),
+    ({"ofa__kernel_sizes": (4, 5)}, "kernel_sizes"),
+    ({"ofa__learning_rate": -1.0}, "ofa.learning_rate"),
+    ({"lapp__removed": (0.4, 1.2)}, "lapp.removed"),
+    ({"lapp__prune_steps": 60}, "lapp.prune_steps"),
+    ({"lapp__temperature": (1.0, -2.0)}, "temperature"),
+])
+def test_validate_names_the_bad_value(fields, expected):
+  with pytest.raises(common.ConfigError, match=expected):
+    shrink.validate(_config(**fields), None)
+
+
+def test_bad_value_is_a_one_line_cli_error(tmp_path):
+  cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
+         "--config.lapp.removed=(0.4,1.5)"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert proc.stderr.startswith("prox: error: lapp.removed must be distinct fractions in (0, 1)")
+  assert not (tmp_path / "w" / "lapp").exists()
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+def _prox(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "-m", "prox.experiments.main", f"--config={CONFIG}", f"--workdir={workdir}",
+         "--config.quick=True", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _outputs(workdir: Path, parts: list[str], runs: int) -> dict:
+  results = json.loads((workdir / "results.json").read_text())
+  assert sorted(results["results"]) == sorted(parts)
+  assert results["runs_trained"] + results["runs_read_back"] == runs
+  for part in parts:
+    assert (workdir / f"{part}.png").stat().st_size > 0
+  return results | {"md": (workdir / "results.md").read_text()}
+
+
+@pytest.mark.slow   # two CLI runs: ~110 s on 2 loaded cores
+def test_lapp_part_end_to_end_and_a_rerun_reads_every_run_back(tmp_path):
+  proc = _prox(tmp_path, "--config.parts=lapp")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = _outputs(tmp_path, ["lapp"], 3)                # dense, lapp50, magnitude50
+  assert first["runs_trained"] == 3
+  assert "LAPP above magnitude (uniform) pruning at 50%" in first["md"]
+  for name in ("lapp50", "magnitude50"):
+    assert first["results"]["lapp"]["runs"][name]["0"]["flops_fraction"] <= 0.5 + 1e-6
+  proc = _prox(tmp_path, "--config.parts=lapp")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  second = _outputs(tmp_path, ["lapp"], 3)
+  assert second["runs_trained"] == 0 and second["runs_read_back"] == 3
+  assert second["results"] == first["results"]
+
+
+@pytest.mark.slow
+def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
+  proc = _prox(tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50 (one seed)
+  first = _outputs(tmp_path, list(shrink.PARTS), 6)
+  assert first["runs_trained"] == 6
+  assert "OFA sub-network k3-d1-w0.5 within 1 point" in first["md"]
+  ofa = first["results"]["ofa"]["runs"]["ofa"]["0"]
+  assert [p["step"] for p in ofa["phases"]] == [20, 30, 40, 50] and ofa["shrink_count"] == 50
+  proc = _prox(tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  second = _outputs(tmp_path, list(shrink.PARTS), 6)
+  assert second["runs_trained"] == 0 and second["results"] == first["results"]
