@@ -91,10 +91,30 @@ class TaskMasks(NamedTuple):
 
 
 def _topk_mask(abs_scores: jax.Array, k: int) -> jax.Array:
-  """bool: the ``k`` largest entries of ``abs_scores`` (ties broken by position, as ``lax.top_k``)."""
+  """bool: the ``k`` largest entries of the non-negative ``abs_scores`` (ties broken by position, as
+  ``lax.top_k``).
+
+  No sort: the ``k``-th largest value ``v`` is found by bisection on the float's bit pattern (monotone for
+  non-negative floats), one ``count(bits >= mid)`` per bit, then ``mask = (x > v) | (x == v and among the
+  first k - #(x > v) such entries)``. Identical to ``lax.top_k``'s selection and, on CPU, several times
+  faster for the large ``k`` of a subnetwork (half a layer at density 0.5): ``top_k`` is a partial sort."""
   flat = abs_scores.reshape(-1)
-  _, idx = jax.lax.top_k(flat, k)
-  return jnp.zeros(flat.shape, bool).at[idx].set(True).reshape(abs_scores.shape)
+  wide = flat.dtype == jnp.float64
+  bits = jax.lax.bitcast_convert_type(flat if wide else flat.astype(jnp.float32), jnp.int64 if wide else jnp.int32)
+  int_t, width = (jnp.int64, 64) if wide else (jnp.int32, 32)
+  hi = 0x7FF0000000000001 if wide else 0x7F800001      # one past +inf's bits: every finite value is below
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits >= mid) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  v, _ = jax.lax.fori_loop(0, width, body, (jnp.asarray(0, int_t), jnp.asarray(hi, int_t)))
+  greater = bits > v
+  tied = bits == v
+  take = tied & (jnp.cumsum(tied.astype(jnp.int32)) <= k - jnp.sum(greater, dtype=jnp.int32))
+  return (greater | take).reshape(abs_scores.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

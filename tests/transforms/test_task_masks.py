@@ -131,3 +131,25 @@ def test_in_the_one_step_with_the_forward_hook():
   after = np.asarray(state.params["weights"]["kernel"])
   np.testing.assert_array_equal(after[used], before[used])      # task 0's weights frozen inside the step
   assert bool(out.finite) and step._cache_size() == 1
+
+
+@pytest.mark.parametrize("k", [1, 7, 500, 999, 1000])
+def test_topk_mask_selects_exactly_what_lax_top_k_selects_ties_by_position(k):
+  """The sort-free selection (bisection on the float bits) against ``lax.top_k``: distinct values, heavy ties,
+  all-equal, and float64."""
+  from prox.transforms._task_masks import _topk_mask
+  rng = np.random.default_rng(k)
+  base = np.abs(rng.normal(size=(40, 25))).astype(np.float32)
+  for x in (base, np.round(base * 3), np.zeros_like(base), np.round(base * 1000) / 1000):
+    _, idx = jax.lax.top_k(jnp.asarray(x).reshape(-1), k)
+    expected = np.zeros(x.size, bool)
+    expected[np.asarray(idx)] = True
+    got = np.asarray(_topk_mask(jnp.asarray(x), k))
+    np.testing.assert_array_equal(got.reshape(-1), expected)
+    assert got.sum() == k
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.abs(rng.normal(size=(1000,))) * 1e-300)      # only float64 tells these apart
+    _, idx = jax.lax.top_k(x, k)
+    expected = np.zeros(1000, bool)
+    expected[np.asarray(idx)] = True
+    np.testing.assert_array_equal(np.asarray(_topk_mask(x, k)), expected)
