@@ -110,7 +110,8 @@ def _topk_mask(abs_scores: jax.Array, k: int) -> jax.Array:
     enough = jnp.sum(bits >= mid) >= k
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-  v, _ = jax.lax.fori_loop(0, width, body, (jnp.asarray(0, int_t), jnp.asarray(hi, int_t)))
+  zero = bits[0] & 0       # typed like ``bits`` (varying inside a shard_map, as the loop's updates are)
+  v, _ = jax.lax.fori_loop(0, width, body, (zero, zero + jnp.asarray(hi, int_t)))
   greater = bits > v
   tied = bits == v
   take = tied & (jnp.cumsum(tied.astype(jnp.int32)) <= k - jnp.sum(greater, dtype=jnp.int32))
