@@ -7,6 +7,9 @@ Expected effects, fixed before running and reported either way (paired compariso
 * ``lapp``: "LAPP above uniform pruning at equal FLOPs" -- at each budget (40% and 60% of the MACs
   removed), LAPP's accuracy beats magnitude channel pruning's at the same FLOPs budget (paired 95%
   interval above 0).
+* ``proard``: "robust-gap student sampling above uniform student sampling in robust accuracy" -- the
+  mean over the grid's sub-networks of the robust test accuracy (PGD) is higher with ProARD's sampler
+  than with uniform sampling (paired 95% interval above 0).
 
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink
 
@@ -41,8 +44,22 @@ the masks fixed. Baseline ("uniform" magnitude pruning): ``prox.transforms.chann
 budget schedule (masks recomputed every ``frequency`` steps from group-normalised L1 norms, Li et al.
 2017), and the dense network; all for ``num_steps`` steps. LAPP's bypass connections are not used.
 
-Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs) and
-``lapp.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
+Part ``proard`` (after Mousavi, Mousavi, Daneshtalab 2025, "ProARD: Progressive Adversarial Robustness
+Distillation"; the loss after Goldblum, Fowl, Feizi, Goldstein 2020, "Adversarially Robust Distillation").
+The elastic network of ``ofa`` is trained adversarially: per step the teacher (the largest sub-network,
+``T``) and one student ``S`` (a uniform sub-network of the candidate table: every ``kernel:depth:width``
+combination but the largest) each see FGSM examples against their own loss (Goodfellow et al. 2015,
+``x' = clip(x + eps sign grad_x CE)``), and
+``L = CE(f_T(x'_T), y) + CE(f_S(x'_S), y) + kd T^2 KL(softmax(sg f_T(x'_S)/T) || softmax(f_S(x'_S)/T))``.
+The student of the next step is drawn inside the step by a transition: arm ``gap``,
+``prox.tasks.robust_gap_sampler`` (``P(i) = softmax(g/tau)``, ``g_i`` the running gap between the
+teacher's and student ``i``'s robust batch accuracies, updated from the step's metrics); arm ``uniform``,
+uniformly (the gaps are tracked too). Departures: no progressive phases (the full space from the start),
+a finite candidate table. Test: clean accuracy and robust accuracy under PGD (``eval_pgd_steps`` steps of
+size ``eps/4``, random start) of every grid sub-network.
+
+Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs),
+``lapp.png`` and ``proard.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
 back.
 """
 from __future__ import annotations
@@ -61,6 +78,7 @@ from jax import lax
 
 from prox import loop
 from prox import models
+from prox import robust
 from prox import step as step_lib
 from prox import tasks
 from prox import transforms
@@ -68,12 +86,13 @@ from prox.experiments import common
 from prox.experiments import report
 from prox.tasks import data as data_lib
 
-PARTS = ("ofa", "lapp")
+PARTS = ("ofa", "lapp", "proard")
 QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0.5,5:2:1.0",
          "lapp.removed": (0.5,), "lapp.num_steps": 60, "lapp.prune_steps": 30, "lapp.frequency": 5,
-         "lapp.eval_every": 30}
-# Each run has its own directory and record, so other parts or more seeds may follow in the same workdir.
-RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress")
+         "lapp.eval_every": 30, "proard.num_steps": 20}
+# Each run has its own directory and record (with its part's settings), so other parts or more seeds may
+# follow in the same workdir, and a part's section may change there (its runs check their own settings).
+RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "proard")
 
 
 # --- config --------------------------------------------------------------------------------------------
@@ -113,8 +132,25 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     common.numbers(c, "lapp.learning_rate", low=0, low_open=True)
     common.library_check("lapp", transforms.lapp, cnn_structure(p, (8, 8, 1), 10)[1], flops_target=0.5,
                          end_step=p.prune_steps, temperature=p.temperature, penalty_weight=p.penalty_weight)
+  if "proard" in selected:
+    if "ofa" not in selected:
+      ec = common.library_check("ofa", elastic_config, c.ofa, (8, 8, 1), 10)
+      grid(c.ofa, ec)
+    common.positive_ints(c, "proard.num_steps")
+    common.positive_ints(c, "proard.eval_pgd_steps", zero_ok=True)
+    common.numbers(c, "proard.learning_rate", "proard.eps", "proard.temperature", "proard.kd_temperature",
+                   low=0, low_open=True)
+    common.numbers(c, "proard.kd_weight", low=0)
+    common.numbers(c, "proard.momentum", low=0, high=1, high_open=True)
+    _distinct(c, "proard.arms", PROARD_ARMS)
   if workdir is not None:
     common.check_workdir(workdir)
+
+
+def _distinct(config: ml_collections.ConfigDict, field: str, options: tuple[str, ...]) -> list[str]:
+  out = common.names(config, field, options)
+  common.require(len(set(out)) == len(out), f"{field} names an entry twice: {common.get(config, field)!r}")
+  return out
 
 
 def _say(config: ml_collections.ConfigDict, text: str) -> None:
@@ -527,9 +563,164 @@ def run_lapp(env: Env) -> dict:
           "runs": runs}
 
 
+# --- part proard: adversarial elastic training, robust-gap student sampling -------------------------------
+
+PROARD_ARMS = ("gap", "uniform")
+
+
+def candidates(ec: models.ElasticConfig) -> list[tuple[str, tasks.Subnet]]:
+  """Every uniform ``kernel:depth:width`` sub-network but the largest (the students), ascending in MACs."""
+  out = []
+  for k in ec.kernel_sizes:
+    for d in range(1, max(ec.max_depths) + 1):
+      for w in ec.width_fractions:
+        if (k, d, w) != (ec.kernel_sizes[-1], max(ec.max_depths), ec.width_fractions[-1]):
+          out.append((f"k{k}-d{d}-w{w:g}", uniform_subnet(ec, k, d, w)))
+  return sorted(out, key=lambda e: float(models.elastic_flops(e[1], config=ec)))
+
+
+def proard_loss(ec: models.ElasticConfig, table: tasks.Subnet, *, eps: float, clip: tuple[float, float],
+                kd_weight: float, temperature: float) -> Callable:
+  """The robust teacher (largest) and the student ``table[ctx.extra["student"]]``, each on FGSM examples
+  against its own loss; KD from the teacher on the student's examples (see the module docstring).
+  Metrics: the batch's robust accuracies ``robust_teacher`` / ``robust_student``."""
+  largest = tasks.Subnet(np.full([len(ec.blocks)], len(ec.kernel_sizes) - 1, np.int32),
+                         np.full([len(ec.blocks)], len(ec.width_fractions) - 1, np.int32),
+                         np.asarray(ec.max_depths, np.int32))
+
+  def loss_fn(params, model_state, batch, ctx):
+    x, y = batch["image"], batch["label"]
+    student = tasks.take_subnet(table, ctx.extra["student"])
+    net = lambda s: (lambda p, x, y: _ce(models.elastic_apply(p, x, s, config=ec), y))
+    fixed = _varying_like(params, x)   # the attacks differentiate in x only (see _varying_like)
+    x_t = robust.fgsm(net(largest), fixed, x, y, eps=eps, clip=clip)
+    x_s = robust.fgsm(net(student), fixed, x, y, eps=eps, clip=clip)
+    z_t = models.elastic_apply(params, x_t, largest, config=ec)
+    z_s = models.elastic_apply(params, x_s, student, config=ec)
+    target = jax.nn.softmax(lax.stop_gradient(models.elastic_apply(params, x_s, largest, config=ec)) / temperature)
+    kd = jnp.mean(jnp.sum(target * (jnp.log(target + 1e-20) - jax.nn.log_softmax(z_s / temperature)), -1))
+    ce_t, ce_s = _ce(z_t, y), _ce(z_s, y)
+    loss = ce_t + ce_s + kd_weight * temperature ** 2 * kd
+    hit = lambda z: jnp.mean((jnp.argmax(z, -1) == y).astype(jnp.float32))
+    return loss, ({"ce_teacher": ce_t, "ce_student": ce_s, "kd": kd, "robust_teacher": hit(z_t),
+                   "robust_student": hit(z_s)}, model_state)
+
+  return loss_fn
+
+
+def _varying_like(tree: Any, x: jax.Array) -> Any:
+  """``tree`` cast to vary over the mesh axes ``x`` varies over (inside the step's ``shard_map``), so that
+  an input gradient through a custom VJP (the elastic depthwise conv) type-checks; a no-op outside."""
+  axes = tuple(jax.typeof(x).manual_axis_type.varying)
+
+  def cast(a):
+    missing = tuple(ax for ax in axes if ax not in jax.typeof(a).manual_axis_type.varying)
+    return lax.pcast(a, missing, to="varying") if missing else a
+
+  return jax.tree.map(cast, tree)
+
+
+def proard_transition(sampler: tasks.RobustGapSampler, num: int, arm: str) -> step_lib.Transition:
+  """Updates the gap of the step's student from its metrics, then draws the next step's student:
+  ``sampler.sample`` (arm ``gap``) or uniformly (arm ``uniform``); counts the draws per candidate."""
+
+  def transition(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    extra = state.extra
+    gaps = sampler.update(extra["gaps"], extra["student"], info.metrics["robust_teacher"],
+                          info.metrics["robust_student"])
+    if arm == "gap":
+      nxt = sampler.sample(gaps, info.rng, 1)[0]
+    else:
+      nxt = jax.random.randint(info.rng, [], 0, num, jnp.int32)
+    return state._replace(extra={**extra, "gaps": gaps, "student": nxt,
+                                 "draws": extra["draws"].at[nxt].add(1)})
+
+  return transition
+
+
+def robust_evaluator(ec: models.ElasticConfig, *, eps: float, steps: int, clip: tuple[float, float]) -> Callable:
+  """``(params, subnet, x, y, key) -> (clean correct, PGD-robust correct)`` counts, jitted once."""
+
+  @jax.jit
+  def evaluate(params, subnet, x, y, key):
+    s = tasks.Subnet(*subnet)
+    loss = lambda p, x, y: _ce(models.elastic_apply(p, x, s, config=ec), y)
+    x_adv = robust.pgd(loss, params, x, y, key, eps=eps, step_size=eps / 4, steps=steps, clip=clip)
+    hit = lambda xx: jnp.sum(jnp.argmax(models.elastic_apply(params, xx, s, config=ec), -1) == y)
+    return hit(x), hit(x_adv)
+
+  return evaluate
+
+
+class ProardTools(NamedTuple):
+  ec: models.ElasticConfig
+  names: list
+  table: tasks.Subnet
+  sampler: tasks.RobustGapSampler
+  tx: optax.GradientTransformation
+  steps: dict
+  evaluate: Callable
+  clip: tuple
+
+
+def proard_tools(env: Env) -> ProardTools:
+  def build():
+    c, o = env.c.proard, env.c.ofa
+    ec = elastic_config(o, env.train.images.shape[1:], env.train.num_classes)
+    cands = candidates(ec)
+    table = tasks.stack_subnets([s for _, s in cands])
+    clip = (float(env.train.images.min()), float(env.train.images.max()))
+    sampler = tasks.robust_gap_sampler(len(cands), temperature=c.temperature, momentum=c.momentum)
+    tx = optax.adam(optax.cosine_decay_schedule(c.learning_rate, c.num_steps))
+    loss = proard_loss(ec, table, eps=c.eps, clip=clip, kd_weight=c.kd_weight, temperature=c.kd_temperature)
+    steps = {arm: step_lib.make_train_step(loss, tx, mesh=env.mesh,
+                                           transition=proard_transition(sampler, len(cands), arm))
+             for arm in PROARD_ARMS}
+    evaluate = robust_evaluator(ec, eps=c.eps, steps=c.eval_pgd_steps, clip=clip)
+    return ProardTools(ec, [n for n, _ in cands], table, sampler, tx, steps, evaluate, clip)
+  return env.get("proard_tools", build)
+
+
+def proard_run(env: Env, arm: str, seed: int) -> dict:
+  t = proard_tools(env)
+  c = env.c.proard
+
+  def fn() -> dict:
+    params = models.init_elastic(t.ec, jax.random.key(seed))
+    extra = {"gaps": t.sampler.init(), "student": np.int32(0), "draws": np.zeros(len(t.names), np.int32)}
+    state = _state(env, params, t.tx, seed, extra)
+    result, cost = fit(env, t.steps[arm], state, c.num_steps, seed)
+    final = jax.device_get(result.state)
+    x, y = env.test.images, env.test.labels
+    clean, rob = {}, {}
+    for name, s in grid(env.c.ofa, t.ec):
+      hits = jax.device_get(t.evaluate(final.params, tuple(s), x, y, jax.random.key(seed)))
+      clean[name], rob[name] = float(hits[0]) / len(y), float(hits[1]) / len(y)
+    return {"clean": clean, "robust": rob, "gaps": dict(zip(t.names, np.asarray(final.extra["gaps"].gaps).tolist())),
+            "draws": dict(zip(t.names, np.asarray(final.extra["draws"]).tolist())), **cost}
+
+  settings = {"proard": c.to_dict(), "ofa": {k: v for k, v in env.c.ofa.to_dict().items()
+                                               if k not in ("phase_steps", "learning_rate", "kd_weight", "temperature")}}
+  return _once(env, "proard", arm, seed, settings, fn)
+
+
+def run_proard(env: Env) -> dict:
+  t = proard_tools(env)
+  arms = _distinct(env.c, "proard.arms", PROARD_ARMS)
+  runs: dict[str, dict] = {}
+  for seed in common.seeds(env.c):
+    for arm in arms:
+      r = proard_run(env, arm, seed)
+      runs.setdefault(arm, {})[str(seed)] = r
+      _say(env.c, f"shrink: proard {arm} seed {seed}: robust " + " ".join(f"{k}={v:.3f}" for k, v in r["robust"].items())
+           + f" ({r['wall_seconds']:.0f} s)")
+  macs = {name: float(models.elastic_flops(s, config=t.ec)) for name, s in grid(env.c.ofa, t.ec)}
+  return {"macs": macs, "candidates": t.names, "arms": arms, "runs": runs}
+
+
 # --- entry point -----------------------------------------------------------------------------------------
 
-RUNNERS = {"ofa": run_ofa, "lapp": run_lapp}
+RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard}
 
 
 def _finished(workdir: str, part: str) -> int:
@@ -599,6 +790,12 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
                                       _per_seed(runs[f"magnitude{r}"], lambda x: x["accuracy"]))
       out.append({"name": f"lapp{r}", "effect": f"LAPP above magnitude (uniform) pruning at {r}% of the MACs removed",
                   "comparison": comp, "held": comp["verdict"] == "better"})
+  if "proard" in results and set(PROARD_ARMS) <= set(results["proard"]["runs"]):
+    runs = results["proard"]["runs"]
+    mean_robust = lambda r: float(np.mean(list(r["robust"].values())))
+    comp = report.paired_comparison(_per_seed(runs["gap"], mean_robust), _per_seed(runs["uniform"], mean_robust))
+    out.append({"name": "proard", "effect": "robust-gap sampling above uniform sampling in robust accuracy (mean "
+                "over the grid)", "comparison": comp, "held": comp["verdict"] == "better"})
   return out
 
 
@@ -647,7 +844,42 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
     lines += _ofa_md(config, results["ofa"], effects)
   if "lapp" in results:
     lines += _lapp_md(config, results["lapp"], effects)
+  if "proard" in results:
+    lines += _proard_md(config, results["proard"])
   return "\n".join(lines) + "\n"
+
+
+def _proard_md(config: ml_collections.ConfigDict, part: dict) -> list[str]:
+  c = config.proard
+  runs = part["runs"]
+  lines = ["## ProARD: adversarial elastic training, robust-gap vs uniform student sampling", "",
+           f"The `ofa` elastic network, {c.num_steps} steps, batch {config.batch_size}, Adam {c.learning_rate:g} "
+           f"(cosine); FGSM training at eps {c.eps:g} (standardised pixel units); KD weight {c.kd_weight:g}, "
+           f"T {c.kd_temperature:g}; gap sampler tau {c.temperature:g}, momentum {c.momentum:g}; "
+           f"{len(part['candidates'])} candidate students. Test: clean and PGD-{c.eval_pgd_steps} "
+           f"(eps {c.eps:g}, step eps/4) accuracy (%).", ""]
+  rows = []
+  for name, macs in part["macs"].items():
+    row = [name, f"{macs / 1e3:.1f}k"]
+    for arm in part["arms"]:
+      row += [_pct(_per_seed(runs[arm], lambda r, n=name: r["clean"][n])),
+              _pct(_per_seed(runs[arm], lambda r, n=name: r["robust"][n]))]
+    if set(PROARD_ARMS) <= set(part["arms"]):
+      row.append(_diff(report.paired_comparison(_per_seed(runs["gap"], lambda r, n=name: r["robust"][n]),
+                                                _per_seed(runs["uniform"], lambda r, n=name: r["robust"][n])))[0])
+    rows.append(row)
+  headers = ["sub-network", "MACs"] + [f"{a} {k}" for a in part["arms"] for k in ("clean", "robust")]
+  if set(PROARD_ARMS) <= set(part["arms"]):
+    headers.append("robust: gap - uniform (points)")
+  lines += [report.markdown_table(headers, rows), ""]
+  draws = []
+  for arm in part["arms"]:
+    mean = {n: np.mean([r["draws"][n] for r in runs[arm].values()]) for n in part["candidates"]}
+    gap = {n: np.mean([r["gaps"][n] for r in runs[arm].values()]) for n in part["candidates"]}
+    draws.append([arm] + [f"{mean[n]:.0f} ({gap[n]:+.2f})" for n in part["candidates"]])
+  lines += ["Students drawn per candidate over the run (final running robust gap to the teacher), mean over seeds:",
+            "", report.markdown_table(["arm"] + part["candidates"], draws), ""]
+  return lines
 
 
 def _ofa_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
@@ -725,7 +957,24 @@ def figures(results: dict) -> dict[str, Callable[[str], None]]:
     out["ofa.png"] = lambda path: _plot_ofa(results["ofa"], path)
   if "lapp" in results:
     out["lapp.png"] = lambda path: _plot_lapp(results["lapp"], path)
+  if "proard" in results:
+    out["proard.png"] = lambda path: _plot_proard(results["proard"], path)
   return out
+
+
+def _plot_proard(part: dict, path: str) -> None:
+  fig, ax = report.figure(5.5, 4)
+  names = list(part["macs"])
+  x = [part["macs"][n] / 1e3 for n in names]
+  for arm, marker in zip(part["arms"], ("o", "s")):
+    for key, ls in (("robust", "-"), ("clean", ":")):
+      m = [100 * np.mean([r[key][n] for r in part["runs"][arm].values()]) for n in names]
+      ax.plot(x, m, marker + ls, label=f"{arm} {key}")
+  ax.set_xlabel("MACs per example (k)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("ProARD: robust-gap vs uniform student sampling")
+  ax.legend(fontsize=8)
+  report.save_figure(fig, path)
 
 
 def _plot_ofa(part: dict, path: str) -> None:

@@ -16,8 +16,11 @@ import numpy as np
 import optax
 import pytest
 
+import jax.numpy as jnp
+
 from prox import models
 from prox import step as step_lib
+from prox import tasks
 from prox import transforms
 from prox.experiments import common
 from prox.experiments import main
@@ -166,6 +169,59 @@ def test_prefixed_structure_addresses_the_outer_tree():
     transforms.check_structure(outer, net.params)
 
 
+# --- proard: the student sampler stepped by the transition -----------------------------------------------------
+
+def _info(**fields) -> step_lib.StepInfo:
+  return step_lib.StepInfo(**{**{f: None for f in step_lib.StepInfo._fields}, **fields})
+
+
+def _extra_state(extra) -> step_lib.TrainState:
+  return step_lib.TrainState(**{**{f: None for f in step_lib.TrainState._fields}, "extra": extra})
+
+
+@pytest.mark.parametrize("arm", ["gap", "uniform"])
+def test_proard_transition_updates_the_trained_students_gap_and_draws_the_next(arm):
+  sampler = tasks.robust_gap_sampler(4, temperature=0.05, momentum=0.9)
+  transition = jax.jit(shrink.proard_transition(sampler, 4, arm))
+  extra = {"gaps": sampler.init(), "student": jnp.int32(2), "draws": jnp.zeros(4, jnp.int32)}
+  key = jax.random.key(3)
+  out = transition(_extra_state(extra), _info(rng=key, metrics={"robust_teacher": jnp.float32(0.9),
+                                                                "robust_student": jnp.float32(0.3)})).extra
+  # the first measurement of student 2 replaces the optimistic start: g_2 = a_T - a_S
+  np.testing.assert_allclose(np.asarray(out["gaps"].gaps), [1.0, 1.0, 0.6, 1.0], rtol=1e-6)
+  assert np.asarray(out["gaps"].visits).tolist() == [0, 0, 1, 0]
+  gaps = sampler.update(sampler.init(), 2, 0.9, 0.3)
+  expected = sampler.sample(gaps, key, 1)[0] if arm == "gap" else jax.random.randint(key, [], 0, 4, jnp.int32)
+  assert int(out["student"]) == int(expected)
+  assert np.asarray(out["draws"]).tolist() == [int(i == int(expected)) for i in range(4)]
+  # a second measurement of the same student moves its gap by (1 - m): g <- 0.9 g + 0.1 (a_T - a_S)
+  again = transition(_extra_state({**out, "student": jnp.int32(2)}),
+                     _info(rng=key, metrics={"robust_teacher": jnp.float32(0.8), "robust_student": jnp.float32(0.6)}))
+  np.testing.assert_allclose(float(again.extra["gaps"].gaps[2]), 0.9 * 0.6 + 0.1 * 0.2, rtol=1e-6)
+
+
+def test_gap_arm_draws_the_lagging_student_and_uniform_does_not():
+  sampler = tasks.robust_gap_sampler(4, temperature=0.05)
+  gaps = tasks.GapSamplerState(jnp.asarray([0.0, 0.5, 0.0, 0.0]), jnp.ones(4, jnp.int32))
+  picks = {}
+  for arm in ("gap", "uniform"):
+    transition = jax.jit(shrink.proard_transition(sampler, 4, arm))
+    extra = {"gaps": gaps, "student": jnp.int32(0), "draws": jnp.zeros(4, jnp.int32)}
+    for i in range(40):   # student 0 measured with a zero gap: the others stay as they are
+      extra = transition(_extra_state(extra), _info(rng=jax.random.key(i), metrics={
+          "robust_teacher": jnp.float32(0.5), "robust_student": jnp.float32(0.5)})).extra
+      extra = {**extra, "student": jnp.int32(0)}
+    picks[arm] = np.asarray(extra["draws"])
+  assert picks["gap"][1] == 40                      # exp(0.5 / 0.05) = 22000 times the others' weight
+  assert 0 < picks["uniform"][1] < 25 and (picks["uniform"] > 0).sum() >= 3
+
+
+def test_candidates_are_every_uniform_subnetwork_but_the_largest():
+  ec = shrink.elastic_config(_config().ofa, (8, 8, 1), 10)
+  names = [n for n, _ in shrink.candidates(ec)]
+  assert len(names) == 2 * 2 * 2 - 1 and "k5-d2-w1" not in names and names[0] == "k3-d1-w0.5"
+
+
 # --- config errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
@@ -179,6 +235,9 @@ def test_prefixed_structure_addresses_the_outer_tree():
     ({"lapp__removed": (0.4, 1.2)}, "lapp.removed"),
     ({"lapp__prune_steps": 60}, "lapp.prune_steps"),
     ({"lapp__temperature": (1.0, -2.0)}, "temperature"),
+    ({"parts": "proard", "proard__arms": "gap,gap"}, "twice"),
+    ({"parts": "proard", "proard__momentum": 1.0}, "proard.momentum"),
+    ({"parts": "proard", "proard__eps": 0.0}, "proard.eps"),
 ])
 def test_validate_names_the_bad_value(fields, expected):
   with pytest.raises(common.ConfigError, match=expected):
@@ -232,15 +291,18 @@ def test_lapp_part_end_to_end_and_a_rerun_reads_every_run_back(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
-  proc = _prox(tmp_path)
+  every = "--config.parts=" + ",".join(shrink.PARTS)
+  proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50 (one seed)
-  first = _outputs(tmp_path, list(shrink.PARTS), 6)
-  assert first["runs_trained"] == 6
+  # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50; proard: 2 arms (one seed)
+  first = _outputs(tmp_path, list(shrink.PARTS), 8)
+  assert first["runs_trained"] == 8
+  gap = first["results"]["proard"]["runs"]["gap"]["0"]
+  assert sum(gap["draws"].values()) == 20 and set(gap["robust"]) == {"k3-d1-w0.5", "k5-d2-w1"}
   assert "OFA sub-network k3-d1-w0.5 within 1 point" in first["md"]
   ofa = first["results"]["ofa"]["runs"]["ofa"]["0"]
   assert [p["step"] for p in ofa["phases"]] == [20, 30, 40, 50] and ofa["shrink_count"] == 50
-  proc = _prox(tmp_path)
+  proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  second = _outputs(tmp_path, list(shrink.PARTS), 6)
+  second = _outputs(tmp_path, list(shrink.PARTS), 8)
   assert second["runs_trained"] == 0 and second["results"] == first["results"]

@@ -4,7 +4,7 @@
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/quick --config.quick=True
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/s --config.parts=lapp
 
-``parts`` (comma-separated) selects any of ofa, lapp.
+``parts`` (comma-separated) selects any of ofa, lapp, proard (the default runs ofa and lapp).
 """
 import ml_collections
 
@@ -51,5 +51,17 @@ def get_config() -> ml_collections.ConfigDict:
       "temperature": (1.0, 100.0),     # LAPP's soft-mask temperature, rising geometrically
       "penalty_weight": 10.0,
       "eval_every": 250,
+  })
+  # ProARD: the ofa elastic network trained adversarially, robust-gap vs uniform student sampling.
+  c.proard = ml_collections.ConfigDict({
+      "arms": "gap,uniform",
+      "num_steps": 300,
+      "learning_rate": 2e-3,           # Adam, cosine over the run
+      "eps": 0.2,                      # L-inf radius in standardised pixel units (pixels span about 2.7)
+      "kd_weight": 1.0,
+      "kd_temperature": 1.0,
+      "temperature": 0.05,             # the gap sampler's tau
+      "momentum": 0.9,                 # the gap sampler's running-gap momentum
+      "eval_pgd_steps": 5,
   })
   return c
