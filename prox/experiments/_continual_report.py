@@ -43,6 +43,8 @@ def aggregate(results: dict) -> dict:
         if ranges:
           entry["lambda_range_first"] = _finite_mean([r[0] for r in ranges])
           entry["lambda_range_last"] = _finite_mean([r[-1] for r in ranges])
+      if run["kind"] == "tame":
+        entry["experts"] = [l["num_experts"][-1] for l in logs if l.get("num_experts")]
       if run["kind"] == "ewc_detect":
         entry["max_stability"] = max(float(l.get("max_stability", 0.0)) for l in logs)
         entry["detection"] = [_detection(l, s["task_end_steps"]) for l, s in zip(logs, seeds)]
@@ -150,7 +152,7 @@ def markdown(results: dict, agg: dict, scole: dict | None) -> str:
                 f"task's loss at the anchor, retention 0.5, SGD lr {cfg['learning_rate']}; mean over seeds and "
                 f"the EWC runs without skipped steps): after task 1 λ in [{low:.3g}, {high:.3g}], after task "
                 f"{tasks - 1} [{low_t:.3g}, {high_t:.3g}].", ""]
-  expected = expectations(agg) + step_times(agg)
+  expected = expectations(agg)
   if expected:
     lines += ["## The new methods: effects fixed before running", ""] + expected
   if scole:
@@ -201,8 +203,9 @@ def _setup(cfg: dict) -> list[str]:
       f"are not used."] + _setup_new(cfg) + [""]
 
 
-_NEW = ("mas", "mir", "cuber", "protocl", "onpro")
-_MEMORY = ("mir", "protocl", "onpro")   # the new methods that replay from replay's reservoir
+_NEW = ("mas", "mir", "cuber", "protocl", "onpro", "wsn", "tame")
+_BUDGET = {"mas": " (no memory)", "cuber": " (no memory)", "wsn": " (no memory)",
+           "tame": " (same memory + a bank of experts)"}   # against replay's reservoir
 
 
 def _setup_new(cfg: dict) -> list[str]:
@@ -231,6 +234,18 @@ def _setup_new(cfg: dict) -> list[str]:
                f"incoming batch absorbed after each step; loss -log p(y | z) on the batch and "
                f"{r['batch_size']} draws from replay's reservoir ({r['capacity']} examples); predictions by the "
                f"posterior.")
+  if "wsn" in methods:
+    out.append(f"- WSN (split only): top {cfg['wsn']['density']} of the scores per kernel as a task's "
+               f"subnetwork, earlier tasks' weights frozen, biases fixed, fresh random scores per task, each "
+               f"task scored with its stored mask; SGD on weights and scores.")
+  if "tame" in methods:
+    t, d = cfg["tame"], cfg["detector"]
+    out.append(f"- TAME: up to {t['max_experts']} experts; a switch of the loss-shift detector (reference "
+               f"{d['reference_window']}, test {d['test_window']} steps, threshold {d['threshold']}) spawns a copy "
+               f"of the active expert; a selector MLP (one hidden layer of {t['selector_hidden']}) trained on "
+               f"{r['batch_size']} draws per step from replay's reservoir ({r['capacity']} examples tagged with "
+               f"their expert) routes each test input; the task boundaries are not used. Its memory is replay's "
+               f"plus the bank of experts (one model copy per detected task).")
   if "onpro" in methods:
     o = cfg["onpro"]
     out.append(f"- OnPro: projection head of {o['projection_dim']} dims, second view = {o['drop']:g} of the "
@@ -252,7 +267,7 @@ def expectations(agg: dict) -> list[str]:
     table, above = [], []
     for e in new:
       c = report.paired_comparison(dict(zip(e["seeds"], e["avg_acc"])), dict(zip(replay["seeds"], replay["avg_acc"])))
-      table.append(_paired_row(e["label"] + ("" if e["kind"] in _MEMORY else " (no memory)"), c))
+      table.append(_paired_row(e["label"] + _BUDGET.get(e["kind"], ""), c))
       above += [e["label"]] if c["verdict"] == "better" else []
     lines += [report.markdown_table(["method − replay", "pairs", "mean diff", "95% CI", "p", "wins/ties/losses",
                                      "verdict"], table), ""]
@@ -270,26 +285,6 @@ def expectations(agg: dict) -> list[str]:
     lines += [report.markdown_table(["stream: CUBER − GPM (BWT)", "pairs", "mean diff", "95% CI", "p",
                                      "wins/ties/losses", "verdict"], table), ""]
   return lines
-
-
-def step_times(agg: dict) -> list[str]:
-  """Training time per step of each new method against naive's on the same stream (same batch size and
-  model; the loop's train seconds over the steps, compilation and boundary actions excluded; median over
-  seeds; measured while other processes shared the cores)."""
-  table = []
-  for stream, rows in agg.items():
-    naive = next((e for e in rows.values() if e["kind"] == "naive"), None)
-    if naive is None:
-      continue
-    for e in rows.values():
-      if e["kind"] in _NEW + ("replay", "gpm"):
-        table.append([stream, e["label"], f"{e['ms_per_step']:.2f}", f"{naive['ms_per_step']:.2f}",
-                      f"{e['ms_per_step'] / naive['ms_per_step']:.2f}"])
-  if not table:
-    return []
-  return ["### Step time against naive's (the loop's training seconds per step, median over seeds; the "
-          "cores were shared with other processes, so ratios are rough)", "",
-          report.markdown_table(["stream", "method", "ms/step", "naive ms/step", "× naive"], table), ""]
 
 
 def _paired_row(name: str, c: dict) -> list:
@@ -316,6 +311,8 @@ def _notes(e: dict) -> str:
   if e.get("final_ranks"):
     ranks = e["final_ranks"][0]
     notes.append("final GPM ranks (seed 0) " + ", ".join(f"{_short(k)} {v}" for k, v in ranks.items()))
+  if "experts" in e:
+    notes.append(f"experts at the end per seed {e['experts']}")
   if "opened" in e:
     notes.append(f"old-task subspaces opened (kernel, task; summed over boundaries) per seed {e['opened']}")
   return "; ".join(notes)
