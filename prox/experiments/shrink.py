@@ -34,7 +34,7 @@ BatchNorm, the smaller search space of ``prox.models.ElasticConfig``.
 Part ``lapp`` (Zhai, Guo, Liu, Xing, Xu 2023, "LAPP: Layer Adaptive Progressive Pruning for Compressing
 CNNs from Scratch"). The zoo ``cnn`` (two convs, a dense layer, a head) is pruned from scratch to keep
 ``b = 1 - removed`` of its MACs. LAPP (``prox.transforms.lapp``): learnable per-layer thresholds (in the
-parameters) on scale-free L1 channel scores, soft masks ``sigmoid(T_t (s_c - t_l))`` with ``T_t`` rising
+parameters, with their own Adam learning rate ``threshold_learning_rate``) on scale-free L1 channel scores, soft masks ``sigmoid(T_t (s_c - t_l))`` with ``T_t`` rising
 geometrically, and the penalty ``lambda max(0, F(m)/F - b_t)^2`` against the budget ``b_t`` that tightens
 cubically over ``[0, prune_steps]``; at ``prune_steps`` a transition inside the step freezes LAPP's hard
 masks (``s_c > t_l``) into a ``prox.transforms.channel_pruning`` state, whose one update at
@@ -92,7 +92,7 @@ QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0
          "lapp.eval_every": 30, "proard.num_steps": 20}
 # Each run has its own directory and record (with its part's settings), so other parts or more seeds may
 # follow in the same workdir, and a part's section may change there (its runs check their own settings).
-RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "proard")
+RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard")
 
 
 # --- config --------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     common.require(bool(removed) and all(common.is_number(r) and 0 < r < 1 for r in removed)
                    and len(set(removed)) == len(removed),
                    f"lapp.removed must be distinct fractions in (0, 1), got {p.removed!r}")
-    common.numbers(c, "lapp.learning_rate", low=0, low_open=True)
+    common.numbers(c, "lapp.learning_rate", "lapp.threshold_learning_rate", low=0, low_open=True)
     common.library_check("lapp", transforms.lapp, cnn_structure(p, (8, 8, 1), 10)[1], flops_target=0.5,
                          end_step=p.prune_steps, temperature=p.temperature, penalty_weight=p.penalty_weight)
   if "proard" in selected:
@@ -506,7 +506,10 @@ def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
           lambda params, ms, batch, ctx: _plain_loss(apply, params, ms, batch), tx, mesh=env.mesh)
     lp = transforms.lapp(structure, flops_target=target, end_step=p.prune_steps, temperature=tuple(p.temperature),
                          penalty_weight=p.penalty_weight)
-    tx = transforms.channel_pruning(adam, structure=outer, flops_target=target, start_step=p.prune_steps,
+    # the thresholds get their own Adam learning rate (they live on the scale of the scores, mean 1)
+    inner = optax.multi_transform({"model": adam, "thresholds": optax.adam(p.threshold_learning_rate)},
+                                  lambda tree: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in tree.items()})
+    tx = transforms.channel_pruning(inner, structure=outer, flops_target=target, start_step=p.prune_steps,
                                     end_step=p.prune_steps + 1, frequency=1)
     return tx, step_lib.make_train_step(lapp_loss(net.apply, structure, lp, p.prune_steps), tx, mesh=env.mesh,
                                         transition=lapp_transition(structure, lp, p.prune_steps))
@@ -536,7 +539,9 @@ def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
       out["thresholds"] = {k: float(v) for k, v in final.params["thresholds"].items()}
     return out
 
-  settings = {k: v for k, v in p.to_dict().items() if k != "removed"}
+  # the fields the arm uses (the thresholds' learning rate only LAPP's)
+  settings = {k: v for k, v in p.to_dict().items()
+              if k != "removed" and (arm == "lapp" or k != "threshold_learning_rate")}
   return _once(env, "lapp", name, seed, {**settings, "removed": removed}, fn)
 
 
@@ -827,7 +832,10 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
            "difference in points, Student-t 95% interval. "
            f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-           + f"; the runs' own wall seconds, summed: {_run_seconds(results):.0f}.", "",
+           + f"; the runs' own wall seconds, summed: {_run_seconds(results):.0f}. Parts shown: "
+           + ", ".join(results) + " (the default config runs ofa and lapp; proard runs with "
+           "`--config.parts=proard` in the same workdir, and a later invocation naming every part reads all "
+           "finished runs back).", "",
            "## Expected effects (fixed before any run)", "",
            "Criteria: *within 1 point*: |mean paired difference| <= 1 point (notes: whether the 95% interval also "
            "lies inside ±1); *above*: the paired 95% interval lies above 0.", ""]
@@ -925,7 +933,8 @@ def _lapp_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict])
            f"Zoo cnn (widths {p.width}, {2 * p.width}, dense {p.hidden}; {part['full_macs'] / 1e3:.1f}k MACs), "
            f"{p.num_steps} steps, batch {config.batch_size}, Adam {p.learning_rate:g}; the budget tightens over the "
            f"first {p.prune_steps} steps, then fine-tuning with fixed masks. Magnitude: masks every {p.frequency} "
-           f"steps. LAPP: temperature {tuple(p.temperature)}, penalty weight {p.penalty_weight:g}. Channels kept "
+           f"steps. LAPP: temperature {tuple(p.temperature)}, penalty weight {p.penalty_weight:g}, thresholds' Adam "
+           f"learning rate {p.threshold_learning_rate:g}. Channels kept "
            f"per group ({', '.join(f'{k} of {v}' for k, v in part['groups'].items())}), mean over seeds.", ""]
   dense = _per_seed(runs["dense"], lambda r: r["accuracy"])
   rows = [["dense", "-", "1.000", _pct(dense), "-", "-", "-", ", ".join(str(v) for v in part["groups"].values())]]

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
       "num_steps": 1500,
       "prune_steps": 750,              # the budget tightens over [0, prune_steps]; then fine-tuning, masks fixed
       "learning_rate": 1e-3,           # Adam
+      # LAPP's thresholds (Adam): they must cross the scores' range (mean 1) within the pruning window; at the
+      # weights' 1e-3 they moved too little (the first full run: LAPP's own masks kept 96-100% of the MACs)
+      "threshold_learning_rate": 1e-2,
       "frequency": 50,                 # magnitude pruning: masks recomputed every this many steps
       "temperature": (1.0, 100.0),     # LAPP's soft-mask temperature, rising geometrically
       "penalty_weight": 10.0,
@@ -55,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ProARD: the ofa elastic network trained adversarially, robust-gap vs uniform student sampling.
   c.proard = ml_collections.ConfigDict({
       "arms": "gap,uniform",
-      "num_steps": 300,
+      "num_steps": 800,                # the OFA run's total (at 300, every sub-network but the largest stayed near chance)
       "learning_rate": 2e-3,           # Adam, cosine over the run
       "eps": 0.2,                      # L-inf radius in standardised pixel units (pixels span about 2.7)
       "kd_weight": 1.0,
