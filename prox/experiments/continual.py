@@ -128,6 +128,7 @@ QUICK = {
     "split_class.epochs_per_task": 2,
     "split_class.ewc_lambdas": (10.0,),
     "split_class.ewc_detect_lambda": 10.0,
+    "split_class.mas_lambda": 0.1,   # at the quick learning rate lambda = 1 passes SGD's stability bound
     "ewc.fisher_examples": 64,
     "gpm.examples": 32,
     "slca.samples_per_class": 32,

@@ -381,7 +381,6 @@ def _check_stream(res, stream, num_tasks):
   assert sum(protocl["log"]["posterior_counts"][-1]) == protocl["steps"] * 32
   if stream == "split":   # WSN is forget-free: a stored subnetwork's accuracy never changes
     wsn_r = np.asarray(runs["wsn"]["seeds"]["0"]["R"])
-    assert np.all(wsn_r[np.triu_indices(num_tasks)[1] >= 0][0] >= 0)
     for j in range(num_tasks):
       np.testing.assert_array_equal(wsn_r[j:, j], wsn_r[j, j])
   tame_log = runs["tame"]["seeds"]["0"]["log"]    # switches detected inside the step spawn experts
@@ -634,7 +633,7 @@ def test_protocl_predicts_by_the_posterior_and_absorbs_each_batch_once(digits):
   _close(state.extra["protos"].mean, expected.mean, rtol=1e-4, atol=1e-5)
   assert float(jnp.sum(state.extra["protos"].count)) == 32      # the replayed rows are not absorbed
   test = run.tasks[0].test.materialize()
-  got = method.evaluate(state, test, 64)
+  got = method.evaluate(state, test, 64, 0)
   zt = models.mlp_layer_inputs(state.params, jnp.asarray(test.images))["head"]
   pred = np.argmax(np.asarray(head.log_joint(state.extra["protos"], zt)), -1)
   assert got["accuracy"] == pytest.approx(np.mean(pred == test.labels))
