@@ -64,7 +64,6 @@ TINY = {"ofa__stem_channels": 4, "ofa__stages": ((4, 1, 1), (8, 2, 2)), "ofa__ex
         "ofa__phase_steps": (2, 1, 1, 1), "ofa__grid": "3:1:0.5,5:2:1.0"}
 
 
-@pytest.mark.slow   # the elastic step's compile: ~100 s on 2 loaded cores
 def test_the_phase_machine_changes_the_sampled_subnetworks_inside_the_compiled_step(splits):
   cfg = _config(**TINY)
   shrink.validate(cfg, None)
@@ -273,7 +272,7 @@ def _outputs(workdir: Path, parts: list[str], runs: int) -> dict:
   return results | {"md": (workdir / "results.md").read_text()}
 
 
-@pytest.mark.slow   # two CLI runs: ~110 s on 2 loaded cores
+@pytest.mark.slow   # two CLI runs: 26 s on 2 idle cores, ~110 s on loaded ones
 def test_lapp_part_end_to_end_and_a_rerun_reads_every_run_back(tmp_path):
   proc = _prox(tmp_path, "--config.parts=lapp")
   assert proc.returncode == 0, proc.stderr[-3000:]
