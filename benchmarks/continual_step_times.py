@@ -8,7 +8,7 @@ methods so that machine noise hits them alike; printed per method: the median an
 time per step and the median process-CPU time per step, each over naive's. ``wsn`` and naive's reference
 for it run on the task-incremental ``split`` stream (logit masks), the others on ``split_class``.
 
-  python results/continual/new_methods/step_times.py [--repeats 15] [--steps 50]
+  python benchmarks/continual_step_times.py [--repeats 15] [--steps 50]
 """
 from __future__ import annotations
 
