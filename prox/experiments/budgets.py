@@ -151,12 +151,6 @@ def parts(config: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
-def _distinct(config: ml_collections.ConfigDict, field: str, options: tuple[str, ...]) -> list[str]:
-  names = common.names(config, field, options)
-  common.require(len(set(names)) == len(names), f"{field} names an entry twice: {common.get(config, field)!r}")
-  return names
-
-
 def _hidden(config: ml_collections.ConfigDict, field: str) -> None:
   value = common.get(config, field)
   common.require(isinstance(value, (tuple, list)) and len(value) > 0 and all(common.is_int(h) and h > 0 for h in value),
@@ -170,8 +164,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   common.positive_ints(config, "num_seeds", "eval_batch_size")
   if "budget" in selected:
     c = config.budget
-    _distinct(config, "budget.datasets", DATASETS)
-    _distinct(config, "budget.arms", BUDGET_ARMS)
+    common.distinct_names(config, "budget.datasets", DATASETS)
+    common.distinct_names(config, "budget.arms", BUDGET_ARMS)
     common.positive_ints(config, "budget.num_steps", "budget.max_steps", "budget.width", "budget.hidden",
                          "budget.group_size", "budget.eval_every")
     common.check_batch("budget.batch_size", c.batch_size)
@@ -200,7 +194,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
   if "staged" in selected:
     c = config.staged
     common.choice(config, "staged.dataset", DATASETS)
-    _distinct(config, "staged.schedules", SCHEDULES)
+    common.distinct_names(config, "staged.schedules", SCHEDULES)
     common.positive_ints(config, "staged.epochs", "staged.num_levels", "staged.crowd_steps")
     common.check_batch("staged.batch_size", c.batch_size)
     common.numbers(config, "staged.learning_rate", low=0, low_open=True)
@@ -210,7 +204,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                    f"staged.crowd_size must be an integer >= 2, got {c.crowd_size!r}")
   if "noprop" in selected:
     c = config.noprop
-    _distinct(config, "noprop.datasets", DATASETS)
+    common.distinct_names(config, "noprop.datasets", DATASETS)
     common.positive_ints(config, "noprop.num_blocks", "noprop.hidden", "noprop.num_steps", "noprop.baseline_depth")
     common.check_batch("noprop.batch_size", c.batch_size)
     common.numbers(config, "noprop.learning_rate", low=0, low_open=True)
@@ -367,10 +361,6 @@ class NoiseSource:
 
 
 # --- shared helpers ------------------------------------------------------------------------------------
-
-def _say(cfg: ml_collections.ConfigDict, text: str) -> None:
-  if cfg.progress and jax.process_index() == 0:
-    print(text, flush=True)
 
 
 def _once(workdir: str, name: str, settings: dict, fn: Callable[[], dict]) -> dict:
@@ -540,7 +530,7 @@ def run_budget(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           return budget_run(cfg, dataset, arm, seed, splits, tool)
 
         runs.setdefault(arm, {})[str(seed)] = _once(workdir, f"budget/{dataset}/{arm}/seed{seed}", settings, go)
-      _say(cfg, f"budget {dataset} {arm}: test accuracy at budget {c.end}: " + ", ".join(
+      common.say(cfg, f"budget {dataset} {arm}: test accuracy at budget {c.end}: " + ", ".join(
           f"{r['accuracy_final_budget']:.4f}" for r in runs[arm].values()))
     out["datasets"][dataset] = runs
   return out
@@ -726,7 +716,7 @@ def run_interval(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       out["runs"].setdefault(arm, {})[str(seed)] = _once(
           workdir, f"interval/{arm}/seed{seed}", {**settings, "arm": arm},
           functools.partial(interval_run, cfg, arm, seed, directory, cache))
-    _say(cfg, f"interval seed {seed}: pretrained reward {out['pretrain'][str(seed)]['reward']:.3f}; after RL: " + ", ".join(
+    common.say(cfg, f"interval seed {seed}: pretrained reward {out['pretrain'][str(seed)]['reward']:.3f}; after RL: " + ", ".join(
         f"{arm} {out['runs'][arm][str(seed)]['reward']:.3f} (diversity {out['runs'][arm][str(seed)]['diversity']:.2f})"
         for arm in INTERVAL_ARMS))
   return out
@@ -821,7 +811,7 @@ def run_staged(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       out["runs"].setdefault(schedule, {})[str(seed)] = _once(
           workdir, f"staged/{schedule}/seed{seed}", settings,
           functools.partial(staged_run, cfg, schedule, seed, splits, difficulties, tools))
-    _say(cfg, f"staged {schedule}: final test accuracy " + ", ".join(
+    common.say(cfg, f"staged {schedule}: final test accuracy " + ", ".join(
         f"{r['accuracy']:.4f}" for r in out["runs"][schedule].values()))
   return out
 
@@ -901,7 +891,7 @@ def run_noprop(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
         settings = {"part": "noprop", "dataset": dataset, "arm": arm, "seed": seed, "noprop": c.to_dict()}
         runs.setdefault(arm, {})[str(seed)] = _once(workdir, f"noprop/{dataset}/{arm}/seed{seed}", settings, go)
-      _say(cfg, f"noprop {dataset} {arm}: test accuracy " + ", ".join(
+      common.say(cfg, f"noprop {dataset} {arm}: test accuracy " + ", ".join(
           f"{r['accuracy']:.4f}" for r in runs[arm].values()))
     out["datasets"][dataset] = runs
   return out
@@ -1066,7 +1056,7 @@ def run_privacy(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
       runs.setdefault(name, {})[str(seed)] = _once(workdir, f"privacy/{name}/seed{seed}", {**settings, "model": name},
                                                    go)
-    _say(cfg, f"privacy seed {seed}: forgotten-set accuracy / membership AUC: " + ", ".join(
+    common.say(cfg, f"privacy seed {seed}: forgotten-set accuracy / membership AUC: " + ", ".join(
         f"{name} {runs[name][str(seed)]['accuracy_forgotten']:.3f}/{runs[name][str(seed)]['membership_auc']:.3f}"
         for name in PRIVACY_MODELS))
   out["epsilon"] = {k: out["runs"]["dp"][str(common.seeds(cfg)[0])][k] for k in ("epsilon_rdp", "epsilon_pld")}
@@ -1085,14 +1075,6 @@ RUNNERS: dict[str, Callable[[ml_collections.ConfigDict, str], dict]] = {
     "privacy": run_privacy}
 
 
-def _finished(workdir: str, part: str) -> int:
-  """The finished runs (``result.json`` files) under ``workdir/part``."""
-  count = 0
-  for _, _, files in os.walk(os.path.join(workdir, part)):
-    count += "result.json" in files
-  return count
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the selected parts (finished runs are read back), then writes results.md/json and the plots."""
   validate(config, workdir)
@@ -1101,11 +1083,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seconds: dict[str, float] = {}
   trained = read_back = 0
   for part in parts(config):
-    before = _finished(workdir, part)
+    before = common.finished_runs(workdir, part)
     t0 = time.perf_counter()
     results[part] = RUNNERS[part](config, workdir)
     seconds[part] = time.perf_counter() - t0
-    after = _finished(workdir, part)
+    after = common.finished_runs(workdir, part)
     trained += after - before
     read_back += before
   total = time.perf_counter() - started
@@ -1114,7 +1096,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report.write_results(workdir, {"config": config, "seconds": total, "part_seconds": seconds,
                                  "runs_trained": trained, "runs_read_back": read_back,
                                  "expected_effects": comparisons, "results": results}, md, figures(config, results))
-  _say(config, f"budgets: {trained} runs trained, {read_back} read back ({total:.0f} s); results.md in {workdir}")
+  common.say(config, f"budgets: {trained} runs trained, {read_back} read back ({total:.0f} s); results.md in {workdir}")
   headline: dict[str, Any] = {"seconds": total, "runs_trained": trained, "runs_read_back": read_back}
   for effect in comparisons:
     headline[f"{effect['name']}_diff"] = effect["comparison"]["diff_mean"]
@@ -1174,13 +1156,6 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
   return out
 
 
-def _run_seconds(tree: Any) -> float:
-  """The sum of every ``wall_seconds`` in ``tree`` (each finished run records its own)."""
-  if isinstance(tree, dict):
-    return sum(float(v) if k == "wall_seconds" else _run_seconds(v) for k, v in tree.items())
-  return 0.0
-
-
 def markdown(config: ml_collections.ConfigDict, results: dict, comparisons: list[dict], seconds: dict,
              trained: int, read_back: int) -> str:
   seeds = common.seeds(config)
@@ -1189,7 +1164,7 @@ def markdown(config: ml_collections.ConfigDict, results: dict, comparisons: list
            "every comparison is paired by seed (same initialisation and data order). "
            f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-           + f"; the runs' own wall seconds, summed over every run shown: {_run_seconds(results):.0f}.", "",
+           + f"; the runs' own wall seconds, summed over every run shown: {common.run_seconds(results):.0f}.", "",
            "## Expected effects (fixed before any run)", "",
            "Criteria: *beats*: the paired 95% interval lies above 0; *within 2 points*: |mean paired difference| "
            "<= 2 points (the last column says whether the 95% interval also lies inside ±2 points); *fraction of "

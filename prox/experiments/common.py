@@ -356,3 +356,28 @@ def run_once(directory: str, experiment: str, run_config: Any, fn: Callable[[], 
   report.write_json(path, result)
   return result
 
+
+
+def distinct_names(config: ml_collections.ConfigDict, field: str, options: tuple[str, ...]) -> list[str]:
+  """``names(config, field, options)``, refusing a name given twice."""
+  chosen = names(config, field, options)
+  require(len(set(chosen)) == len(chosen), f"{field} names an entry twice: {get(config, field)!r}")
+  return chosen
+
+
+def say(config: ml_collections.ConfigDict, text: str) -> None:
+  """Prints ``text`` on process 0 when ``config.progress``."""
+  if config.progress and jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def finished_runs(workdir: str, part: str) -> int:
+  """The finished runs (``result.json`` files) under ``workdir/part``."""
+  return sum("result.json" in files for _, _, files in os.walk(os.path.join(workdir, part)))
+
+
+def run_seconds(tree: Any) -> float:
+  """The sum of every ``wall_seconds`` in ``tree`` (each finished run records its own)."""
+  if isinstance(tree, dict):
+    return sum(float(v) if k == "wall_seconds" else run_seconds(v) for k, v in tree.items())
+  return 0.0

@@ -142,20 +142,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                    low=0, low_open=True)
     common.numbers(c, "proard.kd_weight", low=0)
     common.numbers(c, "proard.momentum", low=0, high=1, high_open=True)
-    _distinct(c, "proard.arms", PROARD_ARMS)
+    common.distinct_names(c, "proard.arms", PROARD_ARMS)
   if workdir is not None:
     common.check_workdir(workdir)
-
-
-def _distinct(config: ml_collections.ConfigDict, field: str, options: tuple[str, ...]) -> list[str]:
-  out = common.names(config, field, options)
-  common.require(len(set(out)) == len(out), f"{field} names an entry twice: {common.get(config, field)!r}")
-  return out
-
-
-def _say(config: ml_collections.ConfigDict, text: str) -> None:
-  if config.progress and jax.process_index() == 0:
-    print(text, flush=True)
 
 
 class Env(NamedTuple):
@@ -404,12 +393,12 @@ def run_ofa(env: Env) -> dict:
   for seed in common.seeds(env.c):
     out = ofa_run(env, seed)
     runs["ofa"][str(seed)] = out
-    _say(env.c, f"shrink: ofa seed {seed}: " + " ".join(f"{k}={v:.4f}" for k, v in out["accuracy"].items())
+    common.say(env.c, f"shrink: ofa seed {seed}: " + " ".join(f"{k}={v:.4f}" for k, v in out["accuracy"].items())
          + f" ({out['wall_seconds']:.0f} s)")
     for name, s in t.grid:
       r = alone_run(env, name, s, seed)
       runs.setdefault(f"alone_{name}", {})[str(seed)] = r
-      _say(env.c, f"shrink: alone {name} seed {seed}: {r['accuracy']:.4f} ({r['wall_seconds']:.0f} s)")
+      common.say(env.c, f"shrink: alone {name} seed {seed}: {r['accuracy']:.4f} ({r['wall_seconds']:.0f} s)")
   full = float(models.elastic_flops(t.ps.largest(), config=t.ec))
   params = models.param_count(models.init_elastic(t.ec, jax.random.key(0)))
   return {"macs": macs, "full_macs": full, "params": params, "phases": list(t.ps.names),
@@ -561,7 +550,7 @@ def run_lapp(env: Env) -> dict:
       name = arm if removed is None else f"{arm}{round(100 * removed)}"
       r = lapp_run(env, arm, removed, seed)
       runs.setdefault(name, {})[str(seed)] = r
-      _say(env.c, f"shrink: lapp {name} seed {seed}: {r['accuracy']:.4f}"
+      common.say(env.c, f"shrink: lapp {name} seed {seed}: {r['accuracy']:.4f}"
            + (f" flops {r['flops_fraction']:.3f}" if "flops_fraction" in r else "") + f" ({r['wall_seconds']:.0f} s)")
   groups = {g.name: g.size for g in structure.groups}
   return {"full_macs": float(transforms.full_flops(structure)), "groups": groups, "removed": list(p.removed),
@@ -711,13 +700,13 @@ def proard_run(env: Env, arm: str, seed: int) -> dict:
 
 def run_proard(env: Env) -> dict:
   t = proard_tools(env)
-  arms = _distinct(env.c, "proard.arms", PROARD_ARMS)
+  arms = common.distinct_names(env.c, "proard.arms", PROARD_ARMS)
   runs: dict[str, dict] = {}
   for seed in common.seeds(env.c):
     for arm in arms:
       r = proard_run(env, arm, seed)
       runs.setdefault(arm, {})[str(seed)] = r
-      _say(env.c, f"shrink: proard {arm} seed {seed}: robust " + " ".join(f"{k}={v:.3f}" for k, v in r["robust"].items())
+      common.say(env.c, f"shrink: proard {arm} seed {seed}: robust " + " ".join(f"{k}={v:.3f}" for k, v in r["robust"].items())
            + f" ({r['wall_seconds']:.0f} s)")
   macs = {name: float(models.elastic_flops(s, config=t.ec)) for name, s in grid(env.c.ofa, t.ec)}
   return {"macs": macs, "candidates": t.names, "arms": arms, "runs": runs}
@@ -726,13 +715,6 @@ def run_proard(env: Env) -> dict:
 # --- entry point -----------------------------------------------------------------------------------------
 
 RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard}
-
-
-def _finished(workdir: str, part: str) -> int:
-  count = 0
-  for _, _, files in os.walk(os.path.join(workdir, part)):
-    count += "result.json" in files
-  return count
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -748,11 +730,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results, seconds = {}, {}
   trained = read_back = 0
   for part in parts(config):
-    before = _finished(workdir, part)
+    before = common.finished_runs(workdir, part)
     t0 = time.perf_counter()
     results[part] = RUNNERS[part](env)
     seconds[part] = time.perf_counter() - t0
-    after = _finished(workdir, part)
+    after = common.finished_runs(workdir, part)
     trained += after - before
     read_back += before
   total = time.perf_counter() - started
@@ -761,7 +743,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report.write_results(workdir, {"config": config, "seconds": total, "part_seconds": seconds,
                                  "runs_trained": trained, "runs_read_back": read_back,
                                  "expected_effects": effects, "results": results}, md, figures(results))
-  _say(config, f"shrink: {trained} runs trained, {read_back} read back ({total:.0f} s); results.md in {workdir}")
+  common.say(config, f"shrink: {trained} runs trained, {read_back} read back ({total:.0f} s); results.md in {workdir}")
   headline: dict[str, Any] = {"seconds": total, "runs_trained": trained, "runs_read_back": read_back}
   for e in effects:
     headline[f"{e['name']}_diff"] = e["comparison"]["diff_mean"]
@@ -815,14 +797,6 @@ def _diff(comp: dict) -> tuple[str, str]:
   return f"{100 * comp['diff_mean']:+.2f}", f"[{fmt(lo)}, {fmt(hi)}]"
 
 
-def _run_seconds(tree: Any) -> float:
-  if isinstance(tree, dict):
-    return sum(float(v) if k == "wall_seconds" else _run_seconds(v) for k, v in tree.items())
-  if isinstance(tree, list):
-    return sum(_run_seconds(v) for v in tree)
-  return 0.0
-
-
 def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dict], seconds: dict,
              trained: int, read_back: int) -> str:
   seeds = common.seeds(config)
@@ -832,7 +806,7 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
            "difference in points, Student-t 95% interval. "
            f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-           + f"; the runs' own wall seconds, summed: {_run_seconds(results):.0f}. Parts shown: "
+           + f"; the runs' own wall seconds, summed: {common.run_seconds(results):.0f}. Parts shown: "
            + ", ".join(results) + " (the default config runs ofa and lapp; proard runs with "
            "`--config.parts=proard` in the same workdir, and a later invocation naming every part reads all "
            "finished runs back).", "",
