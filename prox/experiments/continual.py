@@ -67,7 +67,6 @@ finished runs and resumes the others exactly where their last task ended. Output
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import time
@@ -100,9 +99,8 @@ from prox.tasks import shift_detector as detector_lib
 from prox.tasks import slca as slca_lib
 from prox.tasks import streams as streams_lib
 
-# ``prox.transforms`` exports functions named like the modules ``ewc`` and ``gpm``: take the modules.
-ewc_lib = importlib.import_module("prox.transforms.ewc")
-gpm_lib = importlib.import_module("prox.transforms.gpm")
+from prox.transforms import ewc as ewc_lib  # noqa: E402  (the modules, not the factories)
+from prox.transforms import gpm as gpm_lib  # noqa: E402
 from prox.transforms import cuber as cuber_tx, cuber_correlation, cuber_update_bases, find_cuber_state  # noqa: E402
 from prox.transforms import mas as mas_tx, mas_importance, replace_cuber_state  # noqa: E402
 from prox.transforms import find_task_mask_state, mask_bytes, task_masks  # noqa: E402
@@ -603,6 +601,17 @@ def _gpm_update(opt_state: PyTree, params: PyTree, images: jax.Array, threshold:
   return gpm_lib.gpm_update_opt_state(opt_state, activations, threshold)
 
 
+def _projected_kernels(setting: Setting) -> Callable[[Any], Any]:
+  """GPM's and CUBER's mask: the 2-D kernels, the head's only where it is shared."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ndim(p) == 2 and (setting.shared_head or not _keystr(path).startswith("['head']")),
+      params)
+
+
+def _biases(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+
+
 def gpm(env: Env, setting: Setting, spec: Spec) -> Method:
   """Gradient projection memory (Saha, Garg & Roy 2021): ``chain(sgd, gpm(kernels), zero(biases))``;
   the biases stay at their initial values (the reference networks have none); the head's kernel is
@@ -612,13 +621,7 @@ def gpm(env: Env, setting: Setting, spec: Spec) -> Method:
   del spec
   g = env.cfg.gpm
 
-  def kernel_mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ndim(p) == 2 and (setting.shared_head or not _keystr(path).startswith("['head']")),
-        params)
-
-  def bias_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+  kernel_mask, bias_mask = _projected_kernels(setting), _biases
 
   tx = optax.chain(_sgd(env.cfg), gpm_lib.gpm(kernel_mask), optax.masked(optax.set_to_zero(), bias_mask))
 
@@ -804,13 +807,7 @@ def cuber(env: Env, setting: Setting, spec: Spec, *, num_tasks: int) -> Method:
   g, c = env.cfg.gpm, env.cfg.cuber
   size, eps = int(c.examples), float(c.projection_threshold)
 
-  def kernel_mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ndim(p) == 2 and (setting.shared_head or not _keystr(path).startswith("['head']")),
-        params)
-
-  def bias_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: _keystr(path).endswith("['bias']"), params)
+  kernel_mask, bias_mask = _projected_kernels(setting), _biases
 
   tx = optax.chain(_sgd(env.cfg), cuber_tx(kernel_mask, max_tasks=num_tasks,
                                             backward_scale=float(c.backward_scale)),
@@ -869,7 +866,7 @@ def protocl(env: Env, setting: Setting, spec: Spec) -> Method:
   embeddings (at the weights the loss saw) to the posterior and offers the batch to the memory. Prediction:
   ``argmax_c log p(z | c, D) + log p(c | D)`` (masked to the task's classes for ``split``)."""
   del spec
-  cfg, apply, fields, c = env.cfg, env.apply, _fields(setting), env.num_classes
+  cfg, fields, c = env.cfg, _fields(setting), env.num_classes
   num, rows = int(cfg.replay.batch_size), int(cfg.batch_size)
   dim = int(cfg.model_kwargs.hidden[-1])
   head = prototypes_lib(c, dim, noise_variance=float(cfg.protocl.noise_variance),
@@ -936,7 +933,7 @@ def onpro(env: Env, setting: Setting, spec: Spec) -> Method:
   the memory. Departures: one view (the clean one) for the means, pixel dropout as the only augmentation,
   no OCM instance-wise loss. Predictions: the model's own head."""
   del spec
-  cfg, apply, fields, c = env.cfg, env.apply, _fields(setting), env.num_classes
+  cfg, c = env.cfg, env.num_classes
   o = cfg.onpro
   num, dim, tau, drop = int(cfg.replay.batch_size), int(o.projection_dim), float(o.temperature), float(o.drop)
   feedback = prototype_feedback(c, base_rate=float(o.base_rate), mixup_p=float(o.mixup_p))
