@@ -1079,17 +1079,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the selected parts (finished runs are read back), then writes results.md/json and the plots."""
   validate(config, workdir)
   started = time.perf_counter()
-  results: dict[str, Any] = {}
-  seconds: dict[str, float] = {}
-  trained = read_back = 0
-  for part in parts(config):
-    before = common.finished_runs(workdir, part)
-    t0 = time.perf_counter()
-    results[part] = RUNNERS[part](config, workdir)
-    seconds[part] = time.perf_counter() - t0
-    after = common.finished_runs(workdir, part)
-    trained += after - before
-    read_back += before
+  results, seconds, trained, read_back = common.run_parts(workdir, parts(config),
+                                                          lambda part: RUNNERS[part](config, workdir))
   total = time.perf_counter() - started
   comparisons = expected_effects(config, results)
   md = markdown(config, results, comparisons, seconds, trained, read_back)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -381,3 +382,17 @@ def run_seconds(tree: Any) -> float:
   if isinstance(tree, dict):
     return sum(float(v) if k == "wall_seconds" else run_seconds(v) for k, v in tree.items())
   return 0.0
+
+
+def run_parts(workdir: str, parts: Sequence[str], run_part: Callable[[str], dict]) -> tuple[dict, dict, int, int]:
+  """``run_part(part)`` for each part in order: ``(results, seconds per part, runs trained, runs read back)``,
+  counting the finished runs (``finished_runs``) under ``workdir/part`` before and after each part."""
+  results, seconds, trained, read_back = {}, {}, 0, 0
+  for part in parts:
+    before = finished_runs(workdir, part)
+    started = time.perf_counter()
+    results[part] = run_part(part)
+    seconds[part] = time.perf_counter() - started
+    trained += finished_runs(workdir, part) - before
+    read_back += before
+  return results, seconds, trained, read_back

@@ -727,16 +727,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise common.ConfigError(str(e)) from None
   env = Env(config, workdir, step_lib.data_mesh(), train, test, loop.CompileCache(), {})
   started = time.perf_counter()
-  results, seconds = {}, {}
-  trained = read_back = 0
-  for part in parts(config):
-    before = common.finished_runs(workdir, part)
-    t0 = time.perf_counter()
-    results[part] = RUNNERS[part](env)
-    seconds[part] = time.perf_counter() - t0
-    after = common.finished_runs(workdir, part)
-    trained += after - before
-    read_back += before
+  results, seconds, trained, read_back = common.run_parts(workdir, parts(config), lambda part: RUNNERS[part](env))
   total = time.perf_counter() - started
   effects = expected_effects(config, results)
   md = markdown(config, results, effects, seconds, trained, read_back)
