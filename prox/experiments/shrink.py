@@ -7,9 +7,16 @@ Expected effects, fixed before running and reported either way (paired compariso
 * ``lapp``: "LAPP above uniform pruning at equal FLOPs" -- at each budget (40% and 60% of the MACs
   removed), LAPP's accuracy beats magnitude channel pruning's at the same FLOPs budget (paired 95%
   interval above 0).
+* ``lapp`` arm ``lapp_bypass``: "LAPP with its bypass above LAPP without at equal FLOPs" -- at each budget,
+  LAPP with the bypass around the heavily pruned ``lapp.bypass`` groups (its MACs taken out of the
+  channels' budget) beats LAPP without it (paired 95% interval above 0).
 * ``proard``: "robust-gap student sampling above uniform student sampling in robust accuracy" -- the
   mean over the grid's sub-networks of the robust test accuracy (PGD) is higher with ProARD's sampler
   than with uniform sampling (paired 95% interval above 0).
+* ``lightweight``: "the unified + fine-tuned model at or above the single model's test accuracy" -- the
+  mean paired difference (dual-input/dual-output, unified, fine-tuned minus the same cnn trained on the
+  augmented stream alone for the same number of steps) is >= 0 points and the paired 95% interval does
+  not lie below 0.
 
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink
 
@@ -42,7 +49,13 @@ masks (``s_c > t_l``) into a ``prox.transforms.channel_pruning`` state, whose on
 achieved FLOPs always meet it; the report shows LAPP's own FLOPs before that trim); then fine-tuning with
 the masks fixed. Baseline ("uniform" magnitude pruning): ``prox.transforms.channel_pruning`` with the same
 budget schedule (masks recomputed every ``frequency`` steps from group-normalised L1 norms, Li et al.
-2017), and the dense network; all for ``num_steps`` steps. LAPP's bypass connections are not used.
+2017), and the dense network; all for ``num_steps`` steps. Arm ``lapp_bypass``: LAPP with a bypass
+around each group of ``lapp.bypass`` (``cnn_forward``: a zero-initialised linear map
+``prox.transforms.bypass_init`` from the group's producer's input to its consumer's pre-activation,
+``prox.transforms.bypass_apply``, trained with the weights and never masked), whose MACs
+(``prox.transforms.bypass_flops``) come out of the budget: the channels get ``1 - removed - F_bypass/F``.
+Departure: LAPP adds the bypass to the layers its thresholds prune hard, found during training; here the
+groups are fixed before training (so the budget is known), chosen from the runs without bypass.
 
 Part ``proard`` (after Mousavi, Mousavi, Daneshtalab 2025, "ProARD: Progressive Adversarial Robustness
 Distillation"; the loss after Goldblum, Fowl, Feizi, Goldstein 2020, "Adversarially Robust Distillation").
@@ -58,8 +71,23 @@ uniformly (the gaps are tracked too). Departures: no progressive phases (the ful
 a finite candidate table. Test: clean accuracy and robust accuracy under PGD (``eval_pgd_steps`` steps of
 size ``eps/4``, random start) of every grid sub-network.
 
+Part ``lightweight`` (Isong 2025, "Building Efficient Lightweight CNN Models"). Two identical zoo cnns
+(the sub-models) are trained at once for ``dual_steps`` steps, one on the original digits and one on their
+augmented copies (``PairSource``: the augmented stream and, from the same stream with the identity warp,
+each sample's source image), with ``L = CE(f_o(x), y) + CE(f_a(aug(x)), y)`` (``prox.robust.dual_io_loss``
+over ``prox.robust.pair_apply``, Adam). They are unified into one cnn, ``theta = w theta_o + (1 - w)
+theta_a`` (``prox.robust.unify_submodels``), which is fine-tuned for ``finetune_steps`` steps on the
+augmented stream (continuing where the dual phase left it) with ``prox.transforms.progressive_unfreezing``
+(Howard & Ruder 2018): the head trains from the start, the layers below unfreeze one every
+``finetune_steps / len(unfreeze)`` steps, each with fresh Adam moments. Baseline ``single``: the same cnn,
+initialisation and augmented data order, Adam, ``dual_steps + finetune_steps`` steps. Departures from the
+paper: both sub-models start from the same initialisation (averaging two independently initialised
+networks mixes unrelated features: Frankle et al. 2020 on linear mode connectivity), the unified model is
+their parameter average with no added layers, the augmentation is ``prox.tasks.StreamSource``'s
+(rotation, zoom, shift, pixel noise), and the fine-tuning runs on the augmented stream.
+
 Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs),
-``lapp.png`` and ``proard.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
+``lapp.png``, ``proard.png`` and ``lightweight.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
 back.
 """
 from __future__ import annotations
@@ -86,13 +114,14 @@ from prox.experiments import common
 from prox.experiments import report
 from prox.tasks import data as data_lib
 
-PARTS = ("ofa", "lapp", "proard")
+PARTS = ("ofa", "lapp", "proard", "lightweight")
 QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0.5,5:2:1.0",
          "lapp.removed": (0.5,), "lapp.num_steps": 60, "lapp.prune_steps": 30, "lapp.frequency": 5,
-         "lapp.eval_every": 30, "proard.num_steps": 20}
+         "lapp.eval_every": 30, "proard.num_steps": 20, "lightweight.dual_steps": 20,
+         "lightweight.finetune_steps": 20, "lightweight.eval_every": 20}
 # Each run has its own directory and record (with its part's settings), so other parts or more seeds may
 # follow in the same workdir, and a part's section may change there (its runs check their own settings).
-RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard")
+RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard", "lightweight")
 
 
 # --- config --------------------------------------------------------------------------------------------
@@ -130,6 +159,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                    and len(set(removed)) == len(removed),
                    f"lapp.removed must be distinct fractions in (0, 1), got {p.removed!r}")
     common.numbers(c, "lapp.learning_rate", "lapp.threshold_learning_rate", low=0, low_open=True)
+    arms = common.distinct_names(c, "lapp.arms", PRUNED_ARMS)
+    if "lapp_bypass" in arms:
+      common.distinct_names(c, "lapp.bypass", BYPASS_GROUPS)
+      net, structure = cnn_structure(p, (8, 8, 1), 10)
+      share = bypass_macs(net.params, (8, 8, 1), common.names(c, "lapp.bypass")) / transforms.full_flops(structure)
+      common.require(max(removed) + share < 1, f"lapp.bypass: the bypasses take {share:.3f} of the MACs, more than "
+                     f"the budget of {1 - max(removed):.3f} leaves")
     common.library_check("lapp", transforms.lapp, cnn_structure(p, (8, 8, 1), 10)[1], flops_target=0.5,
                          end_step=p.prune_steps, temperature=p.temperature, penalty_weight=p.penalty_weight)
   if "proard" in selected:
@@ -143,6 +179,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     common.numbers(c, "proard.kd_weight", low=0)
     common.numbers(c, "proard.momentum", low=0, high=1, high_open=True)
     common.distinct_names(c, "proard.arms", PROARD_ARMS)
+  if "lightweight" in selected:
+    common.positive_ints(c, "lightweight.width", "lightweight.hidden", "lightweight.dual_steps",
+                         "lightweight.finetune_steps", "lightweight.eval_every")
+    common.numbers(c, "lightweight.learning_rate", "lightweight.finetune_learning_rate", low=0, low_open=True)
+    common.numbers(c, "lightweight.weight", low=0, high=1)
+    groups = common.distinct_names(c, "lightweight.unfreeze", CNN_LAYERS)
+    common.require(c.lightweight.finetune_steps >= len(groups),
+                   f"lightweight.finetune_steps ({c.lightweight.finetune_steps}) must be at least the number of "
+                   f"unfreezing groups ({len(groups)})")
   if workdir is not None:
     common.check_workdir(workdir)
 
@@ -174,17 +219,19 @@ def _state(env: Env, params: Any, tx: optax.GradientTransformation, seed: int, e
 
 
 def fit(env: Env, step: Callable, state: step_lib.TrainState, num_steps: int, seed: int, *,
-        evaluate: Callable[[step_lib.TrainState], dict] | None = None, every: int | None = None
-        ) -> tuple[loop.LoopResult, dict]:
+        evaluate: Callable[[step_lib.TrainState], dict] | None = None, every: int | None = None,
+        source: Any = None) -> tuple[loop.LoopResult, dict]:
   """One ``prox.loop.run`` on the augmented digits stream (``StreamSource(train, seed)``: the same data
-  order for every run of a seed); ``evaluate`` every ``every`` steps and at the end into ``curve``."""
+  order for every run of a seed; or ``source``); ``evaluate`` every ``every`` steps and at the end into
+  ``curve``."""
   actions = ()
   if evaluate is not None:
     def log(ctx: loop.Context) -> None:
       ctx.record.setdefault("curve", []).append({"step": ctx.step, **evaluate(ctx.state)})
     actions = ((loop.Every(steps=every or num_steps, end=True), log),)
   started = time.perf_counter()
-  result = loop.run(step, state, tasks.StreamSource(env.train, seed), mesh=env.mesh, batch_size=env.c.batch_size,
+  source = tasks.StreamSource(env.train, seed) if source is None else source
+  result = loop.run(step, state, source, mesh=env.mesh, batch_size=env.c.batch_size,
                     num_steps=num_steps, actions=actions, compile_cache=env.cache)
   cost = {"steps": int(jax.device_get(result.state.step)), "train_seconds": result.train_seconds,
           "wall_seconds": time.perf_counter() - started, "compile_seconds": result.compile_seconds}
@@ -423,25 +470,32 @@ def prefixed(structure: transforms.Structure, prefix: str) -> transforms.Structu
   return dataclasses.replace(structure, groups=groups)
 
 
-def lapp_loss(apply: Callable, structure: transforms.Structure, lp: transforms.LAPP, prune_steps: int) -> Callable:
+def lapp_loss(apply: Callable, structure: transforms.Structure, lp: transforms.LAPP, prune_steps: int, *,
+              bypass: bool = False) -> Callable:
   """Before ``prune_steps``: ``CE(f(m * W)) + penalty(m)`` with LAPP's soft masks ``m`` (the thresholds
   are trained parameters); after: ``CE(f(W))`` (the weights are hard-masked by the optimizer state).
-  Metrics: ``soft_flops``, the soft masks' MACs as a fraction of the dense network's (0 once hard)."""
+  With ``bypass``, ``f`` is ``apply(model, params["bypass"], model_state, x, train=...)`` (the cnn with
+  LAPP's bypasses, never masked). Metrics: ``soft_flops``, the soft masks' MACs as a fraction of the dense
+  network's (0 once hard; without the bypasses' MACs)."""
   dense = float(transforms.full_flops(structure))
 
   def loss_fn(params, model_state, batch, ctx):
     x, y = batch["image"], batch["label"]
+    if bypass:
+      net = lambda model, x: apply(model, params["bypass"], model_state, x, train=True)[0]
+    else:
+      net = lambda model, x: apply(model, model_state, x, train=True)[0]
 
     def soft():
       m = lp.masks(params["model"], params["thresholds"], ctx.step)
-      logits = apply(transforms.apply_channel_masks(structure, m, params["model"]), model_state, x, train=True)[0]
+      logits = net(transforms.apply_channel_masks(structure, m, params["model"]), x)
       ce = _ce(logits, y)
       vary = 0.0 * ce   # (the batch-independent terms made varying over the data axis like the other branch's)
       penalty = lp.penalty(m, ctx.step) + vary
       return ce + penalty, (logits, penalty, transforms.masked_flops(structure, m) / dense + vary)
 
     def hard():
-      logits = apply(params["model"], model_state, x, train=True)[0]
+      logits = net(params["model"], x)
       ce = _ce(logits, y)
       return ce, (logits, 0.0 * ce, 0.0 * ce)   # penalty and soft_flops: 0 once the masks are hard
 
@@ -470,7 +524,61 @@ def lapp_transition(structure: transforms.Structure, lp: transforms.LAPP, prune_
   return transition
 
 
-ARMS = ("dense", "magnitude", "lapp")
+ARMS = ("dense", "magnitude", "lapp", "lapp_bypass")
+BYPASS_GROUPS = ("conv1", "conv2", "dense")
+PRUNED_ARMS = ARMS[1:]
+
+
+def _half(n: int) -> int:
+  return (n + 1) // 2   # a stride-2 SAME pooling
+
+
+def bypass_shapes(model: Any, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int, int]]:
+  """``{group: (in_channels, out_channels, positions)}`` of LAPP's bypass around each channel group of the
+  zoo cnn: from the group's producer's input to its consumer's output (see ``cnn_forward``)."""
+  h, w, c = input_shape
+  c1, c2 = model["conv1"]["kernel"].shape[-1], model["conv2"]["kernel"].shape[-1]
+  hidden, classes = model["dense"]["kernel"].shape[1], model["head"]["kernel"].shape[1]
+  h1, w1 = _half(h), _half(w)
+  return {"conv1": (c, c2, h1 * w1), "conv2": (_half(h1) * _half(w1) * c1, hidden, 1),
+          "dense": (_half(h1) * _half(w1) * c2, classes, 1)}
+
+
+def bypass_macs(model: Any, input_shape: tuple[int, ...], groups: list[str]) -> int:
+  """MACs per example of the bypasses of ``groups`` (``prox.transforms.bypass_flops``)."""
+  shapes = bypass_shapes(model, input_shape)
+  return sum(transforms.bypass_flops(*shapes[g]) for g in groups)
+
+
+def cnn_forward(model: Any, bypass: dict, x: jax.Array) -> jax.Array:
+  """The zoo cnn (conv-ReLU-pool twice, ReLU dense, head) with LAPP's bypasses ``{group: kernel}``
+  (``prox.transforms.bypass_apply``) added to the pre-activations of the group's consumer:
+
+  * ``conv1``: ``conv2(p1) + x[::2, ::2] W`` (a 1x1 conv from the image, strided like conv1's pooling);
+  * ``conv2``: ``dense(flatten(p2)) + flatten(p1[::2, ::2]) W`` (conv2's input, subsampled to p2's grid);
+  * ``dense``: ``head(h) + flatten(p2) W`` (the dense layer's input).
+  Without bypasses it computes the zoo cnn's logits."""
+  conv = lambda p, z: lax.conv_general_dilated(z, p["kernel"], (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+  pool = lambda z: lax.reduce_window(z, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+  p1 = pool(jax.nn.relu(conv(model["conv1"], x)))
+  z2 = conv(model["conv2"], p1)
+  if "conv1" in bypass:
+    z2 = z2 + transforms.bypass_apply(bypass["conv1"], x, stride=2)
+  p2 = pool(jax.nn.relu(z2))
+  flat = p2.reshape(p2.shape[0], -1)
+  z3 = flat @ model["dense"]["kernel"] + model["dense"]["bias"]
+  if "conv2" in bypass:
+    z3 = z3 + transforms.bypass_apply(bypass["conv2"], p1[:, ::2, ::2, :].reshape(p1.shape[0], -1))
+  logits = jax.nn.relu(z3) @ model["head"]["kernel"] + model["head"]["bias"]
+  if "dense" in bypass:
+    logits = logits + transforms.bypass_apply(bypass["dense"], flat)
+  return logits.astype(jnp.float32)
+
+
+def bypass_apply(model: Any, bypass: dict, model_state: Any, x: jax.Array, *, train: bool = False):
+  del train
+  return cnn_forward(model, bypass, x), model_state
 
 
 def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
@@ -479,9 +587,16 @@ def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
   net, structure = env.get("cnn", lambda: cnn_structure(p, shape, classes))
   outer = prefixed(structure, "model")
   dense = float(transforms.full_flops(structure))
-  target = None if removed is None else 1.0 - removed
+  groups = common.names(env.c, "lapp.bypass", BYPASS_GROUPS) if arm == "lapp_bypass" else []
+  extra_macs = bypass_macs(net.params, shape, groups)
+  # the bypasses' MACs come out of the budget: the channels get 1 - removed - bypass / dense
+  target = None if removed is None else 1.0 - removed - extra_macs / dense
   name = arm if removed is None else f"{arm}{round(100 * removed)}"
-  apply = env.get("cnn_apply", lambda: (lambda tree, ms, x, *, train=False: net.apply(tree["model"], ms, x, train=train)))
+  if arm == "lapp_bypass":
+    apply = env.get("cnn_bypass_apply", lambda: (lambda tree, ms, x, *, train=False: bypass_apply(
+        tree["model"], tree["bypass"], ms, x)))
+  else:
+    apply = env.get("cnn_apply", lambda: (lambda tree, ms, x, *, train=False: net.apply(tree["model"], ms, x, train=train)))
 
   def build():
     adam = optax.adam(p.learning_rate)
@@ -495,12 +610,16 @@ def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
           lambda params, ms, batch, ctx: _plain_loss(apply, params, ms, batch), tx, mesh=env.mesh)
     lp = transforms.lapp(structure, flops_target=target, end_step=p.prune_steps, temperature=tuple(p.temperature),
                          penalty_weight=p.penalty_weight)
-    # the thresholds get their own Adam learning rate (they live on the scale of the scores, mean 1)
-    inner = optax.multi_transform({"model": adam, "thresholds": optax.adam(p.threshold_learning_rate)},
+    # the thresholds get their own Adam learning rate (they live on the scale of the scores, mean 1); the
+    # bypass kernels train like the weights
+    inner = optax.multi_transform({"model": adam, "thresholds": optax.adam(p.threshold_learning_rate),
+                                   **({"bypass": adam} if groups else {})},
                                   lambda tree: {k: jax.tree.map(lambda _, k=k: k, v) for k, v in tree.items()})
     tx = transforms.channel_pruning(inner, structure=outer, flops_target=target, start_step=p.prune_steps,
                                     end_step=p.prune_steps + 1, frequency=1)
-    return tx, step_lib.make_train_step(lapp_loss(net.apply, structure, lp, p.prune_steps), tx, mesh=env.mesh,
+    loss = (lapp_loss(bypass_apply, structure, lp, p.prune_steps, bypass=True) if groups
+            else lapp_loss(net.apply, structure, lp, p.prune_steps))
+    return tx, step_lib.make_train_step(loss, tx, mesh=env.mesh,
                                         transition=lapp_transition(structure, lp, p.prune_steps))
 
   def fn() -> dict:
@@ -508,29 +627,39 @@ def lapp_run(env: Env, arm: str, removed: float | None, seed: int) -> dict:
     model = models.functional(models.make_model("cnn", input_shape=shape, num_classes=classes, seed=seed,
                                                 width=p.width, hidden=p.hidden)).params
     params, extra = {"model": model}, {}
-    if arm == "lapp":
+    if arm in ("lapp", "lapp_bypass"):
       params["thresholds"] = {g.name: jnp.zeros([], jnp.float32) for g in structure.groups}
       extra = {"lapp_masks": transforms.full_channel_masks(structure)}
+    shapes = bypass_shapes(model, shape)
+    if groups:
+      params["bypass"] = {g: transforms.bypass_init(*shapes[g][:2]) for g in groups}
+    tree = lambda s: {"model": s.params["model"], **({"bypass": s.params["bypass"]} if groups else {})}
     state = _state(env, params, tx, seed, extra)
     result, cost = fit(env, step, state, p.num_steps, seed, every=p.eval_every,
-                       evaluate=lambda s: {"accuracy": accuracy(env, apply, {"model": s.params["model"]})})
+                       evaluate=lambda s: {"accuracy": accuracy(env, apply, tree(s))})
     final = jax.device_get(result.state)
     out = {"accuracy": result.record["curve"][-1]["accuracy"], "curve": result.record["curve"], **cost}
     if arm != "dense":
       cm = {k: np.asarray(v) for k, v in final.opt_state.channel_masks.items()}
-      out["flops_fraction"] = float(transforms.masked_flops(structure, cm)) / dense
+      out["flops_fraction"] = (float(transforms.masked_flops(structure, cm)) + extra_macs) / dense
       out["kept"] = {k: int(v.sum()) for k, v in cm.items()}
       out["params_kept"] = float(transforms.masked_param_count(structure, cm, final.params["model"]))
-    if arm == "lapp":
+    if groups:
+      out["bypass_flops_fraction"] = extra_macs / dense
+      out["bypass_norm"] = {g: float(np.abs(np.asarray(final.params["bypass"][g])).sum()) for g in groups}
+    if arm in ("lapp", "lapp_bypass"):
       own = {k: np.asarray(v) for k, v in final.extra["lapp_masks"].items()}
-      out["lapp_flops_fraction"] = float(transforms.masked_flops(structure, own)) / dense
+      out["lapp_flops_fraction"] = (float(transforms.masked_flops(structure, own)) + extra_macs) / dense
       out["lapp_kept"] = {k: int(v.sum()) for k, v in own.items()}
       out["thresholds"] = {k: float(v) for k, v in final.params["thresholds"].items()}
     return out
 
   # the fields the arm uses (the thresholds' learning rate only LAPP's)
+  # (the arms and bypass fields came later: the arms before them keep their records' settings)
   settings = {k: v for k, v in p.to_dict().items()
-              if k != "removed" and (arm == "lapp" or k != "threshold_learning_rate")}
+              if k not in ("removed", "arms", "bypass") and (arm in ("lapp", "lapp_bypass") or k != "threshold_learning_rate")}
+  if groups:
+    settings["bypass"] = p.bypass
   return _once(env, "lapp", name, seed, {**settings, "removed": removed}, fn)
 
 
@@ -546,7 +675,8 @@ def run_lapp(env: Env) -> dict:
   _, structure = env.get("cnn", lambda: cnn_structure(p, env.train.images.shape[1:], env.train.num_classes))
   runs: dict[str, dict] = {}
   for seed in common.seeds(env.c):
-    for arm, removed in [("dense", None)] + [(a, r) for r in p.removed for a in ("lapp", "magnitude")]:
+    arms = common.distinct_names(env.c, "lapp.arms", PRUNED_ARMS)
+    for arm, removed in [("dense", None)] + [(a, r) for r in p.removed for a in arms]:
       name = arm if removed is None else f"{arm}{round(100 * removed)}"
       r = lapp_run(env, arm, removed, seed)
       runs.setdefault(name, {})[str(seed)] = r
@@ -554,7 +684,7 @@ def run_lapp(env: Env) -> dict:
            + (f" flops {r['flops_fraction']:.3f}" if "flops_fraction" in r else "") + f" ({r['wall_seconds']:.0f} s)")
   groups = {g.name: g.size for g in structure.groups}
   return {"full_macs": float(transforms.full_flops(structure)), "groups": groups, "removed": list(p.removed),
-          "runs": runs}
+          "arms": common.distinct_names(env.c, "lapp.arms", PRUNED_ARMS), "runs": runs}
 
 
 # --- part proard: adversarial elastic training, robust-gap student sampling -------------------------------
@@ -712,9 +842,144 @@ def run_proard(env: Env) -> dict:
   return {"macs": macs, "candidates": t.names, "arms": arms, "runs": runs}
 
 
+# --- part lightweight: dual-input/dual-output sub-models, unified, fine-tuned with progressive unfreezing ---
+
+LIGHT_ARMS = ("dual", "single")
+CNN_LAYERS = ("head", "dense", "conv2", "conv1")   # the zoo cnn's layers, output first
+# the identity warp of ``data.next_stream_batch``: the stream's source images themselves
+IDENTITY = {"max_shift": 0.0, "max_rotation": 0.0, "scale_range": (1.0, 1.0), "noise_std": 0.0}
+
+
+class PairSource:
+  """The augmented digits stream with each sample's original image: batches ``{"image": original,
+  "augmented": warped, "label"}``. Two ``StreamSource``s of one seed draw the same source images in the
+  same order (a sample depends only on ``(seed, position)``), one with the identity warp."""
+
+  def __init__(self, ds: data_lib.ArrayDataset, seed: int):
+    self.original = tasks.StreamSource(ds, seed, **IDENTITY)
+    self.augmented = tasks.StreamSource(ds, seed)
+
+  def next(self, batch_size: int, context: Any = None) -> tasks.Batch:
+    o, a = self.original.next(batch_size), self.augmented.next(batch_size)
+    return tasks.Batch({"image": o.data["image"], "augmented": a.data["image"], "label": a.data["label"]})
+
+  def get_state(self) -> dict:
+    return {"original": self.original.get_state(), "augmented": self.augmented.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    self.original.set_state(state["original"])
+    self.augmented.set_state(state["augmented"])
+
+
+def stream_from(ds: data_lib.ArrayDataset, seed: int, position: int) -> tasks.StreamSource:
+  """The augmented stream of ``seed`` from sample ``position`` on (the fine-tuning continues the data)."""
+  source = tasks.StreamSource(ds, seed)
+  source.set_state({**source.get_state(), "position": int(position)})
+  return source
+
+
+def unfreeze_groups(lw: ml_collections.ConfigDict) -> list[str]:
+  """``lightweight.unfreeze`` as leaf-path regexes of the zoo cnn (``"head"`` -> ``"^head/"``), head first."""
+  return [f"^{name}/" for name in lw.unfreeze.split(",")]
+
+
+def dual_loss(apply: Callable) -> Callable:
+  """``CE(f_o(x), y) + CE(f_a(aug(x)), y)`` of the two sub-models ``params = {"original", "augmented"}``
+  (``prox.robust.dual_io_loss`` over ``prox.robust.pair_apply``); the zoo cnn has no model state."""
+  pair = robust.pair_apply(lambda p, x: apply(p, {}, x, train=True)[0])
+
+  def loss_fn(params, model_state, batch, ctx):
+    loss, ce = robust.dual_io_loss(pair, params, batch["image"], batch["augmented"], batch["label"])
+    return loss, ({"loss": loss, "ce_original": ce["original"], "ce_augmented": ce["augmented"]}, model_state)
+
+  return loss_fn
+
+
+class LightTools(NamedTuple):
+  net: models.Functional
+  apply: Callable
+  dual_tx: optax.GradientTransformation
+  dual_step: Callable
+  finetune_tx: optax.GradientTransformation
+  single_tx: optax.GradientTransformation
+  plain_step: Callable
+  finetune_step: Callable
+
+
+def light_tools(env: Env) -> LightTools:
+  def build():
+    lw = env.c.lightweight
+    net = models.functional(models.make_model("cnn", input_shape=env.train.images.shape[1:],
+                                              num_classes=env.train.num_classes, seed=0, width=lw.width,
+                                              hidden=lw.hidden))
+    apply = lambda params, ms, x, *, train=False: net.apply(params, ms, x, train=train)
+    dual_tx = optax.adam(lw.learning_rate)
+    groups = unfreeze_groups(lw)
+    finetune_tx = transforms.progressive_unfreezing(optax.adam(lw.finetune_learning_rate), groups,
+                                                    interval=lw.finetune_steps // len(groups))
+    plain = lambda params, ms, batch, ctx: _plain_loss(apply, params, ms, batch)
+    single_tx = optax.adam(lw.learning_rate)
+    return LightTools(net, apply, dual_tx, step_lib.make_train_step(dual_loss(net.apply), dual_tx, mesh=env.mesh),
+                      finetune_tx, single_tx, step_lib.make_train_step(plain, single_tx, mesh=env.mesh),
+                      step_lib.make_train_step(plain, finetune_tx, mesh=env.mesh))
+  return env.get("light_tools", build)
+
+
+def light_run(env: Env, arm: str, seed: int) -> dict:
+  """Arm ``dual``: the two sub-models (both from the seed's initialisation) trained together for
+  ``dual_steps`` steps, unified, then fine-tuned with progressive unfreezing for ``finetune_steps`` steps
+  on the augmented stream from where the dual phase left it. Arm ``single``: the same cnn and
+  initialisation on the augmented stream for ``dual_steps + finetune_steps`` steps."""
+  lw = env.c.lightweight
+  t = light_tools(env)
+  total = lw.dual_steps + lw.finetune_steps
+  acc = lambda params: accuracy(env, t.apply, params)
+
+  def fn() -> dict:
+    init = models.functional(models.make_model("cnn", input_shape=env.train.images.shape[1:],
+                                               num_classes=env.train.num_classes, seed=seed, width=lw.width,
+                                               hidden=lw.hidden)).params
+    if arm == "single":
+      state = _state(env, init, t.single_tx, seed)
+      result, cost = fit(env, t.plain_step, state, total, seed, every=lw.eval_every,
+                         evaluate=lambda s: {"accuracy": acc(s.params)})
+      return {"accuracy": result.record["curve"][-1]["accuracy"], "curve": result.record["curve"], **cost}
+    state = _state(env, {"original": init, "augmented": init}, t.dual_tx, seed)
+    dual, dual_cost = fit(env, t.dual_step, state, lw.dual_steps, seed, source=PairSource(env.train, seed))
+    pair = jax.device_get(dual.state.params)
+    unified = robust.unify_submodels(pair, weight=lw.weight)
+    state = _state(env, unified, t.finetune_tx, seed)
+    tuned, cost = fit(env, t.finetune_step, state, lw.finetune_steps, seed, every=lw.eval_every,
+                      evaluate=lambda s: {"accuracy": acc(s.params)},
+                      source=stream_from(env.train, seed, lw.dual_steps * env.c.batch_size))
+    return {"accuracy": tuned.record["curve"][-1]["accuracy"], "curve": tuned.record["curve"],
+            "original": acc(pair["original"]), "augmented": acc(pair["augmented"]), "unified": acc(unified),
+            "dual": dual_cost, **cost,
+            "train_seconds": dual_cost["train_seconds"] + cost["train_seconds"],
+            "wall_seconds": dual_cost["wall_seconds"] + cost["wall_seconds"]}
+
+  return _once(env, "lightweight", arm, seed, {**lw.to_dict(), "total_steps": total}, fn)
+
+
+def run_lightweight(env: Env) -> dict:
+  lw = env.c.lightweight
+  t = light_tools(env)
+  runs: dict[str, dict] = {}
+  for seed in common.seeds(env.c):
+    for arm in LIGHT_ARMS:
+      r = light_run(env, arm, seed)
+      runs.setdefault(arm, {})[str(seed)] = r
+      more = (f" (sub-models {r['original']:.4f}/{r['augmented']:.4f}, unified {r['unified']:.4f})"
+              if arm == "dual" else "")
+      common.say(env.c, f"shrink: lightweight {arm} seed {seed}: {r['accuracy']:.4f}{more} ({r['wall_seconds']:.0f} s)")
+  structure = models.structure_of("cnn", t.net.params, input_shape=tuple(env.train.images.shape[1:]))
+  return {"params": models.param_count(t.net.params), "macs": float(transforms.full_flops(structure)),
+          "total_steps": lw.dual_steps + lw.finetune_steps, "groups": lw.unfreeze.split(","), "runs": runs}
+
+
 # --- entry point -----------------------------------------------------------------------------------------
 
-RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard}
+RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard, "lightweight": run_lightweight}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -764,16 +1029,30 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
     runs = results["lapp"]["runs"]
     for removed in results["lapp"]["removed"]:
       r = round(100 * removed)
+      if f"lapp{r}" not in runs or f"magnitude{r}" not in runs:
+        continue
       comp = report.paired_comparison(_per_seed(runs[f"lapp{r}"], lambda x: x["accuracy"]),
                                       _per_seed(runs[f"magnitude{r}"], lambda x: x["accuracy"]))
       out.append({"name": f"lapp{r}", "effect": f"LAPP above magnitude (uniform) pruning at {r}% of the MACs removed",
                   "comparison": comp, "held": comp["verdict"] == "better"})
+      if f"lapp_bypass{r}" in runs:
+        comp = report.paired_comparison(_per_seed(runs[f"lapp_bypass{r}"], lambda x: x["accuracy"]),
+                                        _per_seed(runs[f"lapp{r}"], lambda x: x["accuracy"]))
+        out.append({"name": f"lapp_bypass{r}", "effect": f"LAPP with bypass above LAPP without at {r}% of the MACs "
+                    "removed", "comparison": comp, "held": comp["verdict"] == "better"})
   if "proard" in results and set(PROARD_ARMS) <= set(results["proard"]["runs"]):
     runs = results["proard"]["runs"]
     mean_robust = lambda r: float(np.mean(list(r["robust"].values())))
     comp = report.paired_comparison(_per_seed(runs["gap"], mean_robust), _per_seed(runs["uniform"], mean_robust))
     out.append({"name": "proard", "effect": "robust-gap sampling above uniform sampling in robust accuracy (mean "
                 "over the grid)", "comparison": comp, "held": comp["verdict"] == "better"})
+  if "lightweight" in results:
+    runs = results["lightweight"]["runs"]
+    comp = report.paired_comparison(_per_seed(runs["dual"], lambda r: r["accuracy"]),
+                                    _per_seed(runs["single"], lambda r: r["accuracy"]))
+    out.append({"name": "lightweight", "effect": "unified + fine-tuned dual-input/dual-output cnn at or above the "
+                "single cnn (same steps)", "comparison": comp,
+                "held": comp["diff_mean"] >= 0 and comp["verdict"] != "worse"})
   return out
 
 
@@ -819,7 +1098,32 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
     lines += _lapp_md(config, results["lapp"], effects)
   if "proard" in results:
     lines += _proard_md(config, results["proard"])
+  if "lightweight" in results:
+    lines += _light_md(config, results["lightweight"], effects)
   return "\n".join(lines) + "\n"
+
+
+def _light_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
+  lw = config.lightweight
+  runs = part["runs"]
+  comp = {e["name"]: e["comparison"] for e in effects}["lightweight"]
+  lines = ["## Lightweight CNN: dual-input/dual-output sub-models, unified, progressive unfreezing", "",
+           f"Zoo cnn (widths {lw.width}, {2 * lw.width}, dense {lw.hidden}; {part['params']:,} parameters, "
+           f"{part['macs'] / 1e3:.1f}k MACs). Dual: two copies from the seed's initialisation, {lw.dual_steps} steps "
+           f"on original + augmented digits (batch {config.batch_size} of each), Adam {lw.learning_rate:g}; unified "
+           f"with weight {lw.weight:g}; fine-tuned {lw.finetune_steps} steps on the augmented stream, Adam "
+           f"{lw.finetune_learning_rate:g}, groups unfrozen in order {', '.join(part['groups'])} every "
+           f"{lw.finetune_steps // len(part['groups'])} steps. Single: the same cnn, initialisation and augmented "
+           f"data, {part['total_steps']} steps, Adam {lw.learning_rate:g}. Test accuracy (%).", ""]
+  dual = runs["dual"]
+  d, ci = _diff(comp)
+  rows = [["sub-model on original digits (after the dual phase)", _pct(_per_seed(dual, lambda r: r["original"])), "", ""],
+          ["sub-model on augmented digits (after the dual phase)", _pct(_per_seed(dual, lambda r: r["augmented"])), "", ""],
+          ["unified (average, before fine-tuning)", _pct(_per_seed(dual, lambda r: r["unified"])), "", ""],
+          ["unified + fine-tuned (progressive unfreezing)", _pct(_per_seed(dual, lambda r: r["accuracy"])), d, ci],
+          ["single cnn, augmented data", _pct(_per_seed(runs["single"], lambda r: r["accuracy"])), "-", "-"]]
+  lines += [report.markdown_table(["model", "accuracy", "vs single (points)", "95% CI"], rows), ""]
+  return lines
 
 
 def _proard_md(config: ml_collections.ConfigDict, part: dict) -> list[str]:
@@ -905,24 +1209,32 @@ def _lapp_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict])
   rows = [["dense", "-", "1.000", _pct(dense), "-", "-", "-", ", ".join(str(v) for v in part["groups"].values())]]
   for removed in part["removed"]:
     r = round(100 * removed)
-    for arm in ("magnitude", "lapp"):
+    for arm in [a for a in ("magnitude", "lapp", "lapp_bypass") if f"{a}{r}" in runs]:
       by = runs[f"{arm}{r}"]
       acc = _per_seed(by, lambda x: x["accuracy"])
       flops = np.mean([x["flops_fraction"] for x in by.values()])
-      own = (f"{np.mean([x['lapp_flops_fraction'] for x in by.values()]):.3f}" if arm == "lapp" else "-")
+      own = (f"{np.mean([x['lapp_flops_fraction'] for x in by.values()]):.3f}" if arm != "magnitude" else "-")
       kept = ", ".join(f"{np.mean([x['kept'][g] for x in by.values()]):.1f}" for g in part["groups"])
-      if arm == "lapp":
-        d, ci = _diff(comps[f"lapp{r}"])
-      else:
-        d, ci = "-", "-"
+      d, ci = _diff(comps[f"lapp{r}"]) if arm == "lapp" and f"lapp{r}" in comps else ("-", "-")
+      vs_lapp = _diff(comps[f"lapp_bypass{r}"]) if arm == "lapp_bypass" else ("-", "-")
       vs_dense = _diff(report.paired_comparison(acc, dense))[0]
-      rows.append([arm, f"{r}%", f"{flops:.3f} (own {own})" if arm == "lapp" else f"{flops:.3f}", _pct(acc),
-                   vs_dense, d, ci, kept])
+      label = f"lapp + bypass ({config.lapp.bypass})" if arm == "lapp_bypass" else arm
+      rows.append([label, f"{r}%", f"{flops:.3f} (own {own})" if arm != "magnitude" else f"{flops:.3f}", _pct(acc),
+                   vs_dense, d, ci, *vs_lapp, kept])
   lines += [report.markdown_table(["method", "MACs removed (target)", "MACs kept (achieved)", "accuracy",
-                                   "vs dense (points)", "LAPP - magnitude (points)", "95% CI", "channels kept"],
-                                  rows), "",
-            "`own`: the FLOPs fraction of LAPP's own hard masks (`s_c > t_l`) before the budget trim.", ""]
-  return lines
+                                   "vs dense (points)", "LAPP - magnitude (points)", "95% CI",
+                                   "bypass - LAPP (points)", "95% CI", "channels kept"], rows), "",
+            "`own`: the FLOPs fraction of LAPP's own hard masks (`s_c > t_l`) before the budget trim (with the "
+            "bypass: plus the bypass's MACs)."]
+  bypass = [x for name, by in runs.items() if name.startswith("lapp_bypass") for x in by.values()]
+  if bypass:
+    share = bypass[0]["bypass_flops_fraction"]
+    lines += ["", f"The bypass ({config.lapp.bypass}) takes {share:.4f} of the dense MACs "
+              f"({share * part['full_macs']:.0f} MACs), counted in its achieved MACs and taken out of its channels' "
+              "budget; the L1 norm of its trained kernel, mean over its runs: "
+              + ", ".join(f"{g} {np.mean([x['bypass_norm'][g] for x in bypass]):.2f}" for g in bypass[0]["bypass_norm"])
+              + "."]
+  return lines + [""]
 
 
 def figures(results: dict) -> dict[str, Callable[[str], None]]:
@@ -933,7 +1245,27 @@ def figures(results: dict) -> dict[str, Callable[[str], None]]:
     out["lapp.png"] = lambda path: _plot_lapp(results["lapp"], path)
   if "proard" in results:
     out["proard.png"] = lambda path: _plot_proard(results["proard"], path)
+  if "lightweight" in results:
+    out["lightweight.png"] = lambda path: _plot_light(results["lightweight"], path)
   return out
+
+
+def _plot_light(part: dict, path: str) -> None:
+  fig, ax = report.figure(6, 4)
+  dual, single = part["runs"]["dual"], part["runs"]["single"]
+  bars = [("original", [r["original"] for r in dual.values()]), ("augmented", [r["augmented"] for r in dual.values()]),
+          ("unified", [r["unified"] for r in dual.values()]), ("unified +\nfine-tuned", [r["accuracy"] for r in dual.values()]),
+          ("single", [r["accuracy"] for r in single.values()])]
+  for i, (label, values) in enumerate(bars):
+    v = 100 * np.asarray(values)
+    ax.bar(i, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0.0, capsize=3, color="C1" if label == "single" else "C0")
+    ax.plot(np.full(len(v), i), v, "k.", ms=4)
+  ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+  low = min(100 * min(v) for _, v in bars)
+  ax.set_ylim(max(0.0, low - 5), 100)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("Lightweight cnn: dual-input/output, unified, fine-tuned vs single")
+  report.save_figure(fig, path)
 
 
 def _plot_proard(part: dict, path: str) -> None:
@@ -976,7 +1308,9 @@ def _plot_lapp(part: dict, path: str) -> None:
   runs = part["runs"]
   dense = 100 * np.mean([r["accuracy"] for r in runs["dense"].values()])
   ax.axhline(dense, color="gray", ls=":", label="dense")
-  for arm, marker in (("magnitude", "s--"), ("lapp", "o-")):
+  for arm, marker in (("magnitude", "s--"), ("lapp", "o-"), ("lapp_bypass", "^-.")):
+    if not all(f"{arm}{round(100 * r)}" in runs for r in part["removed"]):
+      continue
     xs, ms, ss = [], [], []
     for removed in part["removed"]:
       by = runs[f"{arm}{round(100 * removed)}"]

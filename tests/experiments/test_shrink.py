@@ -159,6 +159,50 @@ def test_lapp_masks_are_frozen_by_the_step_and_the_achieved_flops_meet_the_budge
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_cnn_forward_is_the_zoo_cnn_plus_the_bypasses(splits):
+  p = _config(lapp__width=4, lapp__hidden=8).lapp
+  net, _ = shrink.cnn_structure(p, (8, 8, 1), 10)
+  x = jnp.asarray(splits[0].images[:16])
+  reference = net.apply(net.params, {}, x, train=False)[0]
+  np.testing.assert_allclose(shrink.cnn_forward(net.params, {}, x), reference, rtol=1e-5, atol=1e-5)
+  shapes = shrink.bypass_shapes(net.params, (8, 8, 1))
+  assert shapes == {"conv1": (1, 8, 16), "conv2": (16, 8, 1), "dense": (32, 10, 1)}
+  zero = {g: transforms.bypass_init(*shapes[g][:2]) for g in shapes}
+  np.testing.assert_allclose(shrink.cnn_forward(net.params, zero, x), reference, rtol=1e-5, atol=1e-5)
+  # the dense bypass adds flatten(p2) W to the logits: with the head zeroed, the logits are that term alone
+  w = jax.random.normal(jax.random.key(0), (32, 10))
+  model = {**net.params, "head": jax.tree.map(jnp.zeros_like, net.params["head"])}
+  feats = {}
+  def pooled(z):
+    return jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+  conv = lambda q, z: jax.lax.conv_general_dilated(z, q["kernel"], (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + q["bias"]
+  feats["p2"] = pooled(jax.nn.relu(conv(model["conv2"], pooled(jax.nn.relu(conv(model["conv1"], x))))))
+  np.testing.assert_allclose(shrink.cnn_forward(model, {"dense": w}, x), feats["p2"].reshape(16, -1) @ w,
+                             rtol=1e-5, atol=1e-5)
+  # the conv1 bypass's MACs: 4 x 4 positions x 1 input channel x 8 outputs
+  assert shrink.bypass_macs(net.params, (8, 8, 1), ["conv1"]) == 16 * 1 * 8
+  assert shrink.bypass_macs(net.params, (8, 8, 1), ["conv1", "dense"]) == 128 + 320
+
+
+def test_lapp_bypass_run_counts_the_bypass_macs_in_the_budget_and_trains_it(splits, tmp_path):
+  cfg = _config(lapp__width=4, lapp__hidden=8, lapp__num_steps=6, lapp__prune_steps=3, lapp__eval_every=6,
+                lapp__bypass="conv1,dense")
+  shrink.validate(cfg, None)
+  env = _env(cfg, splits, str(tmp_path))
+  out = shrink.lapp_run(env, "lapp_bypass", 0.5, 0)
+  net, structure = shrink.cnn_structure(cfg.lapp, (8, 8, 1), 10)
+  dense = float(transforms.full_flops(structure))
+  share = (128 + 320) / dense
+  assert out["bypass_flops_fraction"] == pytest.approx(share)
+  cm = {g.name: np.arange(g.size) < out["kept"][g.name] for g in structure.groups}   # counts only matter
+  channels = float(transforms.masked_flops(structure, cm)) / dense
+  assert out["flops_fraction"] == pytest.approx(channels + share, rel=1e-6)
+  assert out["flops_fraction"] <= 0.5 + 1e-6 and channels <= 0.5 - share + 1e-6
+  assert all(v > 0 for v in out["bypass_norm"].values())   # zero-initialised, then trained
+  assert out["steps"] == 6
+
+
 def test_prefixed_structure_addresses_the_outer_tree():
   p = _config(lapp__width=4, lapp__hidden=8).lapp
   net, structure = shrink.cnn_structure(p, (8, 8, 1), 10)
@@ -221,6 +265,77 @@ def test_candidates_are_every_uniform_subnetwork_but_the_largest():
   assert len(names) == 2 * 2 * 2 - 1 and "k5-d2-w1" not in names and names[0] == "k3-d1-w0.5"
 
 
+# --- lightweight: paired views, the dual step, progressive unfreezing in the step ---------------------------------
+
+def test_pair_source_serves_each_augmented_sample_with_its_source_image(splits):
+  train = splits[0]
+  pair = shrink.PairSource(train, 3)
+  pair.next(16)
+  state = pair.get_state()
+  batch = pair.next(16).data
+  plain = tasks.StreamSource(train, 3)
+  plain.next(16)
+  second = plain.next(16).data
+  np.testing.assert_array_equal(batch["augmented"], second["image"])
+  np.testing.assert_array_equal(batch["label"], second["label"])
+  # the original of each sample is a training image of the same label, not the warped one
+  flat = train.images.reshape(len(train.images), -1)
+  for x, y in zip(batch["image"], batch["label"]):
+    dist = np.abs(flat - x.reshape(-1)).max(axis=1)
+    assert dist.min() < 1e-5 and train.labels[np.argmin(dist)] == y
+  assert np.abs(batch["image"] - batch["augmented"]).max() > 0.1
+  again = shrink.PairSource(train, 3)
+  again.set_state(state)
+  np.testing.assert_array_equal(again.next(16).data["image"], batch["image"])
+  # the fine-tuning stream continues where the dual phase left the augmented stream
+  np.testing.assert_array_equal(shrink.stream_from(train, 3, 16).next(16).data["image"], second["image"])
+
+
+def test_dual_step_trains_each_submodel_on_its_own_input(splits):
+  cfg = _config(lightweight__width=4, lightweight__hidden=8)
+  env = _env(cfg, splits)
+  t = shrink.light_tools(env)
+  init = t.net.params
+  rows = np.arange(32)
+  x = splits[0].images[rows]
+  batch = {"image": x, "augmented": x[::-1].copy(), "label": splits[0].labels[rows]}
+  other = {**batch, "augmented": np.zeros_like(x)}
+  outs = []
+  for b in (batch, other):
+    state = common.replicated_state({"original": init, "augmented": init}, t.dual_tx, env.mesh, seed=0)
+    state, out = t.dual_step(state, step_lib.shard_batch(b, env.mesh))
+    outs.append((jax.device_get(state.params), out))
+  (p1, out1), (p2, _) = outs
+  # the original sub-model's update depends on the original images only
+  for a, b in zip(jax.tree.leaves(p1["original"]), jax.tree.leaves(p2["original"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1["augmented"]), jax.tree.leaves(p2["augmented"])))
+  # the loss is the sum of the two sub-models' cross-entropies at the start (both from one init)
+  ce = lambda xx: float(optax.softmax_cross_entropy_with_integer_labels(
+      t.net.apply(init, {}, xx, train=True)[0], batch["label"]).mean())
+  np.testing.assert_allclose(float(out1.metrics["loss"]), ce(x) + ce(batch["augmented"]), rtol=1e-5)
+  unified = shrink.robust.unify_submodels(p1, weight=cfg.lightweight.weight)
+  for u, a, b in zip(jax.tree.leaves(unified), jax.tree.leaves(p1["original"]), jax.tree.leaves(p1["augmented"])):
+    np.testing.assert_allclose(u, 0.5 * (a + b), rtol=1e-6)
+
+
+def test_finetune_step_unfreezes_the_layers_head_first(splits):
+  cfg = _config(lightweight__width=4, lightweight__hidden=8, lightweight__finetune_steps=8)
+  env = _env(cfg, splits)
+  t = shrink.light_tools(env)   # 4 groups: one every 2 steps
+  state = common.replicated_state(t.net.params, t.finetune_tx, env.mesh, seed=0)
+  batch = _batch(splits[0], np.arange(32))
+  changed = []
+  for _ in range(8):
+    before = jax.device_get(state.params)
+    state, _ = t.finetune_step(state, batch)
+    after = jax.device_get(state.params)
+    changed.append({k: not np.array_equal(before[k]["kernel"], after[k]["kernel"]) for k in before})
+  order = ("head", "dense", "conv2", "conv1")
+  for i, c in enumerate(changed):   # group g trains from step 2 g on
+    assert c == {k: i >= 2 * order.index(k) for k in order}, (i, c)
+
+
 # --- config errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
@@ -237,6 +352,14 @@ def test_candidates_are_every_uniform_subnetwork_but_the_largest():
     ({"parts": "proard", "proard__arms": "gap,gap"}, "twice"),
     ({"parts": "proard", "proard__momentum": 1.0}, "proard.momentum"),
     ({"parts": "proard", "proard__eps": 0.0}, "proard.eps"),
+    ({"lapp__arms": "lapp,nope"}, "lapp.arms"),
+    ({"lapp__bypass": "conv1,conv9"}, "lapp.bypass"),
+    ({"lapp__bypass": "conv1,conv2,dense", "lapp__removed": (0.4, 0.95)}, "lapp.bypass"),
+    ({"parts": "lightweight", "lightweight__unfreeze": "head,head"}, "twice"),
+    ({"parts": "lightweight", "lightweight__unfreeze": "head,conv3"}, "conv3"),
+    ({"parts": "lightweight", "lightweight__weight": 1.5}, "lightweight.weight"),
+    ({"parts": "lightweight", "lightweight__finetune_steps": 3}, "lightweight.finetune_steps"),
+    ({"parts": "lightweight", "lightweight__finetune_learning_rate": 0.0}, "lightweight.finetune_learning_rate"),
 ])
 def test_validate_names_the_bad_value(fields, expected):
   with pytest.raises(common.ConfigError, match=expected):
@@ -276,15 +399,16 @@ def _outputs(workdir: Path, parts: list[str], runs: int) -> dict:
 def test_lapp_part_end_to_end_and_a_rerun_reads_every_run_back(tmp_path):
   proc = _prox(tmp_path, "--config.parts=lapp")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  first = _outputs(tmp_path, ["lapp"], 3)                # dense, lapp50, magnitude50
-  assert first["runs_trained"] == 3
+  first = _outputs(tmp_path, ["lapp"], 4)                # dense, lapp50, magnitude50, lapp_bypass50
+  assert first["runs_trained"] == 4
   assert "LAPP above magnitude (uniform) pruning at 50%" in first["md"]
-  for name in ("lapp50", "magnitude50"):
+  assert "LAPP with bypass above LAPP without at 50%" in first["md"]
+  for name in ("lapp50", "magnitude50", "lapp_bypass50"):
     assert first["results"]["lapp"]["runs"][name]["0"]["flops_fraction"] <= 0.5 + 1e-6
   proc = _prox(tmp_path, "--config.parts=lapp")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  second = _outputs(tmp_path, ["lapp"], 3)
-  assert second["runs_trained"] == 0 and second["runs_read_back"] == 3
+  second = _outputs(tmp_path, ["lapp"], 4)
+  assert second["runs_trained"] == 0 and second["runs_read_back"] == 4
   assert second["results"] == first["results"]
 
 
@@ -293,9 +417,13 @@ def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
   every = "--config.parts=" + ",".join(shrink.PARTS)
   proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50; proard: 2 arms (one seed)
-  first = _outputs(tmp_path, list(shrink.PARTS), 8)
-  assert first["runs_trained"] == 8
+  # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50; proard: 2 arms;
+  # lapp_bypass50; lightweight: dual, single (one seed)
+  first = _outputs(tmp_path, list(shrink.PARTS), 11)
+  assert first["runs_trained"] == 11
+  dual = first["results"]["lightweight"]["runs"]["dual"]["0"]
+  assert dual["steps"] == 20 and dual["dual"]["steps"] == 20 and {"original", "augmented", "unified"} <= set(dual)
+  assert first["results"]["lightweight"]["runs"]["single"]["0"]["steps"] == 40
   gap = first["results"]["proard"]["runs"]["gap"]["0"]
   assert sum(gap["draws"].values()) == 20 and set(gap["robust"]) == {"k3-d1-w0.5", "k5-d2-w1"}
   assert "OFA sub-network k3-d1-w0.5 within 1 point" in first["md"]
@@ -303,5 +431,5 @@ def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
   assert [p["step"] for p in ofa["phases"]] == [20, 30, 40, 50] and ofa["shrink_count"] == 50
   proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  second = _outputs(tmp_path, list(shrink.PARTS), 8)
+  second = _outputs(tmp_path, list(shrink.PARTS), 11)
   assert second["runs_trained"] == 0 and second["results"] == first["results"]

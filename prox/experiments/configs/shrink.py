@@ -4,7 +4,9 @@
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/quick --config.quick=True
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/s --config.parts=lapp
 
-``parts`` (comma-separated) selects any of ofa, lapp, proard (the default runs ofa and lapp).
+``parts`` (comma-separated) selects any of ofa, lapp, proard, lightweight (the default runs ofa and lapp).
+
+  prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink --config.parts=lightweight
 """
 import ml_collections
 
@@ -54,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
       "temperature": (1.0, 100.0),     # LAPP's soft-mask temperature, rising geometrically
       "penalty_weight": 10.0,
       "eval_every": 250,
+      "arms": "lapp,magnitude,lapp_bypass",   # beside the dense network
+      # lapp_bypass: LAPP with a bypass around these groups, its MACs counted in the budget. conv1: the layer
+      # LAPP pruned hardest in the runs without bypass (about half of its 16 channels at both budgets)
+      "bypass": "conv1",
   })
   # ProARD: the ofa elastic network trained adversarially, robust-gap vs uniform student sampling.
   c.proard = ml_collections.ConfigDict({
@@ -66,5 +72,18 @@ def get_config() -> ml_collections.ConfigDict:
       "temperature": 0.05,             # the gap sampler's tau
       "momentum": 0.9,                 # the gap sampler's running-gap momentum
       "eval_pgd_steps": 5,
+  })
+  # Lightweight CNN (dual-input/dual-output sub-models, unified, fine-tuned with progressive unfreezing) vs
+  # the same cnn trained on the augmented stream alone for the same total number of steps.
+  c.lightweight = ml_collections.ConfigDict({
+      "width": 16,                     # the zoo cnn: conv widths 16, 32, dense 64 (as lapp's)
+      "hidden": 64,
+      "dual_steps": 1000,              # both sub-models, original + augmented digits
+      "finetune_steps": 500,           # the unified model, progressive unfreezing; single: 1500 steps
+      "learning_rate": 1e-3,           # Adam: the dual phase and the single model
+      "finetune_learning_rate": 3e-4,  # Adam per unfrozen group (each group's moments start when it unfreezes)
+      "unfreeze": "head,dense,conv2,conv1",   # groups, output first, one every finetune_steps / 4 steps
+      "weight": 0.5,                   # unified = weight * original + (1 - weight) * augmented
+      "eval_every": 250,
   })
   return c
