@@ -17,6 +17,9 @@ Expected effects, fixed before running and reported either way (paired compariso
   mean paired difference (dual-input/dual-output, unified, fine-tuned minus the same cnn trained on the
   augmented stream alone for the same number of steps) is >= 0 points and the paired 95% interval does
   not lie below 0.
+* ``fedtiny``: "FedTiny above pruning at the server once at equal density" -- after the same number of
+  FedAvg rounds at the same weight density, FedTiny's server model beats the one pruned once by magnitude
+  at the server (paired 95% interval above 0).
 
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink
 
@@ -86,8 +89,29 @@ networks mixes unrelated features: Frankle et al. 2020 on linear mode connectivi
 their parameter average with no added layers, the augmentation is ``prox.tasks.StreamSource``'s
 (rotation, zoom, shift, pixel noise), and the fine-tuning runs on the augmented stream.
 
+Part ``fedtiny`` (Huang, Zhang, Sun, Fang, Yuan, Wu 2023, "Distributed Pruning Towards Tiny Neural Networks
+in Federated Learning"; FedAvg after McMahan et al. 2017). ``N`` clients hold a label-sorted shard split of
+the digits (``client_split``: about two digits each). The clients are a leading axis of the parameters:
+one compiled step is one local SGD step of every client at once (``fed_loss``: ``sum_i CE_i(theta_i)``
+over the client-major batch, vmapped, so client ``i``'s gradient is its own), and the step's transition
+re-applies the masks, feeds each client's gradient into its own per-layer top-K buffer
+(``prox.transforms.topk_accumulate`` vmapped over clients) and, after every ``local_steps``-th step,
+runs the server: FedAvg (``theta <- mean_i theta_i``, equal shard sizes, sent back to every client) and,
+in rounds ``r < prune_rounds``, ``prox.transforms.grow_and_prune`` of layer ``r mod L`` with
+``n_r = adjust_count(r)`` from the clients' summed buffers. The rounds are the loop's steps, so the whole
+federated run is one ``prox.loop.run``. FedTiny starts from the coarse candidate chosen by
+``prox.transforms.adaptive_bn_selection`` among ``candidates`` magnitude masks of the target density
+with random per-layer densities (``random_layer_densities``, row 0 uniform). Baseline ``server``: row 0
+(magnitude pruning once at the server, uniform per-layer density), then FedAvg with the masks fixed.
+Departures: the zoo cnn has no batch norm, so the selection has no statistics to recalibrate: each
+candidate is scored by the clients' mean loss on one local batch each (what the selection minimises once
+the statistics are recalibrated); the server prunes the initialisation (it has no data); the layers are
+adjusted in turn, one per round; SGD without momentum; the transition, not the clients, keeps the buffers
+(the same arithmetic: each client's buffer sees only its own gradients); one device (the client axis is in
+the parameters, the client-major batch is not split over devices).
+
 Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs),
-``lapp.png``, ``proard.png`` and ``lightweight.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
+``lapp.png``, ``proard.png``, ``lightweight.png`` and ``fedtiny.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
 back.
 """
 from __future__ import annotations
@@ -114,14 +138,15 @@ from prox.experiments import common
 from prox.experiments import report
 from prox.tasks import data as data_lib
 
-PARTS = ("ofa", "lapp", "proard", "lightweight")
+PARTS = ("ofa", "lapp", "proard", "lightweight", "fedtiny")
 QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0.5,5:2:1.0",
          "lapp.removed": (0.5,), "lapp.num_steps": 60, "lapp.prune_steps": 30, "lapp.frequency": 5,
          "lapp.eval_every": 30, "proard.num_steps": 20, "lightweight.dual_steps": 20,
-         "lightweight.finetune_steps": 20, "lightweight.eval_every": 20}
+         "lightweight.finetune_steps": 20, "lightweight.eval_every": 20, "fedtiny.rounds": 8,
+         "fedtiny.local_steps": 2, "fedtiny.prune_rounds": 4, "fedtiny.eval_every": 4}
 # Each run has its own directory and record (with its part's settings), so other parts or more seeds may
 # follow in the same workdir, and a part's section may change there (its runs check their own settings).
-RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard", "lightweight")
+RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard", "lightweight", "fedtiny")
 
 
 # --- config --------------------------------------------------------------------------------------------
@@ -188,6 +213,21 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     common.require(c.lightweight.finetune_steps >= len(groups),
                    f"lightweight.finetune_steps ({c.lightweight.finetune_steps}) must be at least the number of "
                    f"unfreezing groups ({len(groups)})")
+  if "fedtiny" in selected:
+    f = c.fedtiny
+    common.positive_ints(c, "fedtiny.num_clients", "fedtiny.shards_per_client", "fedtiny.width", "fedtiny.hidden",
+                         "fedtiny.rounds", "fedtiny.local_steps", "fedtiny.client_batch", "fedtiny.candidates",
+                         "fedtiny.select_batch", "fedtiny.prune_rounds", "fedtiny.topk", "fedtiny.eval_every")
+    common.numbers(c, "fedtiny.density", low=0, high=1, low_open=True)
+    common.numbers(c, "fedtiny.alpha", low=0, high=1)
+    common.numbers(c, "fedtiny.learning_rate", low=0, low_open=True)
+    common.numbers(c, "fedtiny.spread", low=0)
+    shard = 1347 // (f.num_clients * f.shards_per_client) * f.shards_per_client   # digits train rows per client
+    common.require(f.client_batch <= shard and f.select_batch <= shard,
+                   f"fedtiny.client_batch ({f.client_batch}) and fedtiny.select_batch ({f.select_batch}) must not "
+                   f"exceed a client's {shard} rows")
+    common.require(f.prune_rounds <= f.rounds,
+                   f"fedtiny.prune_rounds ({f.prune_rounds}) must not exceed fedtiny.rounds ({f.rounds})")
   if workdir is not None:
     common.check_workdir(workdir)
 
@@ -977,9 +1017,217 @@ def run_lightweight(env: Env) -> dict:
           "total_steps": lw.dual_steps + lw.finetune_steps, "groups": lw.unfreeze.split(","), "runs": runs}
 
 
+# --- part fedtiny: federated pruning, clients as a vmapped axis --------------------------------------------
+
+FED_ARMS = ("fedtiny", "server")
+FED_LAYERS = ("conv1", "conv2", "dense", "head")   # the pruned kernels (biases stay dense); sorted = leaf order
+
+
+def client_split(labels: np.ndarray, num_clients: int, shards: int, seed: int) -> np.ndarray:
+  """``[N, n]`` row indices: a label-sorted split into ``N * shards`` equal shards, ``shards`` random ones per
+  client (McMahan et al. 2017's pathological non-IID split); rows past ``N * shards * n`` are unused."""
+  order = np.argsort(labels, kind="stable")
+  size = len(labels) // (num_clients * shards)
+  pieces = order[:num_clients * shards * size].reshape(num_clients * shards, size)
+  perm = np.random.default_rng([int(seed), 7]).permutation(num_clients * shards)
+  return pieces[perm].reshape(num_clients, shards * size)
+
+
+class ClientSource:
+  """One batch row-block per client: ``b = batch_size / N`` rows drawn without replacement from each client's
+  own rows (``rows``, ``[N, n]``), client-major; the draw depends only on ``(seed, position)``."""
+
+  def __init__(self, ds: data_lib.ArrayDataset, rows: np.ndarray, seed: int):
+    self.ds, self.rows, self.seed, self.position = ds, rows, int(seed), 0
+
+  def next(self, batch_size: int, context: Any = None) -> tasks.Batch:
+    n, size = self.rows.shape
+    b = batch_size // n
+    rng = np.random.default_rng([self.seed, self.position])
+    pick = np.stack([self.rows[i, rng.choice(size, b, replace=False)] for i in range(n)]).reshape(-1)
+    self.position += 1
+    return tasks.Batch({"image": self.ds.images[pick], "label": self.ds.labels[pick].astype(np.int32)})
+
+  def get_state(self) -> dict:
+    return {"seed": self.seed, "position": self.position}
+
+  def set_state(self, state: dict) -> None:
+    self.seed, self.position = int(state["seed"]), int(state["position"])
+
+
+def _masked(params: Any, masks: dict) -> Any:
+  """``params`` (any leading axes) with each pruned kernel's pruned entries set to 0."""
+  return {k: ({**v, "kernel": jnp.where(masks[k], v["kernel"], 0.0)} if k in masks else v) for k, v in params.items()}
+
+
+def fed_loss(num_clients: int) -> Callable:
+  """``sum_i CE_i``: client ``i``'s parameters ``params[i]`` on its rows of the client-major batch (vmapped),
+  so the gradient of client ``i``'s parameters is its own local gradient."""
+
+  def loss_fn(params, model_state, batch, ctx):
+    x = batch["image"].reshape(num_clients, -1, *batch["image"].shape[1:])
+    y = batch["label"].reshape(num_clients, -1)
+    logits = jax.vmap(lambda p, xi: cnn_forward(p, {}, xi))(params, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
+    hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32).mean()
+    return jnp.sum(ce), ({"loss": jnp.mean(ce), "accuracy": hit}, model_state)
+
+  return loss_fn
+
+
+def fed_transition(arm: str, *, local_steps: int, alpha: float, prune_rounds: int) -> step_lib.Transition:
+  """After every local step: the weights re-masked (``extra["masks"]``) and, for FedTiny, each client's
+  top-K buffer of every layer (``extra["topk"]``, ``[N, K]``) fed its own gradient
+  (``prox.transforms.topk_accumulate`` vmapped over clients). After every ``local_steps``-th step (a round
+  ``r``): FedAvg (the clients' mean, equal weights: equal shard sizes) sent back to every client, and for
+  FedTiny in rounds ``r < prune_rounds``: layer ``r mod L`` grows the ``n_r`` pruned weights of largest
+  summed buffered gradient and prunes as many of its smallest active ones (``grow_and_prune``,
+  ``n_r = adjust_count(r)``); the buffers restart empty."""
+
+  def transition(state: step_lib.TrainState, info: step_lib.StepInfo) -> step_lib.TrainState:
+    extra = dict(state.extra)
+    masks = extra["masks"]
+    params = _masked(state.params, masks)
+    if arm == "fedtiny":
+      extra["topk"] = {k: jax.vmap(transforms.topk_accumulate, in_axes=(0, 0, None))(
+          extra["topk"][k], info.grads[k]["kernel"], masks[k]) for k in FED_LAYERS}
+    end = (info.step + 1) % local_steps == 0
+
+    def server(params, extra):
+      avg = jax.tree.map(lambda p: jnp.broadcast_to(jnp.mean(p, axis=0), p.shape), params)
+      if arm != "fedtiny":
+        return avg, extra
+      r = (info.step + 1) // local_steps - 1
+      new_masks = {}
+      for i, k in enumerate(FED_LAYERS):
+        n = transforms.adjust_count(r, alpha=alpha, end_round=prune_rounds,
+                                    num_active=jnp.sum(masks[k]).astype(jnp.int32))
+        grown = transforms.grow_and_prune(avg[k]["kernel"][0], masks[k], extra["topk"][k], n)
+        new_masks[k] = jnp.where(r % len(FED_LAYERS) == i, grown, masks[k])
+      changed = sum(jnp.sum(new_masks[k] & ~masks[k]) for k in FED_LAYERS).astype(jnp.int32)
+      empty = jax.tree.map(lambda b: jnp.full_like(b, -1) if b.dtype == jnp.int32 else jnp.zeros_like(b),
+                           extra["topk"])
+      return _masked(avg, new_masks), {**extra, "masks": new_masks, "topk": empty,
+                                       "grown": extra["grown"] + changed}
+
+    params, extra = lax.cond(end, server, lambda p, e: (p, e), params, extra)
+    return state._replace(params=params, extra=extra)
+
+  return transition
+
+
+def fed_candidates(f: ml_collections.ConfigDict, kernels: dict, seed: int) -> tuple[np.ndarray, dict]:
+  """``[K, L]`` per-layer densities (row 0 uniform) and their ``[K]``-stacked magnitude masks."""
+  sizes = [int(v.size) for v in jax.tree.leaves(kernels)]
+  dens = transforms.random_layer_densities(jax.random.key(seed + 1000), sizes, f.density, f.candidates,
+                                           spread=f.spread)
+  masks = jax.vmap(lambda d: transforms.magnitude_masks(kernels, d))(jnp.asarray(dens, jnp.float32))
+  return dens, masks
+
+
+def select_candidate(f: ml_collections.ConfigDict, model: dict, candidate_masks: dict, x: np.ndarray, y: np.ndarray
+                     ) -> tuple[int, np.ndarray]:
+  """FedTiny's selection among the candidates on one batch per client (``x`` ``[N, b, ...]``). The zoo cnn
+  has no batch norm, so there are no statistics to recalibrate (``stats_fn`` returns nothing): each client
+  evaluates each candidate's loss on its batch and the server takes the clients' mean."""
+  kernels = {k: model[k]["kernel"] for k in FED_LAYERS}
+
+  def loss_fn(masked, stats, xi, yi):
+    full = {k: {**model[k], "kernel": masked[k]} for k in FED_LAYERS}
+    return optax.softmax_cross_entropy_with_integer_labels(cnn_forward(full, {}, xi), yi).mean()
+
+  k, losses, _ = transforms.adaptive_bn_selection(kernels, candidate_masks, jnp.asarray(x), jnp.asarray(y),
+                                                  stats_fn=lambda p, xi: jnp.zeros([]), loss_fn=loss_fn)
+  return int(k), np.asarray(losses)
+
+
+class FedTools(NamedTuple):
+  tx: optax.GradientTransformation
+  steps: dict
+  apply: Callable
+
+
+def fed_tools(env: Env) -> FedTools:
+  def build():
+    f = env.c.fedtiny
+    tx = optax.sgd(f.learning_rate)
+    steps = {arm: step_lib.make_train_step(fed_loss(f.num_clients), tx, mesh=env.mesh, transition=fed_transition(
+        arm, local_steps=f.local_steps, alpha=f.alpha, prune_rounds=f.prune_rounds)) for arm in FED_ARMS}
+    apply = lambda tree, ms, x, *, train=False: (cnn_forward(tree, {}, x), ms)
+    return FedTools(tx, steps, apply)
+  return env.get("fed_tools", build)
+
+
+def fed_run(env: Env, arm: str, seed: int) -> dict:
+  """Arm ``fedtiny``: the selected coarse candidate, then progressive layer-wise grow-and-prune during the
+  first ``prune_rounds`` rounds; arm ``server``: the uniform magnitude masks of the same density (the
+  candidates' row 0) fixed, FedAvg only. Same initialisation, split and local batches per seed."""
+  f = env.c.fedtiny
+  t = fed_tools(env)
+
+  def fn() -> dict:
+    model = models.functional(models.make_model("cnn", input_shape=env.train.images.shape[1:],
+                                                num_classes=env.train.num_classes, seed=seed, width=f.width,
+                                                hidden=f.hidden)).params
+    kernels = {k: model[k]["kernel"] for k in FED_LAYERS}
+    rows = client_split(np.asarray(env.train.labels), f.num_clients, f.shards_per_client, seed)
+    dens, cands = fed_candidates(f, kernels, seed)
+    out: dict[str, Any] = {}
+    if arm == "fedtiny":
+      sel = rows[:, :f.select_batch]
+      chosen, losses = select_candidate(f, model, cands, env.train.images[sel], env.train.labels[sel])
+      out.update(selected=chosen, candidate_losses=losses.tolist())
+    else:
+      chosen = 0
+    masks = {k: np.asarray(v[chosen]) for k, v in cands.items()}
+    out["candidate_densities"] = dict(zip(FED_LAYERS, np.asarray(dens[chosen]).tolist()))
+    stacked = jax.tree.map(lambda a: np.broadcast_to(a, (f.num_clients, *a.shape)).copy(), _masked(model, masks))
+    extra = {"masks": masks, "grown": np.int32(0),
+             "topk": {k: jax.tree.map(lambda a: np.broadcast_to(a, (f.num_clients, *a.shape)).copy(),
+                                      transforms.topk_init(f.topk)) for k in FED_LAYERS}}
+    state = _state(env, stacked, t.tx, seed, extra)
+    server = lambda s: jax.tree.map(lambda a: a[0], s.params)
+
+    def log(ctx: loop.Context) -> None:
+      ctx.record.setdefault("curve", []).append(
+          {"round": ctx.step // f.local_steps, "accuracy": accuracy(env, t.apply, server(ctx.state))})
+
+    started = time.perf_counter()
+    result = loop.run(t.steps[arm], state, ClientSource(env.train, rows, seed), mesh=env.mesh,
+                      batch_size=f.num_clients * f.client_batch, num_steps=f.rounds * f.local_steps,
+                      compile_cache=env.cache,
+                      actions=((loop.Every(steps=f.eval_every * f.local_steps, end=True), log),))
+    final = jax.device_get(result.state)
+    m = {k: np.asarray(v) for k, v in final.extra["masks"].items()}
+    total = sum(v.size for v in m.values())
+    out.update(accuracy=result.record["curve"][-1]["accuracy"], curve=result.record["curve"],
+               density=float(sum(v.sum() for v in m.values()) / total),
+               layer_density={k: float(v.mean()) for k, v in m.items()},
+               grown=int(final.extra["grown"]),
+               clients_equal=bool(all(np.array_equal(a[0], a[-1]) for a in jax.tree.leaves(final.params))),
+               steps=int(final.step), train_seconds=result.train_seconds,
+               wall_seconds=time.perf_counter() - started, compile_seconds=result.compile_seconds)
+    return out
+
+  return _once(env, "fedtiny", arm, seed, env.c.fedtiny.to_dict(), fn)
+
+
+def run_fedtiny(env: Env) -> dict:
+  f = env.c.fedtiny
+  runs: dict[str, dict] = {}
+  for seed in common.seeds(env.c):
+    for arm in FED_ARMS:
+      r = fed_run(env, arm, seed)
+      runs.setdefault(arm, {})[str(seed)] = r
+      common.say(env.c, f"shrink: fedtiny {arm} seed {seed}: {r['accuracy']:.4f} density {r['density']:.4f}"
+                 + (f" (candidate {r['selected']}, {r['grown']} grown)" if arm == "fedtiny" else "")
+                 + f" ({r['wall_seconds']:.0f} s)")
+  return {"layers": list(FED_LAYERS), "runs": runs}
+
+
 # --- entry point -----------------------------------------------------------------------------------------
 
-RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard, "lightweight": run_lightweight}
+RUNNERS = {"ofa": run_ofa, "lapp": run_lapp, "proard": run_proard, "lightweight": run_lightweight, "fedtiny": run_fedtiny}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -1046,6 +1294,12 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
     comp = report.paired_comparison(_per_seed(runs["gap"], mean_robust), _per_seed(runs["uniform"], mean_robust))
     out.append({"name": "proard", "effect": "robust-gap sampling above uniform sampling in robust accuracy (mean "
                 "over the grid)", "comparison": comp, "held": comp["verdict"] == "better"})
+  if "fedtiny" in results:
+    runs = results["fedtiny"]["runs"]
+    comp = report.paired_comparison(_per_seed(runs["fedtiny"], lambda r: r["accuracy"]),
+                                    _per_seed(runs["server"], lambda r: r["accuracy"]))
+    out.append({"name": "fedtiny", "effect": "FedTiny above magnitude pruning once at the server (equal density "
+                "and rounds)", "comparison": comp, "held": comp["verdict"] == "better"})
   if "lightweight" in results:
     runs = results["lightweight"]["runs"]
     comp = report.paired_comparison(_per_seed(runs["dual"], lambda r: r["accuracy"]),
@@ -1100,7 +1354,38 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
     lines += _proard_md(config, results["proard"])
   if "lightweight" in results:
     lines += _light_md(config, results["lightweight"], effects)
+  if "fedtiny" in results:
+    lines += _fed_md(config, results["fedtiny"], effects)
   return "\n".join(lines) + "\n"
+
+
+def _fed_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
+  f = config.fedtiny
+  runs = part["runs"]
+  comp = {e["name"]: e["comparison"] for e in effects}["fedtiny"]
+  lines = ["## FedTiny vs magnitude pruning once at the server", "",
+           f"{f.num_clients} clients, {f.shards_per_client} label-sorted shards each; zoo cnn (widths {f.width}, "
+           f"{2 * f.width}, dense {f.hidden}), kernels at density {f.density:g} (biases dense); {f.rounds} FedAvg "
+           f"rounds of {f.local_steps} local SGD steps (batch {f.client_batch} per client, learning rate "
+           f"{f.learning_rate:g}). FedTiny: {f.candidates} candidates (spread {f.spread:g}) scored on "
+           f"{f.select_batch} rows per client; grow-and-prune in the first {f.prune_rounds} rounds, one layer per "
+           f"round, alpha {f.alpha:g}, top-{f.topk} buffers per client and layer. Test accuracy (%) of the server "
+           "model; layer densities (conv1, conv2, dense, head) mean over seeds.", ""]
+  d, ci = _diff(comp)
+  rows = []
+  for arm in FED_ARMS:
+    by = runs[arm]
+    dens = ", ".join(f"{np.mean([r['layer_density'][k] for r in by.values()]):.3f}" for k in part["layers"])
+    start = ", ".join(f"{np.mean([r['candidate_densities'][k] for r in by.values()]):.3f}" for k in part["layers"])
+    rows.append([arm, _pct(_per_seed(by, lambda r: r["accuracy"])),
+                 f"{np.mean([r['density'] for r in by.values()]):.4f}", start, dens,
+                 f"{np.mean([r['grown'] for r in by.values()]):.0f}",
+                 ", ".join(str(r["selected"]) for r in by.values()) if arm == "fedtiny" else "0 (uniform)",
+                 d if arm == "fedtiny" else "-", ci if arm == "fedtiny" else "-"])
+  lines += [report.markdown_table(["arm", "accuracy", "density", "start layer densities", "final layer densities",
+                                   "weights grown", "candidate (per seed)", "FedTiny - server (points)", "95% CI"],
+                                  rows), ""]
+  return lines
 
 
 def _light_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
@@ -1206,7 +1491,7 @@ def _lapp_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict])
            f"learning rate {p.threshold_learning_rate:g}. Channels kept "
            f"per group ({', '.join(f'{k} of {v}' for k, v in part['groups'].items())}), mean over seeds.", ""]
   dense = _per_seed(runs["dense"], lambda r: r["accuracy"])
-  rows = [["dense", "-", "1.000", _pct(dense), "-", "-", "-", ", ".join(str(v) for v in part["groups"].values())]]
+  rows = [["dense", "-", "1.000", _pct(dense), "-", "-", "-", "-", "-", ", ".join(str(v) for v in part["groups"].values())]]
   for removed in part["removed"]:
     r = round(100 * removed)
     for arm in [a for a in ("magnitude", "lapp", "lapp_bypass") if f"{a}{r}" in runs]:
@@ -1247,7 +1532,24 @@ def figures(results: dict) -> dict[str, Callable[[str], None]]:
     out["proard.png"] = lambda path: _plot_proard(results["proard"], path)
   if "lightweight" in results:
     out["lightweight.png"] = lambda path: _plot_light(results["lightweight"], path)
+  if "fedtiny" in results:
+    out["fedtiny.png"] = lambda path: _plot_fed(results["fedtiny"], path)
   return out
+
+
+def _plot_fed(part: dict, path: str) -> None:
+  fig, ax = report.figure(5.5, 4)
+  for arm, marker in zip(FED_ARMS, ("o-", "s--")):
+    curves = [r["curve"] for r in part["runs"][arm].values()]
+    rounds = [q["round"] for q in curves[0]]
+    acc = 100 * np.asarray([[q["accuracy"] for q in c] for c in curves])
+    ax.errorbar(rounds, acc.mean(0), yerr=acc.std(0, ddof=1) if len(acc) > 1 else None, fmt=marker, capsize=3,
+                label=arm)
+  ax.set_xlabel("FedAvg round")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("FedTiny vs magnitude pruning once at the server")
+  ax.legend()
+  report.save_figure(fig, path)
 
 
 def _plot_light(part: dict, path: str) -> None:

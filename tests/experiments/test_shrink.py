@@ -336,6 +336,78 @@ def test_finetune_step_unfreezes_the_layers_head_first(splits):
     assert c == {k: i >= 2 * order.index(k) for k in order}, (i, c)
 
 
+# --- fedtiny: clients as a vmapped axis, FedAvg and grow-and-prune in the step's transition -----------------------
+
+def test_client_split_is_a_non_iid_partition(splits):
+  labels = splits[0].labels
+  rows = shrink.client_split(labels, 8, 2, 0)
+  assert rows.shape == (8, 2 * (len(labels) // 16))
+  assert len(np.unique(rows)) == rows.size                     # disjoint
+  assert all(len(np.unique(labels[r])) <= 4 for r in rows)     # two label-sorted shards: at most 2 digits each + edges
+  assert not np.array_equal(rows, shrink.client_split(labels, 8, 2, 1))
+
+
+def _fed_setup(splits, arm):
+  cfg = _config(fedtiny__width=4, fedtiny__hidden=8, fedtiny__num_clients=2, fedtiny__local_steps=2,
+                fedtiny__client_batch=8, fedtiny__topk=16, fedtiny__density=0.3, fedtiny__prune_rounds=4)
+  env = _env(cfg, splits)
+  f = cfg.fedtiny
+  t = shrink.fed_tools(env)
+  model = models.functional(models.make_model("cnn", input_shape=(8, 8, 1), num_classes=10, seed=0, width=4,
+                                              hidden=8)).params
+  kernels = {k: model[k]["kernel"] for k in shrink.FED_LAYERS}
+  _, cands = shrink.fed_candidates(f, kernels, 0)
+  masks = {k: np.asarray(v[0]) for k, v in cands.items()}
+  stacked = jax.tree.map(lambda a: np.stack([a, a]), shrink._masked(model, masks))
+  extra = {"masks": masks, "grown": np.int32(0),
+           "topk": {k: jax.tree.map(lambda a: np.stack([a, a]), transforms.topk_init(f.topk)) for k in shrink.FED_LAYERS}}
+  state = common.replicated_state(stacked, t.tx, env.mesh, seed=0, extra=extra)
+  rows = shrink.client_split(splits[0].labels, 2, 2, 0)
+  return cfg, t, state, masks, shrink.ClientSource(splits[0], rows, 0)
+
+
+@pytest.mark.parametrize("arm", ["fedtiny", "server"])
+def test_fed_step_keeps_per_client_buffers_and_averages_at_the_round_end(splits, arm):
+  cfg, t, state, masks, source = _fed_setup(splits, arm)
+  step = t.steps[arm]
+  batch = source.next(16).data
+  before = jax.device_get(state.params)
+  state, _ = step(state, step_lib.shard_batch(batch, step_lib.data_mesh()))
+  s = jax.device_get(state)
+  # one local step: every client moved on its own rows, so the clients differ; pruned weights stay 0
+  assert not np.array_equal(s.params["dense"]["kernel"][0], s.params["dense"]["kernel"][1])
+  for k in shrink.FED_LAYERS:
+    assert not np.asarray(s.params[k]["kernel"])[:, ~masks[k]].any()
+  if arm == "fedtiny":   # each client's buffer holds its own gradient's top-K pruned entries
+    for i in range(2):
+      p_i = jax.tree.map(lambda a: a[i], before)
+      x, y = batch["image"][8 * i:8 * (i + 1)], batch["label"][8 * i:8 * (i + 1)]
+      g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          shrink.cnn_forward(p, {}, x), y).mean())(p_i)
+      want = transforms.topk_accumulate(transforms.topk_init(16), g["dense"]["kernel"], masks["dense"])
+      got = s.extra["topk"]["dense"]
+      np.testing.assert_array_equal(np.asarray(got.index[i]), np.asarray(want.index))
+      np.testing.assert_allclose(np.asarray(got.value[i]), np.asarray(want.value), rtol=1e-4, atol=1e-6)
+    assert not np.array_equal(np.asarray(s.extra["topk"]["dense"].index[0]), np.asarray(s.extra["topk"]["dense"].index[1]))
+  else:
+    assert (np.asarray(s.extra["topk"]["dense"].index) == -1).all()
+  # the second step ends round 0: FedAvg sends the clients' mean to every client
+  state, _ = step(state, step_lib.shard_batch(source.next(16).data, step_lib.data_mesh()))
+  s = jax.device_get(state)
+  for a in jax.tree.leaves(s.params):
+    np.testing.assert_array_equal(a[0], a[1])
+  new = {k: np.asarray(v) for k, v in s.extra["masks"].items()}
+  for k in shrink.FED_LAYERS:
+    assert new[k].sum() == masks[k].sum()                     # the density is unchanged
+    assert not np.asarray(s.params[k]["kernel"])[:, ~new[k]].any()
+  changed = {k for k in shrink.FED_LAYERS if not np.array_equal(new[k], masks[k])}
+  if arm == "fedtiny":   # round 0 adjusts layer 0 (conv1) only, and the buffers restart empty
+    assert changed <= {"conv1"} and int(s.extra["grown"]) == sum((new[k] & ~masks[k]).sum() for k in new)
+    assert (np.asarray(s.extra["topk"]["dense"].index) == -1).all()
+  else:
+    assert not changed and int(s.extra["grown"]) == 0
+
+
 # --- config errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
@@ -355,6 +427,10 @@ def test_finetune_step_unfreezes_the_layers_head_first(splits):
     ({"lapp__arms": "lapp,nope"}, "lapp.arms"),
     ({"lapp__bypass": "conv1,conv9"}, "lapp.bypass"),
     ({"lapp__bypass": "conv1,conv2,dense", "lapp__removed": (0.4, 0.95)}, "lapp.bypass"),
+    ({"parts": "fedtiny", "fedtiny__density": 0.0}, "fedtiny.density"),
+    ({"parts": "fedtiny", "fedtiny__alpha": 1.5}, "fedtiny.alpha"),
+    ({"parts": "fedtiny", "fedtiny__prune_rounds": 100}, "fedtiny.prune_rounds"),
+    ({"parts": "fedtiny", "fedtiny__client_batch": 1000}, "fedtiny.client_batch"),
     ({"parts": "lightweight", "lightweight__unfreeze": "head,head"}, "twice"),
     ({"parts": "lightweight", "lightweight__unfreeze": "head,conv3"}, "conv3"),
     ({"parts": "lightweight", "lightweight__weight": 1.5}, "lightweight.weight"),
@@ -418,9 +494,12 @@ def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
   proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # ofa: the OFA run and 2 grid points alone; lapp: dense, lapp50, magnitude50; proard: 2 arms;
-  # lapp_bypass50; lightweight: dual, single (one seed)
-  first = _outputs(tmp_path, list(shrink.PARTS), 11)
-  assert first["runs_trained"] == 11
+  # lapp_bypass50; lightweight: dual, single; fedtiny: fedtiny, server (one seed)
+  first = _outputs(tmp_path, list(shrink.PARTS), 13)
+  assert first["runs_trained"] == 13
+  fed = first["results"]["fedtiny"]["runs"]
+  assert fed["fedtiny"]["0"]["steps"] == 16 and fed["fedtiny"]["0"]["clients_equal"]
+  assert abs(fed["fedtiny"]["0"]["density"] - fed["server"]["0"]["density"]) < 1e-3
   dual = first["results"]["lightweight"]["runs"]["dual"]["0"]
   assert dual["steps"] == 20 and dual["dual"]["steps"] == 20 and {"original", "augmented", "unified"} <= set(dual)
   assert first["results"]["lightweight"]["runs"]["single"]["0"]["steps"] == 40
@@ -431,5 +510,5 @@ def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
   assert [p["step"] for p in ofa["phases"]] == [20, 30, 40, 50] and ofa["shrink_count"] == 50
   proc = _prox(tmp_path, every)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  second = _outputs(tmp_path, list(shrink.PARTS), 11)
+  second = _outputs(tmp_path, list(shrink.PARTS), 13)
   assert second["runs_trained"] == 0 and second["results"] == first["results"]

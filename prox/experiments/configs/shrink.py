@@ -4,7 +4,7 @@
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/quick --config.quick=True
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/s --config.parts=lapp
 
-``parts`` (comma-separated) selects any of ofa, lapp, proard, lightweight (the default runs ofa and lapp).
+``parts`` (comma-separated) selects any of ofa, lapp, proard, lightweight, fedtiny (the default runs ofa and lapp).
 
   prox --config=prox/experiments/configs/shrink.py --workdir=runs/shrink --config.parts=lightweight
 """
@@ -85,5 +85,25 @@ def get_config() -> ml_collections.ConfigDict:
       "unfreeze": "head,dense,conv2,conv1",   # groups, output first, one every finetune_steps / 4 steps
       "weight": 0.5,                   # unified = weight * original + (1 - weight) * augmented
       "eval_every": 250,
+  })
+  # FedTiny (adaptive candidate selection + progressive layer-wise grow-and-prune with per-client top-K
+  # gradient buffers) vs magnitude pruning once at the server, then FedAvg, at the same density and rounds.
+  c.fedtiny = ml_collections.ConfigDict({
+      "num_clients": 8,
+      "shards_per_client": 2,          # label-sorted shards per client (non-IID: about 2 digits per client)
+      "width": 16,                     # the zoo cnn (as lapp's)
+      "hidden": 64,
+      "density": 0.1,                  # fraction of the kernels' weights kept (biases stay dense)
+      "rounds": 60,                    # FedAvg rounds
+      "local_steps": 5,                # local SGD steps per round
+      "client_batch": 16,
+      "learning_rate": 0.05,           # local SGD
+      "candidates": 8,                 # coarse candidates (per-layer densities; row 0 uniform: the server arm's)
+      "spread": 0.5,                   # log-normal spread of the candidates' per-layer densities
+      "select_batch": 64,              # rows per client for the candidate selection
+      "prune_rounds": 30,              # grow-and-prune in rounds [0, prune_rounds), one layer per round
+      "alpha": 0.3,                    # adjusted fraction of a layer's active weights, cosine decay over the rounds
+      "topk": 256,                     # entries of each client's per-layer gradient buffer
+      "eval_every": 10,                # rounds
   })
   return c
