@@ -7,6 +7,8 @@ apply_updates, buffers donated). Against it, on the same model and batch, one de
   norm test        + exact per-example gradient norms from layer taps and the controller in the step
   augmented test   + per-example inner products with the mean gradient (inner-product/orthogonality)
   coordinate test  AdaGrad, + the per-coordinate second moment (against a hand-written AdaGrad step)
+  ... (g16)        the same with example_groups=16: convolution kernels' moments from 16 groups of
+                   examples (their kernel gradients cost what the plain gradient costs); dense exact
   groups of 4      the earlier estimator: micro-batches of 4 examples in a loop, GradStats (norm test)
 
 for the MNIST-1D MLP (40-100-100-10) and 1-D CNN (5,210 parameters), batch sizes 64..4096. Variants
@@ -54,8 +56,8 @@ def prox_step(net, tx, test=None, **kw):
   mesh = S.data_mesh(jax.devices()[:1])
   options, extra, transition = dict(kw), (), None
   if test is not None:
-    ctrl = optim.adaptive_batch_size(test, b0=8, b_max=1 << 20, **({} if "estimator" not in kw else
-                                                                    {"estimator": kw.pop("estimator")}))
+    ctrl = optim.adaptive_batch_size(test, b0=8, b_max=1 << 20, **{k: kw.pop(k) for k in ("estimator", "example_groups")
+                                                                    if k in kw})
     options = {**ctrl.step_options, **kw}
     extra = {"batch_size": ctrl.init()}
     transition = S.in_extra("batch_size", ctrl.update)
@@ -78,8 +80,11 @@ def bench_model(name, batches, repeats):
                                 ("prox plain", optim.adagrad_norm(1.0), None, {}),
                                 ("norm test", optim.adagrad_norm(1.0), "norm", {}),
                                 ("augmented test", optim.adagrad_norm(1.0), "augmented", {}),
+                                ("norm test g16", optim.adagrad_norm(1.0), "norm", {"example_groups": 16}),
+                                ("augmented test g16", optim.adagrad_norm(1.0), "augmented", {"example_groups": 16}),
                                 ("handwritten adagrad", optax.adagrad(0.1), None, None),
                                 ("coordinate test", optax.adagrad(0.1), "coordinate", {}),
+                                ("coordinate test g16", optax.adagrad(0.1), "coordinate", {"example_groups": 16}),
                                 ("groups of 4", optim.adagrad_norm(1.0), "norm",
                                  {"estimator": "groups", "micro_batch_size": 4})):
       if kw is None:
@@ -107,7 +112,10 @@ def bench_model(name, batches, repeats):
     base, base_ada = med["handwritten"], med["handwritten adagrad"]
     ratios = {"prox plain": med["prox plain"] / base, "norm test": med["norm test"] / base,
               "augmented test": med["augmented test"] / base,
-              "coordinate test": med["coordinate test"] / base_ada, "groups of 4": med["groups of 4"] / base}
+              "coordinate test": med["coordinate test"] / base_ada,
+              "norm test g16": med["norm test g16"] / base, "augmented test g16": med["augmented test g16"] / base,
+              "coordinate test g16": med["coordinate test g16"] / base_ada,
+              "groups of 4": med["groups of 4"] / base}
     print(f"{name:6s} b={b:5d}  handwritten {1e3 * base:8.3f} ms | " +
           "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True)
     for k, v in ratios.items():

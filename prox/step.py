@@ -363,6 +363,7 @@ def make_train_step(
     transition: Transition | None = None,
     skip_nonfinite: bool = False,
     example_stats: tuple[str, ...] = (),
+    example_groups: int | None = None,
     fsdp_min_size: int = FSDP_MIN_SIZE,
     donate: bool = True,
 ) -> Callable[..., tuple[TrainState, StepOutput]]:
@@ -402,7 +403,12 @@ def make_train_step(
       coordinate-wise test). The model must tap its layers (``prox.models.functional`` does) and the loss
       must be the unweighted mean over the micro-batch of losses of examples that do not interact (no
       batch norm in train mode). Cost: one ordinary pass, plus O(examples x layer widths) for ``"norm"``
-      and one matrix product per layer for ``"inner"`` and ``"diag"``.
+      and one matrix product per layer for ``"inner"`` and ``"diag"`` (a convolution: per-example
+      products over its positions, see ``prox.taps``).
+    example_groups: ``n`` (>= 2, dividing the micro-batch): convolutions form the kernel gradients of ``n``
+      groups of examples per micro-batch instead of one per example - as cheap as their ordinary
+      gradient - and their moments are estimated from them (unbiased; dense layers and biases stay
+      exact). ``None``: exact per example.
     donate: donate the state's buffers to the step (the old state must not be used afterwards).
 
   ``num_micro_batches`` (an int32 scalar) says how many of the buffer's per-device micro-batches are real
@@ -424,6 +430,8 @@ def make_train_step(
   unknown = sorted(set(example_stats) - {"norm", "inner", "diag"})
   if unknown:
     raise ValueError(f"example_stats {unknown} unknown; known: 'norm', 'inner', 'diag'")
+  if example_groups is not None and (not isinstance(example_groups, int) or example_groups < 2):
+    raise ValueError(f"example_groups must be an integer >= 2 or None, got {example_groups!r}")
   need_full_mean = grad_stats or want_groups or "inner" in example_stats
   dims = lambda tree: jax.tree.map(lambda x: fsdp_dim(np.shape(x), fsdp, fsdp_min_size), tree)
   specs = lambda tree: jax.tree.map(lambda x: _spec(np.shape(x), fsdp, fsdp_min_size), tree)
@@ -474,7 +482,7 @@ def make_train_step(
     first_mb = jax.tree.map(lambda x: x[0], micro)
     _, (metrics_shape, model_state_shape) = jax.eval_shape(micro_loss, full_params, first_mb, 0)
     if example_stats:
-      grad_fn = taps_lib.value_and_grad(micro_loss, has_aux=True, axis_name=axes)
+      grad_fn = taps_lib.value_and_grad(micro_loss, has_aux=True, axis_name=axes, groups=example_groups)
     else:
       plain_grad = jax.value_and_grad(micro_loss, has_aux=True)
       grad_fn = lambda params, mb, k: (*plain_grad(params, mb, k), None)
@@ -569,10 +577,11 @@ def make_train_step(
         found = taps_lib.example_stats(kept["tapped"], full_params, ("inner",), direction=mean)
         inner, inner_sq = found.inner_sum, found.inner_sq_sum
       elif "inner" in example_stats:
-        def products(t):
-          return taps_lib.inner_products(t.taps, t.deltas, mean) * m
-        p = jax.vmap(products)(c["ex_tapped"]) * (jnp.arange(k_max) < n)[:, None]
-        inner, inner_sq = jnp.sum(p), jnp.sum(p * p)
+        def sums(t):
+          found = taps_lib.example_stats(t, full_params, ("inner",), direction=mean)
+          return jnp.stack([found.inner_sum, found.inner_sq_sum])
+        p = jax.vmap(sums)(c["ex_tapped"]) * (jnp.arange(k_max) < n)[:, None]
+        inner, inner_sq = jnp.sum(p[:, 0]), jnp.sum(p[:, 1])
       ex = ExampleStats(count=n * m * num_devices, sq_norm_sum=psum(c.get("ex_sq")), inner_sum=psum(inner),
                         inner_sq_sum=psum(inner_sq),
                         diag_sum=None if "ex_diag" not in c else lax.psum(c["ex_diag"], axes),

@@ -328,3 +328,65 @@ def test_example_stats_refuse_untapped_models_and_unknown_names():
     step(state, S.shard_batch(_data(), S.data_mesh()))
   with pytest.raises(ValueError, match="unknown"):
     S.make_train_step(S.stateless(_loss), tx, example_stats=("nrom",))
+
+
+def test_group_moments_average_over_partitions_is_the_sample_moment():
+  """The group estimate of sum_i a_i b_i is unbiased: its mean over every ordering of the examples (hence
+  every partition into groups) is the exact sum."""
+  import itertools
+  from prox.taps import _group_moments
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=6), rng.normal(size=6)
+  est = [float(_group_moments(jnp.asarray(a[list(p)].reshape(3, 2).mean(1)),
+                              jnp.asarray(b[list(p)].reshape(3, 2).mean(1)), 6))
+         for p in itertools.permutations(range(6))]
+  np.testing.assert_allclose(np.mean(est), np.sum(a * b), rtol=1e-5)
+  assert np.std(est) > 0.01      # single estimates do vary
+
+
+def test_example_groups_estimate_conv_moments_from_group_means():
+  """With example_groups=n the step's statistics are: exact for dense layers and biases, and for the
+  convolution kernels the group estimate from the means of n groups of consecutive examples - checked
+  against that formula applied to vmap(grad)'s per-example gradients; the update is the plain one."""
+  from prox import models
+  net = models.functional(models.make_model("cnn1d", input_shape=(12, 1), num_classes=3, seed=2, width=4))
+  m, n = 32, 4
+  rng = np.random.default_rng(2)
+  data = {"image": rng.normal(size=(m, 12, 1)).astype(np.float32), "label": rng.integers(0, 3, m).astype(np.int32)}
+
+  def loss(params, batch, rng_):
+    logits, _ = net.apply(params, {}, batch["image"], train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+  tx = optax.sgd(0.5)
+  mesh = S.data_mesh()
+  state = S.replicate(S.init_state(net.params, tx), mesh)
+  batch = S.shard_batch(data, mesh)
+  plain, _ = S.make_train_step(S.stateless(loss), tx, donate=False)(state, batch)
+  new, out = S.make_train_step(S.stateless(loss), tx, example_stats=("norm", "inner", "diag"),
+                               example_groups=n, donate=False)(state, batch)
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(new.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  per = jax.vmap(jax.grad(lambda p, x, y: loss(p, {"image": x[None], "label": y[None]}, None)[0]),
+                 in_axes=(None, 0, 0))(net.params, data["image"], data["label"])
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(per)[0]]
+  leaves = [np.asarray(v, np.float64).reshape(m, -1) for v in jax.tree.leaves(per)]
+  grouped = [("conv" in p and "kernel" in p) for p in paths]
+  assert any(grouped) and not all(grouped)
+
+  def est(a, b):      # sum_i a_i b_i from group means (per coordinate)
+    ga, gb = a.reshape(n, m // n, -1).mean(1), b.reshape(n, m // n, -1).mean(1)
+    cov = (m // n) / (n - 1) * np.sum((ga - ga.mean(0)) * (gb - gb.mean(0)), 0)
+    return (m - 1) * cov + m * ga.mean(0) * gb.mean(0)
+
+  want_diag = [est(g, g) if gr else np.sum(g * g, 0) for g, gr in zip(leaves, grouped)]
+  got_diag = [np.asarray(v).reshape(-1) for v in jax.tree.leaves(out.example_stats.diag_sum)]
+  for got, want in zip(got_diag, want_diag):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(out.example_stats.sq_norm_sum, sum(np.sum(w) for w in want_diag), rtol=1e-5)
+  mean = [g.mean(0) for g in leaves]
+  a = sum(g @ v for g, v, gr in zip(leaves, mean, grouped) if not gr)
+  b = sum(g @ v for g, v, gr in zip(leaves, mean, grouped) if gr)
+  np.testing.assert_allclose(out.example_stats.inner_sum, np.sum(a + b), rtol=1e-5)
+  want_sq = np.sum(a * a) + 2 * est(a[:, None], b[:, None])[0] + est(b[:, None], b[:, None])[0]
+  np.testing.assert_allclose(out.example_stats.inner_sq_sum, want_sq, rtol=1e-4)

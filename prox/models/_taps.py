@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flax import nnx
+from jax import lax
 from flax.nnx.nn.linear import canonicalize_padding
 
 from prox import taps
@@ -47,11 +48,22 @@ class TappedConv(nnx.Conv):
       raise NotImplementedError(f"taps of a convolution with padding {self.padding!r} on inputs of "
                                 f"shape {inputs.shape}")
     path = tuple(self._prox_path)
+    # The values the layer computed with, so that prox.taps may recompute the outputs with a backward
+    # pass that forms per-example kernel gradients (not for custom convolution functions or output types).
+    kernel = bias = None
+    if (getattr(self, "conv_general_dilated", None) is lax.conv_general_dilated
+        and getattr(self, "preferred_element_type", None) is None and out_sharding is None):
+      kernel = self.kernel[...]
+      if self.mask is not None:
+        kernel = kernel * self.mask
+      bias = self.bias[...] if self.bias is not None else None
+      inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     return taps.conv(inputs, outputs, kernel_path=path + ("kernel",),
                      bias_path=path + ("bias",) if self.bias is not None else None,
                      kernel_shape=tuple(self.kernel.shape), window_strides=_tuple(self.strides, n),
                      padding=padding, lhs_dilation=_tuple(self.input_dilation, n),
-                     rhs_dilation=_tuple(self.kernel_dilation, n), groups=self.feature_group_count)
+                     rhs_dilation=_tuple(self.kernel_dilation, n), groups=self.feature_group_count,
+                     kernel=kernel, bias=bias, precision=self.precision)
 
 
 _TAPPED = {nnx.Linear: TappedLinear, nnx.Conv: TappedConv}

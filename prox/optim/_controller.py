@@ -63,6 +63,7 @@ def adaptive_batch_size(
     theta: float = 0.1,
     nu: float = 0.1,
     estimator: str = "examples",
+    example_groups: int | None = None,
     per_tensor: bool = False,
     adagrad_eps: float = 1e-7,
 ) -> BatchSizeController:
@@ -76,6 +77,9 @@ def adaptive_batch_size(
     b0, b_max, multiple_of: initial and largest batch size, and the granularity (micro-batch x devices).
     eta, theta, nu: the tests' constants (> 0).
     estimator: ``"examples"`` (exact, from layer taps) or ``"groups"`` (micro-batch groups).
+    example_groups: with ``estimator="examples"``, convolutions' moments from this many groups of
+      examples per micro-batch (``prox.step.make_train_step(example_groups=...)``: their kernel gradients
+      cost what the plain gradient costs); dense layers stay exact. ``None``: exact everywhere.
     per_tensor: the reference code's per-tensor inner products (``"groups"`` estimator only).
     adagrad_eps: AdaGrad's epsilon for the coordinate-wise weights.
   """
@@ -85,6 +89,10 @@ def adaptive_batch_size(
     raise ValueError(f"estimator must be 'examples' or 'groups', got {estimator!r}")
   if per_tensor and estimator == "examples":
     raise ValueError("per_tensor inner products need estimator='groups'")
+  if example_groups is not None and (estimator != "examples" or not isinstance(example_groups, int)
+                                     or example_groups < 2):
+    raise ValueError(f"example_groups must be an integer >= 2 with estimator='examples', got "
+                     f"{example_groups!r} (estimator={estimator!r})")
   for name, value in (("eta", eta), ("theta", theta), ("nu", nu)):
     tests_lib._check_constant(name, value)  # pylint: disable=protected-access
   batch_size_lib.batch_size_init(b0, b_max, multiple_of=multiple_of)   # checks the sizes now
@@ -92,6 +100,8 @@ def adaptive_batch_size(
   if estimator == "examples":
     needs = {"norm": ("norm",), "coordinate": ("diag",)}.get(test, ("norm", "inner"))
     step_options = {"example_stats": needs}
+    if example_groups is not None:
+      step_options["example_groups"] = example_groups
   else:
     step_options = {"grad_stats": True}
     if test in _GROUP_TESTS:
