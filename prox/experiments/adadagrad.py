@@ -10,7 +10,9 @@ host reads the batch size once per step, draws that many samples and packs them 
 bucket of micro-batches (one compile per bucket, shared by every run of the same structure).
 
 Budgets: ``samples`` (every run sees ``budget_samples`` samples) and ``steps`` (every run takes
-``budget_steps`` optimizer steps, or stops at ``budget_samples``).
+``budget_steps`` optimizer steps, or stops at ``budget_samples``). A steps-budget run whose samples-budget
+twin ended in fewer than ``budget_steps`` steps is that same computation and is read from it (its
+result.json says ``same_as``), not trained again.
 
 The paper's effect, fixed before the runs: with ``target`` = the final test accuracy of constant small-batch
 training - 0.5 points, an adaptive run shows it when its final accuracy is ``>= target``, it first reaches
@@ -307,10 +309,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.perf_counter()
   todo = runs(config)
   results = []
+  finished = {}
   for i, r in enumerate(todo):
     run_dir = os.path.join(workdir, "runs", r.name)
     run_config = {"run": r._asdict(), "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE}}
-    summary = common.run_once(run_dir, "adadagrad", run_config, lambda: train_run(config, r, run_dir, shared))
+    fn = lambda: train_run(config, r, run_dir, shared)
+    twin = finished.get(r.name.replace("steps/", "samples/", 1)) if r.budget == "steps" else None
+    if twin is not None and twin["step"] < config.budget_steps:
+      # Its samples budget ended the samples-budget run before budget_steps steps: with the step budget the
+      # run is the same computation (the same seed, schedule, evaluations), so it is not trained again.
+      fn = lambda twin=twin: {**twin, "same_as": r.name.replace("steps/", "samples/", 1)}
+    summary = common.run_once(run_dir, "adadagrad", run_config, fn)
+    finished[r.name] = summary
     results.append({**r._asdict(), **summary})
     print(f"[{i + 1}/{len(todo)}] {r.name}: test accuracy {summary['final_accuracy']:.4f}, {summary['step']} "
           f"steps, {summary['samples']} samples, train {summary['train_seconds']:.1f} s", flush=True)
