@@ -103,6 +103,7 @@ federated run is one ``prox.loop.run``. FedTiny starts from the coarse candidate
 ``prox.transforms.adaptive_bn_selection`` among ``candidates`` magnitude masks of the target density
 with random per-layer densities (``random_layer_densities``, row 0 uniform). Baseline ``server``: row 0
 (magnitude pruning once at the server, uniform per-layer density), then FedAvg with the masks fixed.
+Diagnostic arm ``select``: FedTiny's selected candidate with the masks fixed (the selection alone).
 Departures: the zoo cnn has no batch norm, so the selection has no statistics to recalibrate: each
 candidate is scored by the clients' mean loss on one local batch each (what the selection minimises once
 the statistics are recalibrated); the server prunes the initialisation (it has no data); the layers are
@@ -142,8 +143,8 @@ PARTS = ("ofa", "lapp", "proard", "lightweight", "fedtiny")
 QUICK = {"num_seeds": 1, "ofa.phase_steps": (20, 10, 10, 10), "ofa.grid": "3:1:0.5,5:2:1.0",
          "lapp.removed": (0.5,), "lapp.num_steps": 60, "lapp.prune_steps": 30, "lapp.frequency": 5,
          "lapp.eval_every": 30, "proard.num_steps": 20, "lightweight.dual_steps": 20,
-         "lightweight.finetune_steps": 20, "lightweight.eval_every": 20, "fedtiny.rounds": 8,
-         "fedtiny.local_steps": 2, "fedtiny.prune_rounds": 4, "fedtiny.eval_every": 4}
+         "lightweight.finetune_steps": 20, "lightweight.eval_every": 20, "fedtiny.arms": "fedtiny,server",
+         "fedtiny.rounds": 8, "fedtiny.local_steps": 2, "fedtiny.prune_rounds": 4, "fedtiny.eval_every": 4}
 # Each run has its own directory and record (with its part's settings), so other parts or more seeds may
 # follow in the same workdir, and a part's section may change there (its runs check their own settings).
 RESUMABLE = ("parts", "num_seeds", "eval_batch_size", "progress", "ofa", "lapp", "proard", "lightweight", "fedtiny")
@@ -219,6 +220,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                          "fedtiny.rounds", "fedtiny.local_steps", "fedtiny.client_batch", "fedtiny.candidates",
                          "fedtiny.select_batch", "fedtiny.prune_rounds", "fedtiny.topk", "fedtiny.eval_every")
     common.numbers(c, "fedtiny.density", low=0, high=1, low_open=True)
+    common.distinct_names(c, "fedtiny.arms", FED_ARMS)
     common.numbers(c, "fedtiny.alpha", low=0, high=1)
     common.numbers(c, "fedtiny.learning_rate", low=0, low_open=True)
     common.numbers(c, "fedtiny.spread", low=0)
@@ -1019,7 +1021,7 @@ def run_lightweight(env: Env) -> dict:
 
 # --- part fedtiny: federated pruning, clients as a vmapped axis --------------------------------------------
 
-FED_ARMS = ("fedtiny", "server")
+FED_ARMS = ("fedtiny", "server", "select")
 FED_LAYERS = ("conv1", "conv2", "dense", "head")   # the pruned kernels (biases stay dense); sorted = leaf order
 
 
@@ -1173,7 +1175,7 @@ def fed_run(env: Env, arm: str, seed: int) -> dict:
     rows = client_split(np.asarray(env.train.labels), f.num_clients, f.shards_per_client, seed)
     dens, cands = fed_candidates(f, kernels, seed)
     out: dict[str, Any] = {}
-    if arm == "fedtiny":
+    if arm in ("fedtiny", "select"):
       sel = rows[:, :f.select_batch]
       chosen, losses = select_candidate(f, model, cands, env.train.images[sel], env.train.labels[sel])
       out.update(selected=chosen, candidate_losses=losses.tolist())
@@ -1209,20 +1211,22 @@ def fed_run(env: Env, arm: str, seed: int) -> dict:
                wall_seconds=time.perf_counter() - started, compile_seconds=result.compile_seconds)
     return out
 
-  return _once(env, "fedtiny", arm, seed, env.c.fedtiny.to_dict(), fn)
+  settings = {k: v for k, v in env.c.fedtiny.to_dict().items() if k != "arms"}   # (arms came later)
+  return _once(env, "fedtiny", arm, seed, settings, fn)
 
 
 def run_fedtiny(env: Env) -> dict:
   f = env.c.fedtiny
   runs: dict[str, dict] = {}
+  arms = common.distinct_names(env.c, "fedtiny.arms", FED_ARMS)
   for seed in common.seeds(env.c):
-    for arm in FED_ARMS:
+    for arm in arms:
       r = fed_run(env, arm, seed)
       runs.setdefault(arm, {})[str(seed)] = r
       common.say(env.c, f"shrink: fedtiny {arm} seed {seed}: {r['accuracy']:.4f} density {r['density']:.4f}"
-                 + (f" (candidate {r['selected']}, {r['grown']} grown)" if arm == "fedtiny" else "")
+                 + (f" (candidate {r['selected']}, {r['grown']} grown)" if "selected" in r else "")
                  + f" ({r['wall_seconds']:.0f} s)")
-  return {"layers": list(FED_LAYERS), "runs": runs}
+  return {"layers": list(FED_LAYERS), "arms": arms, "runs": runs}
 
 
 # --- entry point -----------------------------------------------------------------------------------------
@@ -1294,7 +1298,7 @@ def expected_effects(config: ml_collections.ConfigDict, results: dict) -> list[d
     comp = report.paired_comparison(_per_seed(runs["gap"], mean_robust), _per_seed(runs["uniform"], mean_robust))
     out.append({"name": "proard", "effect": "robust-gap sampling above uniform sampling in robust accuracy (mean "
                 "over the grid)", "comparison": comp, "held": comp["verdict"] == "better"})
-  if "fedtiny" in results:
+  if "fedtiny" in results and {"fedtiny", "server"} <= set(results["fedtiny"]["runs"]):
     runs = results["fedtiny"]["runs"]
     comp = report.paired_comparison(_per_seed(runs["fedtiny"], lambda r: r["accuracy"]),
                                     _per_seed(runs["server"], lambda r: r["accuracy"]))
@@ -1362,7 +1366,6 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
 def _fed_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
   f = config.fedtiny
   runs = part["runs"]
-  comp = {e["name"]: e["comparison"] for e in effects}["fedtiny"]
   lines = ["## FedTiny vs magnitude pruning once at the server", "",
            f"{f.num_clients} clients, {f.shards_per_client} label-sorted shards each; zoo cnn (widths {f.width}, "
            f"{2 * f.width}, dense {f.hidden}), kernels at density {f.density:g} (biases dense); {f.rounds} FedAvg "
@@ -1371,20 +1374,25 @@ def _fed_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) 
            f"{f.select_batch} rows per client; grow-and-prune in the first {f.prune_rounds} rounds, one layer per "
            f"round, alpha {f.alpha:g}, top-{f.topk} buffers per client and layer. Test accuracy (%) of the server "
            "model; layer densities (conv1, conv2, dense, head) mean over seeds.", ""]
-  d, ci = _diff(comp)
   rows = []
-  for arm in FED_ARMS:
+  for arm in part["arms"]:
     by = runs[arm]
+    d, ci = "-", "-"
+    if arm != "server" and "server" in runs:
+      d, ci = _diff(report.paired_comparison(_per_seed(by, lambda r: r["accuracy"]),
+                                             _per_seed(runs["server"], lambda r: r["accuracy"])))
     dens = ", ".join(f"{np.mean([r['layer_density'][k] for r in by.values()]):.3f}" for k in part["layers"])
     start = ", ".join(f"{np.mean([r['candidate_densities'][k] for r in by.values()]):.3f}" for k in part["layers"])
     rows.append([arm, _pct(_per_seed(by, lambda r: r["accuracy"])),
                  f"{np.mean([r['density'] for r in by.values()]):.4f}", start, dens,
                  f"{np.mean([r['grown'] for r in by.values()]):.0f}",
-                 ", ".join(str(r["selected"]) for r in by.values()) if arm == "fedtiny" else "0 (uniform)",
-                 d if arm == "fedtiny" else "-", ci if arm == "fedtiny" else "-"])
+                 ", ".join(str(r["selected"]) for r in by.values()) if arm != "server" else "0 (uniform)",
+                 d, ci])
   lines += [report.markdown_table(["arm", "accuracy", "density", "start layer densities", "final layer densities",
-                                   "weights grown", "candidate (per seed)", "FedTiny - server (points)", "95% CI"],
-                                  rows), ""]
+                                   "weights grown", "candidate (per seed)", "arm - server (points)", "95% CI"],
+                                  rows), "",
+            "`select`: FedTiny's selected coarse candidate with the masks fixed (no grow-and-prune), FedAvg only: "
+            "a diagnostic that separates the selection from the progressive pruning (no expected effect).", ""]
   return lines
 
 
@@ -1539,7 +1547,7 @@ def figures(results: dict) -> dict[str, Callable[[str], None]]:
 
 def _plot_fed(part: dict, path: str) -> None:
   fig, ax = report.figure(5.5, 4)
-  for arm, marker in zip(FED_ARMS, ("o-", "s--")):
+  for arm, marker in zip(part["arms"], ("o-", "s--", "^:")):
     curves = [r["curve"] for r in part["runs"][arm].values()]
     rounds = [q["round"] for q in curves[0]]
     acc = 100 * np.asarray([[q["accuracy"] for q in c] for c in curves])

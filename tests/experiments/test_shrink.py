@@ -366,7 +366,7 @@ def _fed_setup(splits, arm):
   return cfg, t, state, masks, shrink.ClientSource(splits[0], rows, 0)
 
 
-@pytest.mark.parametrize("arm", ["fedtiny", "server"])
+@pytest.mark.parametrize("arm", ["fedtiny", "server", "select"])
 def test_fed_step_keeps_per_client_buffers_and_averages_at_the_round_end(splits, arm):
   cfg, t, state, masks, source = _fed_setup(splits, arm)
   step = t.steps[arm]
@@ -408,6 +408,29 @@ def test_fed_step_keeps_per_client_buffers_and_averages_at_the_round_end(splits,
     assert not changed and int(s.extra["grown"]) == 0
 
 
+def test_select_candidate_takes_the_lowest_mean_client_loss(splits):
+  cfg = _config(fedtiny__width=4, fedtiny__hidden=8, fedtiny__candidates=4, fedtiny__density=0.2)
+  f = cfg.fedtiny
+  model = models.functional(models.make_model("cnn", input_shape=(8, 8, 1), num_classes=10, seed=1, width=4,
+                                              hidden=8)).params
+  kernels = {k: model[k]["kernel"] for k in shrink.FED_LAYERS}
+  dens, cands = shrink.fed_candidates(f, kernels, 1)
+  assert dens.shape == (4, 4) and np.allclose(dens[0], dens[0][0])   # row 0: uniform
+  rows = shrink.client_split(splits[0].labels, 3, 2, 0)[:, :16]
+  x, y = splits[0].images[rows], splits[0].labels[rows]
+  chosen, losses = shrink.select_candidate(f, model, cands, x, y)
+  manual = []
+  for k in range(4):
+    masked = shrink._masked(model, {n: np.asarray(v[k]) for n, v in cands.items()})
+    manual.append(np.mean([float(optax.softmax_cross_entropy_with_integer_labels(
+        shrink.cnn_forward(masked, {}, x[i]), y[i]).mean()) for i in range(3)]))
+  np.testing.assert_allclose(losses, manual, rtol=1e-5)
+  assert chosen == int(np.argmin(manual))
+  for k in range(4):   # every candidate keeps the target share of the kernels' weights
+    kept = sum(float(np.asarray(v[k]).sum()) for v in cands.values())
+    assert kept / sum(v.size for v in kernels.values()) == pytest.approx(0.2, abs=0.01)
+
+
 # --- config errors ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
@@ -428,6 +451,7 @@ def test_fed_step_keeps_per_client_buffers_and_averages_at_the_round_end(splits,
     ({"lapp__bypass": "conv1,conv9"}, "lapp.bypass"),
     ({"lapp__bypass": "conv1,conv2,dense", "lapp__removed": (0.4, 0.95)}, "lapp.bypass"),
     ({"parts": "fedtiny", "fedtiny__density": 0.0}, "fedtiny.density"),
+    ({"parts": "fedtiny", "fedtiny__arms": "fedtiny,other"}, "fedtiny.arms"),
     ({"parts": "fedtiny", "fedtiny__alpha": 1.5}, "fedtiny.alpha"),
     ({"parts": "fedtiny", "fedtiny__prune_rounds": 100}, "fedtiny.prune_rounds"),
     ({"parts": "fedtiny", "fedtiny__client_batch": 1000}, "fedtiny.client_batch"),

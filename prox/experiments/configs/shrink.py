@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   # FedTiny (adaptive candidate selection + progressive layer-wise grow-and-prune with per-client top-K
   # gradient buffers) vs magnitude pruning once at the server, then FedAvg, at the same density and rounds.
   c.fedtiny = ml_collections.ConfigDict({
+      "arms": "fedtiny,server,select",  # select: FedTiny's chosen candidate, masks fixed (a diagnostic)
       "num_clients": 8,
       "shards_per_client": 2,          # label-sorted shards per client (non-IID: about 2 digits per client)
       "width": 16,                     # the zoo cnn (as lapp's)
