@@ -144,6 +144,14 @@ def test_sweep_writes_tables_plots_and_verdicts(tmp_path):
     assert run["samples"] <= 1024 and run["evals"]["step"][-1] == run["step"]
     if run["budget"] == "steps":
       assert run["step"] <= 20
+  # A steps-budget run whose samples-budget twin ended before 20 steps (b=64: 16 steps) is read from it;
+  # one that the step budget cuts (b=16: 64 steps with the samples budget) is trained.
+  by_name = {r["name"]: r for r in results["runs"]}
+  large = by_name["steps/logreg-adagrad_norm-constant_large/seed0"]
+  assert large["same_as"] == "samples/logreg-adagrad_norm-constant_large/seed0"
+  assert large["evals"] == by_name[large["same_as"]]["evals"]
+  small = by_name["steps/logreg-adagrad_norm-constant_small/seed0"]
+  assert "same_as" not in small and small["step"] == 20
   assert (tmp_path / "mnist1d_logreg_adagrad_samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A rerun skips every finished run.
   again = A.run(config, str(tmp_path))
