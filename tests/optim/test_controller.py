@@ -114,6 +114,27 @@ def test_controller_groups_estimator_and_bad_options():
     optim.adaptive_batch_size("norm", b0=80, b_max=64)
   with pytest.raises(ValueError, match="per_tensor"):
     optim.adaptive_batch_size("inner_product", b0=8, b_max=64, per_tensor=True)
+  assert optim.adaptive_batch_size("norm", b0=8, b_max=64, example_groups=4).step_options == {
+      "example_stats": ("norm",), "example_groups": 4}
+  for bad in (1, 2.5):
+    with pytest.raises(ValueError, match="example_groups"):
+      optim.adaptive_batch_size("norm", b0=8, b_max=64, example_groups=bad)
+  with pytest.raises(ValueError, match="example_groups"):
+    optim.adaptive_batch_size("norm", b0=8, b_max=64, estimator="groups", example_groups=4)
+
+
+def test_grouped_controller_grows_the_batch_like_the_exact_one():
+  """The norm test from example_groups on the 1-D CNN asks for about the batch the exact test asks for
+  (the estimate is unbiased; 4 groups of 12 here)."""
+  net, data, loss, grads = _problem("cnn1d")
+  tx = optim.adagrad_norm(1.0)
+  mean = jax.tree.map(lambda g: g.mean(0), grads)
+  want = float(optim.norm_test(grads, 0.1))
+  step = S.make_train_step(S.stateless(loss), tx, example_stats=("norm",), example_groups=4, donate=False)
+  _, out = step(S.replicate(S.init_state(net.params, tx), S.data_mesh()), S.shard_batch(data, S.data_mesh()))
+  got = float(optim.norm_test_from_examples(out.example_stats, mean, 0.1))
+  assert got != pytest.approx(want, rel=1e-4)       # an estimate, not the exact value
+  assert got == pytest.approx(want, rel=0.5)
 
 
 def test_gradient_noise_scale_and_its_ema():
