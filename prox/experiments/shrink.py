@@ -1328,19 +1328,21 @@ def _diff(comp: dict) -> tuple[str, str]:
 def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dict], seconds: dict,
              trained: int, read_back: int) -> str:
   seeds = common.seeds(config)
-  lines = ["# shrink: elastic networks (Once-for-All) and budgeted structured pruning (LAPP)", "",
+  lines = ["# shrink: elastic networks (Once-for-All), budgeted structured pruning (LAPP), lightweight CNNs and "
+           "federated pruning (FedTiny)", "",
            f"Digits (8x8), seeds {', '.join(map(str, seeds))}; every cell is the mean ± std over seeds of the test "
            "accuracy (%), every comparison is paired by seed (same initialisation and data order): mean "
            "difference in points, Student-t 95% interval. "
            f"This invocation: {trained} runs trained, {read_back} read back, wall seconds per part "
            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
            + f"; the runs' own wall seconds, summed: {common.run_seconds(results):.0f}. Parts shown: "
-           + ", ".join(results) + " (the default config runs ofa and lapp; proard runs with "
-           "`--config.parts=proard` in the same workdir, and a later invocation naming every part reads all "
+           + ", ".join(results) + " (the default config runs ofa and lapp; proard, lightweight and fedtiny run "
+           "with `--config.parts=<part>` in the same workdir, and a later invocation naming every part reads all "
            "finished runs back).", "",
            "## Expected effects (fixed before any run)", "",
            "Criteria: *within 1 point*: |mean paired difference| <= 1 point (notes: whether the 95% interval also "
-           "lies inside ±1); *above*: the paired 95% interval lies above 0.", ""]
+           "lies inside ±1); *above*: the paired 95% interval lies above 0; *at or above*: the mean paired difference "
+           "is >= 0 and the interval does not lie below 0.", ""]
   rows = []
   for e in effects:
     comp = e["comparison"]
@@ -1373,7 +1375,9 @@ def _fed_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) 
            f"{f.learning_rate:g}). FedTiny: {f.candidates} candidates (spread {f.spread:g}) scored on "
            f"{f.select_batch} rows per client; grow-and-prune in the first {f.prune_rounds} rounds, one layer per "
            f"round, alpha {f.alpha:g}, top-{f.topk} buffers per client and layer. Test accuracy (%) of the server "
-           "model; layer densities (conv1, conv2, dense, head) mean over seeds.", ""]
+           "model; layer densities (conv1, conv2, dense, head) mean over seeds: the candidate's are the ones asked for "
+           "(`random_layer_densities`), the masks' the kept fraction (`round(d n)` weights per layer at the start; "
+           "grow-and-prune keeps each layer's count).", ""]
   rows = []
   for arm in part["arms"]:
     by = runs[arm]
@@ -1388,12 +1392,16 @@ def _fed_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) 
                  f"{np.mean([r['grown'] for r in by.values()]):.0f}",
                  ", ".join(str(r["selected"]) for r in by.values()) if arm != "server" else "0 (uniform)",
                  d, ci])
-  lines += [report.markdown_table(["arm", "accuracy", "density", "start layer densities", "final layer densities",
+  lines += [report.markdown_table(["arm", "accuracy", "density", "candidate's layer densities", "final masks' layer densities",
                                    "weights grown", "candidate (per seed)", "arm - server (points)", "95% CI"],
                                   rows), "",
             "`select`: FedTiny's selected coarse candidate with the masks fixed (no grow-and-prune), FedAvg only: "
-            "a diagnostic that separates the selection from the progressive pruning (no expected effect).", ""]
-  return lines
+            "a diagnostic that separates the selection from the progressive pruning (no expected effect)."]
+  if {"fedtiny", "select"} <= set(runs):
+    d, ci = _diff(report.paired_comparison(_per_seed(runs["fedtiny"], lambda r: r["accuracy"]),
+                                           _per_seed(runs["select"], lambda r: r["accuracy"])))
+    lines += ["", f"FedTiny - select (the progressive pruning on top of the same candidate): {d} points, 95% CI {ci}."]
+  return lines + [""]
 
 
 def _light_md(config: ml_collections.ConfigDict, part: dict, effects: list[dict]) -> list[str]:
