@@ -224,7 +224,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     common.numbers(c, "fedtiny.alpha", low=0, high=1)
     common.numbers(c, "fedtiny.learning_rate", low=0, low_open=True)
     common.numbers(c, "fedtiny.spread", low=0)
-    shard = 1347 // (f.num_clients * f.shards_per_client) * f.shards_per_client   # digits train rows per client
+    shard = DIGITS_TRAIN_ROWS // (f.num_clients * f.shards_per_client) * f.shards_per_client   # rows per client
     common.require(f.client_batch <= shard and f.select_batch <= shard,
                    f"fedtiny.client_batch ({f.client_batch}) and fedtiny.select_batch ({f.select_batch}) must not "
                    f"exceed a client's {shard} rows")
@@ -1022,6 +1022,7 @@ def run_lightweight(env: Env) -> dict:
 # --- part fedtiny: federated pruning, clients as a vmapped axis --------------------------------------------
 
 FED_ARMS = ("fedtiny", "server", "select")
+DIGITS_TRAIN_ROWS = 1347   # len(load("digits", "train")): validate checks the client split before loading data
 FED_LAYERS = ("conv1", "conv2", "dense", "head")   # the pruned kernels (biases stay dense); sorted = leaf order
 
 

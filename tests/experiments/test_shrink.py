@@ -340,6 +340,7 @@ def test_finetune_step_unfreezes_the_layers_head_first(splits):
 
 def test_client_split_is_a_non_iid_partition(splits):
   labels = splits[0].labels
+  assert len(labels) == shrink.DIGITS_TRAIN_ROWS   # (validate's bound on the client batches)
   rows = shrink.client_split(labels, 8, 2, 0)
   assert rows.shape == (8, 2 * (len(labels) // 16))
   assert len(np.unique(rows)) == rows.size                     # disjoint
