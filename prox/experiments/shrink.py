@@ -1340,7 +1340,7 @@ def markdown(config: ml_collections.ConfigDict, results: dict, effects: list[dic
            + ", ".join(results) + " (the default config runs ofa and lapp; proard, lightweight and fedtiny run "
            "with `--config.parts=<part>` in the same workdir, and a later invocation naming every part reads all "
            "finished runs back).", "",
-           "## Expected effects (fixed before any run)", "",
+           "## Expected effects (fixed before any run, except the lightweight one: chosen before its run, written down after it; see README.md)", "",
            "Criteria: *within 1 point*: |mean paired difference| <= 1 point (notes: whether the 95% interval also "
            "lies inside ±1); *above*: the paired 95% interval lies above 0; *at or above*: the mean paired difference "
            "is >= 0 and the interval does not lie below 0.", ""]
