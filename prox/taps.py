@@ -180,7 +180,7 @@ def conv(inputs: jax.Array, outputs: jax.Array, *, kernel_path: Path, bias_path:
       i = len(rec.taps)
       if i >= len(rec.carriers) or rec.carriers[i] is None:
         raise ValueError("a tapped forward pass differs from its discovery pass")
-      outputs = _conv_with_example_grads(inputs, kernel, rec.carriers[i], spec, precision)
+      outputs = _conv_with_group_grads(inputs, kernel, rec.carriers[i], spec, precision)
       if bias is not None:
         outputs = outputs + bias.reshape((1,) * (outputs.ndim - 1) + bias.shape[-1:])
   return rec.add(tap, outputs, carrier_shape)
@@ -207,11 +207,10 @@ def _grad_dtype(kernel_dtype: Any) -> Any:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv_with_example_grads(x: jax.Array, kernel: jax.Array, carrier: jax.Array, spec: tuple,
+def _conv_with_group_grads(x: jax.Array, kernel: jax.Array, carrier: jax.Array, spec: tuple,
                              precision: Any) -> jax.Array:
   """``conv(x, kernel)``; the cotangent of ``carrier`` (zeros ``[n, *kernel.shape]``) holds the kernel
-  gradients of ``n`` equal groups of consecutive examples (``n = m``: per example), the kernel's is their
-  sum."""
+  gradients of ``n`` equal groups of consecutive examples, the kernel's is their sum."""
   del carrier
   return _plain_conv(x, kernel, spec, precision)
 
@@ -226,12 +225,10 @@ def _conv_ex_bwd(spec, precision, residuals, dy):
   dx = jax.vjp(lambda x_: _plain_conv(x_, kernel, spec, precision), x)[1](dy)[0]
   tap = Tap("conv", x, (), None, tuple(kernel.shape), spec)
   dtype = _grad_dtype(kernel.dtype)
-  n, m = shape_of.shape[0], x.shape[0]
+  n = shape_of.shape[0]
   feats, cots = _features(tap).astype(dtype), _cotangents(dy).astype(dtype)
-  if n == m:
-    g = jnp.einsum("mti,mto->mio", feats, cots)
-  else:   # groups of consecutive examples: n matrix products over (examples in the group, positions)
-    g = jnp.einsum("nti,nto->nio", feats.reshape(n, -1, feats.shape[-1]), cots.reshape(n, -1, cots.shape[-1]))
+  # n matrix products, each over a group's examples and positions.
+  g = jnp.einsum("nti,nto->nio", feats.reshape(n, -1, feats.shape[-1]), cots.reshape(n, -1, cots.shape[-1]))
   g = g.reshape((n,) + kernel.shape)
   return _like(dx, x), _like(jnp.sum(g, 0).astype(kernel.dtype), kernel), g
 
@@ -244,7 +241,7 @@ def _like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   return lax.psum(cotangent, extra) if extra else cotangent
 
 
-_conv_with_example_grads.defvjp(_conv_ex_fwd, _conv_ex_bwd)
+_conv_with_group_grads.defvjp(_conv_ex_fwd, _conv_ex_bwd)
 
 
 # --- per-example statistics ---------------------------------------------------------------------------
