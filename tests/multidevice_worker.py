@@ -21,6 +21,9 @@ optimizer state and ``extra`` fully sharded).
   step's own batch and extends the GPM bases with the layer inputs of that batch, in the step.
 - ``batchnorm``: an MLP with batch norm (statistics per micro-batch of 8), SGD; params, running
   statistics and metrics.
+- ``groups``: the 1-D CNN with plain SGD and per-example statistics with ``example_groups=4`` (the
+  convolutions' kernel gradients of 4 groups of 2 per micro-batch of 8, formed in the backward pass and
+  summed into the gradient): params and the estimated statistics of every step.
 """
 import argparse
 import os
@@ -196,6 +199,18 @@ def bn_loss(params, model_state, b, ctx):
 
 train("batchnorm", optax.sgd(0.5), bn_loss, micro=8, bn=True,
       model_state={"mean": np.zeros(64, np.float32), "var": np.ones(64, np.float32)})
+
+# groups: the convolutions' grouped kernel gradients in the backward pass (custom VJP) on every layout.
+cnn = models.functional(models.make_model("cnn1d", input_shape=(20, 1), num_classes=3, width=4, seed=7))
+
+
+def cnn_loss(params, b, rng):
+  logits, _ = cnn.apply(params, {}, b["x"][..., None], train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean(), {}
+
+
+train("groups", optax.sgd(0.5), S.stateless(cnn_loss), micro=8, params=jax.device_get(cnn.params),
+      example_stats=("norm", "inner", "diag"), example_groups=4)
 
 if jax.process_index() == 0:
   np.savez(args.out, **saved)

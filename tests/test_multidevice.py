@@ -69,7 +69,7 @@ def layouts(tmp_path_factory):
   return out
 
 
-SCENARIOS = ("sgd", "stats", "continual", "batchnorm")
+SCENARIOS = ("sgd", "stats", "continual", "batchnorm", "groups")
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -96,3 +96,6 @@ def test_the_scenarios_are_scale_sensitive(layouts):
   ranks = [v for k, v in ref.items() if k.startswith("continual/opt_state") and "ranks" in k]
   assert ranks and max(int(r.max()) for r in ranks) > 0
   assert np.abs(ref["batchnorm/model_state['mean']"]).max() > 1e-3
+  moved = [np.abs(ref[k] - ref[k.replace("groups/params", "groups/params1")]).max()
+           for k in ref if k.startswith("groups/params[") and "conv" in k and "kernel" in k]
+  assert moved and min(moved) > 1e-3                                   # the grouped kernels trained
