@@ -390,3 +390,30 @@ def test_example_groups_estimate_conv_moments_from_group_means():
   np.testing.assert_allclose(out.example_stats.inner_sum, np.sum(a + b), rtol=1e-5)
   want_sq = np.sum(a * a) + 2 * est(a[:, None], b[:, None])[0] + est(b[:, None], b[:, None])[0]
   np.testing.assert_allclose(out.example_stats.inner_sq_sum, want_sq, rtol=1e-4)
+
+
+def test_example_groups_through_forward_fn_give_the_plain_masked_update():
+  """Through a forward_fn (masked kernels), the grouped kernel gradients of the masked weights flow back
+  through its vector-Jacobian product: the update equals the plain masked step's."""
+  from prox import models
+  net = models.functional(models.make_model("cnn1d", input_shape=(12, 1), num_classes=3, seed=3, width=4))
+  rng = np.random.default_rng(3)
+  data = {"image": rng.normal(size=(16, 12, 1)).astype(np.float32), "label": rng.integers(0, 3, 16).astype(np.int32)}
+  masks = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) < 0.5, x.dtype), net.params)
+  forward_fn = lambda p, state: jax.tree.map(jnp.multiply, p, masks)
+
+  def loss(params, batch, rng_):
+    logits, _ = net.apply(params, {}, batch["image"], train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+  tx = optax.sgd(0.5)
+  mesh = S.data_mesh()
+  state = S.replicate(S.init_state(net.params, tx), mesh)
+  batch = S.shard_batch(data, mesh)
+  plain, _ = S.make_train_step(S.stateless(loss), tx, forward_fn=forward_fn, donate=False)(state, batch)
+  grouped, out = S.make_train_step(S.stateless(loss), tx, forward_fn=forward_fn, example_stats=("norm",),
+                                   example_groups=4, donate=False)(state, batch)
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(grouped.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(plain.params)[0], jax.tree.leaves(net.params)[0])
+  assert float(out.example_stats.sq_norm_sum) > 0
