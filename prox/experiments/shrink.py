@@ -108,8 +108,9 @@ Departures: the zoo cnn has no batch norm, so the selection has no statistics to
 candidate is scored by the clients' mean loss on one local batch each (what the selection minimises once
 the statistics are recalibrated); the server prunes the initialisation (it has no data); the layers are
 adjusted in turn, one per round; SGD without momentum; the transition, not the clients, keeps the buffers
-(the same arithmetic: each client's buffer sees only its own gradients); one device (the client axis is in
-the parameters, the client-major batch is not split over devices).
+(the same arithmetic: each client's buffer sees only its own gradients). The clients are spread over the
+mesh's data axis (``num_clients`` a multiple of the devices): each device computes its clients' local
+steps on its rows of the client-major batch; FedAvg and the pruning run on the global arrays.
 
 Outputs in ``workdir``: ``results.md``, ``results.json``, ``ofa.png`` (accuracy against MACs),
 ``lapp.png``, ``proard.png``, ``lightweight.png`` and ``fedtiny.png``; one directory per run (``<part>/<run>/seed<k>/result.json``): a rerun reads finished runs
@@ -230,6 +231,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None) -> None:
                    f"exceed a client's {shard} rows")
     common.require(f.prune_rounds <= f.rounds,
                    f"fedtiny.prune_rounds ({f.prune_rounds}) must not exceed fedtiny.rounds ({f.rounds})")
+    common.require(f.num_clients % jax.device_count() == 0,
+                   f"fedtiny.num_clients ({f.num_clients}) must be a multiple of the {jax.device_count()} devices "
+                   "(the clients are spread over the data axis)")
   if workdir is not None:
     common.check_workdir(workdir)
 
@@ -1065,15 +1069,23 @@ def _masked(params: Any, masks: dict) -> Any:
 
 def fed_loss(num_clients: int) -> Callable:
   """``sum_i CE_i``: client ``i``'s parameters ``params[i]`` on its rows of the client-major batch (vmapped),
-  so the gradient of client ``i``'s parameters is its own local gradient."""
+  so the gradient of client ``i``'s parameters is its own local gradient.
+
+  The clients are spread over the mesh's data axis: the step splits the client-major batch over its ``D``
+  devices, so device ``d`` holds the rows of clients ``[d L, (d + 1) L)``, ``L = N / D``, and computes only
+  their losses, with their slice of the (replicated) stacked parameters; it returns ``D`` times their sum,
+  because the step averages the devices' gradients and each client's gradient comes from one device."""
 
   def loss_fn(params, model_state, batch, ctx):
-    x = batch["image"].reshape(num_clients, -1, *batch["image"].shape[1:])
-    y = batch["label"].reshape(num_clients, -1)
-    logits = jax.vmap(lambda p, xi: cnn_forward(p, {}, xi))(params, x)
+    devices = lax.axis_size(step_lib.DATA_AXIS)
+    local = num_clients // devices
+    mine = lambda p: lax.dynamic_slice_in_dim(p, lax.axis_index(step_lib.DATA_AXIS) * local, local)
+    x = batch["image"].reshape(local, -1, *batch["image"].shape[1:])
+    y = batch["label"].reshape(local, -1)
+    logits = jax.vmap(lambda p, xi: cnn_forward(p, {}, xi))(jax.tree.map(mine, params), x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
     hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32).mean()
-    return jnp.sum(ce), ({"loss": jnp.mean(ce), "accuracy": hit}, model_state)
+    return devices * jnp.sum(ce), ({"loss": jnp.mean(ce), "accuracy": hit}, model_state)
 
   return loss_fn
 

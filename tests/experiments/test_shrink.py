@@ -537,3 +537,55 @@ def test_quick_run_of_every_part_end_to_end_and_rerun(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   second = _outputs(tmp_path, list(shrink.PARTS), 13)
   assert second["runs_trained"] == 0 and second["results"] == first["results"]
+
+
+_FED_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+import jax, numpy as np
+from prox import loop, models, transforms
+from prox import step as step_lib
+from prox.experiments import common, main, shrink
+from prox.experiments.configs import shrink as shrink_config
+from prox.tasks import data as data_lib
+cfg = shrink_config.get_config(); cfg.quick = True; main.effective_config(cfg, shrink.QUICK, []); cfg.progress = False
+cfg.update_from_flattened_dict({"fedtiny.width": 4, "fedtiny.hidden": 8, "fedtiny.num_clients": 4,
+                                "fedtiny.local_steps": 2, "fedtiny.client_batch": 8, "fedtiny.topk": 16,
+                                "fedtiny.density": 0.3, "fedtiny.prune_rounds": 4})
+train, test = data_lib.load("digits", "train"), data_lib.load("digits", "test")
+env = shrink.Env(cfg, "unused", step_lib.data_mesh(), train, test, loop.CompileCache(), {})
+f = cfg.fedtiny
+t = shrink.fed_tools(env)
+model = models.functional(models.make_model("cnn", input_shape=(8, 8, 1), num_classes=10, seed=0, width=4,
+                                            hidden=8)).params
+_, cands = shrink.fed_candidates(f, {k: model[k]["kernel"] for k in shrink.FED_LAYERS}, 0)
+masks = {k: np.asarray(v[0]) for k, v in cands.items()}
+stack = lambda tree: jax.tree.map(lambda a: np.stack([a] * 4), tree)
+extra = {"masks": masks, "grown": np.int32(0),
+         "topk": {k: stack(transforms.topk_init(f.topk)) for k in shrink.FED_LAYERS}}
+state = common.replicated_state(stack(shrink._masked(model, masks)), t.tx, env.mesh, seed=0, extra=extra)
+source = shrink.ClientSource(train, shrink.client_split(train.labels, 4, 2, 0), 0)
+for _ in range(6):   # three rounds: local steps, FedAvg and grow-and-prune of conv1, conv2, dense
+  state, _ = t.steps["fedtiny"](state, step_lib.shard_batch(source.next(32).data, env.mesh))
+s = jax.device_get(state)
+out = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path((s.params, s.extra))}
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_fedtiny_clients_over_the_data_axis_give_the_same_run_on_one_and_two_devices(tmp_path):
+  """The clients are spread over the devices (each computes its own clients' local steps): 4 clients on 1
+  and on 2 devices give the same parameters, masks and top-K buffers after three rounds of FedTiny."""
+  got = {}
+  for d in (1, 2):
+    path = tmp_path / f"{d}.npz"
+    proc = subprocess.run([sys.executable, "-c", _FED_SCRIPT, str(d), str(path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(path) as z:
+      got[d] = {k: z[k] for k in z.files}
+  assert set(got[1]) == set(got[2])
+  grown = [v for k, v in got[1].items() if "grown" in k]
+  assert grown and int(grown[0]) > 0                      # the rounds did grow and prune
+  for k, v in got[1].items():
+    np.testing.assert_allclose(got[2][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
