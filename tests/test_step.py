@@ -344,20 +344,26 @@ def test_group_moments_average_over_partitions_is_the_sample_moment():
   assert np.std(est) > 0.01      # single estimates do vary
 
 
-def test_example_groups_estimate_conv_moments_from_group_means():
-  """With example_groups=n the step's statistics are: exact for dense layers and biases, and for the
-  convolution kernels the group estimate from the means of n groups of consecutive examples - checked
-  against that formula applied to vmap(grad)'s per-example gradients; the update is the plain one."""
+def _cnn1d_problem(m, seed):
+  """The 1-D CNN (width 4, length 12, 3 classes), ``m`` random examples and its mean loss."""
   from prox import models
-  net = models.functional(models.make_model("cnn1d", input_shape=(12, 1), num_classes=3, seed=2, width=4))
-  m, n = 32, 4
-  rng = np.random.default_rng(2)
+  net = models.functional(models.make_model("cnn1d", input_shape=(12, 1), num_classes=3, seed=seed, width=4))
+  rng = np.random.default_rng(seed)
   data = {"image": rng.normal(size=(m, 12, 1)).astype(np.float32), "label": rng.integers(0, 3, m).astype(np.int32)}
 
   def loss(params, batch, rng_):
     logits, _ = net.apply(params, {}, batch["image"], train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
 
+  return net, data, loss, rng
+
+
+def test_example_groups_estimate_conv_moments_from_group_means():
+  """With example_groups=n the step's statistics are: exact for dense layers and biases, and for the
+  convolution kernels the group estimate from the means of n groups of consecutive examples - checked
+  against that formula applied to vmap(grad)'s per-example gradients; the update is the plain one."""
+  m, n = 32, 4
+  net, data, loss, _ = _cnn1d_problem(m, 2)
   tx = optax.sgd(0.5)
   mesh = S.data_mesh()
   state = S.replicate(S.init_state(net.params, tx), mesh)
@@ -395,16 +401,9 @@ def test_example_groups_estimate_conv_moments_from_group_means():
 def test_example_groups_through_forward_fn_give_the_plain_masked_update():
   """Through a forward_fn (masked kernels), the grouped kernel gradients of the masked weights flow back
   through its vector-Jacobian product: the update equals the plain masked step's."""
-  from prox import models
-  net = models.functional(models.make_model("cnn1d", input_shape=(12, 1), num_classes=3, seed=3, width=4))
-  rng = np.random.default_rng(3)
-  data = {"image": rng.normal(size=(16, 12, 1)).astype(np.float32), "label": rng.integers(0, 3, 16).astype(np.int32)}
+  net, data, loss, rng = _cnn1d_problem(16, 3)
   masks = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) < 0.5, x.dtype), net.params)
   forward_fn = lambda p, state: jax.tree.map(jnp.multiply, p, masks)
-
-  def loss(params, batch, rng_):
-    logits, _ = net.apply(params, {}, batch["image"], train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
 
   tx = optax.sgd(0.5)
   mesh = S.data_mesh()
