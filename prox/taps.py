@@ -292,8 +292,8 @@ def _layers(taps: Sequence[Tap], deltas: Sequence[jax.Array], grads: Sequence[ja
   """``(tap, x [m, T, fan_in], d [m, T, fan_out], g)`` per parameter: the calls of a layer used several
   times (weight tying, an iterative model) are one layer whose positions are all its calls' positions,
   since its per-example gradient sums over them. ``g`` is the kernel gradient ``[n, fan_in, fan_out]`` of
-  each example (``n = m``) or of ``n`` groups of examples where a call produced it (``grads``, see
-  :func:`conv`; the group's other calls are added to it, and ``x`` is then ``None``), else ``None``.
+  ``n`` groups of examples where a call produced it (``grads``, see :func:`conv`; the layer's other calls
+  are added to it, and ``x`` is then ``None``), else ``None``.
   Computation in float32 (float64 for float64 inputs)."""
   grads = [None] * len(taps) if grads is None else grads
   groups: dict[Path, list[tuple[Tap, jax.Array, jax.Array | None]]] = {}
@@ -322,17 +322,14 @@ def _layers(taps: Sequence[Tap], deltas: Sequence[jax.Array], grads: Sequence[ja
 
 
 def _grouped(layer: tuple) -> bool:
-  g, d = layer[3], layer[2]
-  return g is not None and g.shape[0] < d.shape[0]
+  return layer[3] is not None
 
 
 def _exact_sq_norms(layers: Sequence[tuple], bias_only: bool = False) -> jax.Array:
   total = 0.0
-  for tap, x, d, g in layers:
+  for tap, x, d, _ in layers:
     if bias_only:
       kernel = 0.0
-    elif g is not None:
-      kernel = jnp.sum(g * g, (1, 2))
     elif x.shape[1] == 1:
       kernel = jnp.sum(x[:, 0] ** 2, -1) * jnp.sum(d[:, 0] ** 2, -1)
     else:
@@ -356,8 +353,8 @@ def _no_groups(layers: Sequence[tuple], what: str) -> None:
 def sq_norms(taps: Sequence[Tap], deltas: Sequence[jax.Array],
              grads: Sequence[jax.Array | None] | None = None) -> jax.Array:
   """``[m]``: ``||dL/dtheta restricted to example i||^2`` summed over the tapped layers, where
-  ``deltas[k]`` is the cotangent of tap ``k``'s output (for the loss that was differentiated) and
-  ``grads[k]`` its per-example kernel gradient where the tapped pass produced one."""
+  ``deltas[k]`` is the cotangent of tap ``k``'s output (for the loss that was differentiated); layers
+  tapped in groups (``grads``) have no single-example values."""
   layers = _layers(taps, deltas, grads)
   _no_groups(layers, "gradient norms")
   return _exact_sq_norms(layers)
@@ -365,13 +362,10 @@ def sq_norms(taps: Sequence[Tap], deltas: Sequence[jax.Array],
 
 def _exact_inner(layers: Sequence[tuple], direction: PyTree, bias_only: bool = False) -> jax.Array:
   total = 0.0
-  for tap, x, d, g in layers:
+  for tap, x, d, _ in layers:
     if not bias_only:
       w = _at(direction, tap.kernel_path).astype(d.dtype).reshape(-1, d.shape[-1])
-      if g is not None:
-        total = total + jnp.einsum("mio,io->m", g, w)
-      else:
-        total = total + jnp.einsum("mti,io,mto->m", x, w, d)
+      total = total + jnp.einsum("mti,io,mto->m", x, w, d)
     if tap.bias_path is not None:
       total = total + jnp.einsum("mto,o->m", d, _at(direction, tap.bias_path).astype(d.dtype))
   return total
@@ -387,12 +381,10 @@ def inner_products(taps: Sequence[Tap], deltas: Sequence[jax.Array], direction: 
 
 def _exact_diagonal(layers: Sequence[tuple], weights: jax.Array, bias_only: bool = False) -> dict[Path, jax.Array]:
   out: dict[Path, jax.Array] = {}
-  for tap, x, d, g in layers:
+  for tap, x, d, _ in layers:
     w = weights.astype(d.dtype)
     if not bias_only:
-      if g is not None:
-        g2 = jnp.einsum("m,mio->io", w, g * g)
-      elif x.shape[1] == 1:
+      if x.shape[1] == 1:
         g2 = jnp.einsum("m,mi,mo->io", w, x[:, 0] ** 2, d[:, 0] ** 2)
       else:
         g2 = jnp.einsum("m,mio->io", w, jnp.einsum("mti,mto->mio", x, d) ** 2)
@@ -447,8 +439,8 @@ class ExampleStats(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Tapped:
   """What a tapped backward pass leaves (a pytree): the taps (with inputs), their output cotangents and,
-  where the pass formed them (:func:`conv`), the per-example kernel gradients (else ``None``), for a loss
-  that is the mean over ``count`` examples."""
+  where the pass formed them (:func:`conv` with groups), the kernel gradients of groups of examples (else
+  ``None``), for a loss that is the mean over ``count`` examples."""
   taps: list[Tap]
   deltas: list[jax.Array]
   grads: list[jax.Array | None]
